@@ -1,0 +1,654 @@
+"""The activation cache: one module owns its on-disk layout (see docs/CACHE_FORMAT.md).
+
+A cache is a Zarr v3 group::
+
+    PATH/zarr.json                      group; attributes["saeforge"] = the CacheSpec + versions
+    PATH/acts/<site>/                   [n_rows, d_model] activations, one chunk per shard
+    PATH/tokens/                        [n_rows] int32 token ids
+    PATH/positions/                     [n_rows] int32 position of each token in its context
+    PATH/ledger/shard-000123.json       write-once record: rows, checksums, per-site statistics
+    PATH/seal.json                      written last: rows in total, aggregated statistics
+
+A shard is done only when its ledger record exists. Chunk files are written by zarr (temp file +
+rename), then fsynced, checksummed and recorded. A chunk zarr never wrote reads as zeros, so every
+reader here goes through the ledger and checks file sizes; nothing missing ever becomes zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import ml_dtypes
+import numpy as np
+import xxhash
+import zarr
+import zarr.codecs
+
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+COMPRESSIONS = ("none", "zstd", "blosc")
+FLOAT16_MAX = 65504.0
+
+
+class CacheError(Exception):
+    """A cache problem, with a one-line message naming the path/shard/field and what to do."""
+
+
+def software_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("saeforge")
+    except Exception:  # pragma: no cover - running from a source tree without install
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """One hooked site: TransformerLens name, layer, kind and the HF module it hooks."""
+
+    name: str
+    layer: int
+    kind: str
+    hf_module: str
+
+
+@dataclass
+class CacheSpec:
+    """Everything that identifies a cache. Two runs may share a cache only if these agree.
+
+    rows_per_shard: rows (tokens) in one shard, a multiple of context_length.
+    planned_rows: rows the run intends to write (the token budget rounded up to whole contexts).
+    """
+
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    context_length: int
+    bos_policy: dict[str, Any]
+    sites: list[SiteRecord]
+    d_model: int
+    dtype: str
+    rows_per_shard: int
+    planned_rows: int
+    compression: str = "none"
+
+    def __post_init__(self) -> None:
+        self.sites = [s if isinstance(s, SiteRecord) else SiteRecord(**s) for s in self.sites]
+        if self.dtype not in STORAGE_DTYPES:
+            raise CacheError(f"storage dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+        if self.compression not in COMPRESSIONS:
+            raise CacheError(f"compression {self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        if self.rows_per_shard <= 0 or self.rows_per_shard % self.context_length:
+            raise CacheError(
+                f"rows_per_shard={self.rows_per_shard} must be a positive multiple of "
+                f"context_length={self.context_length}"
+            )
+        if self.planned_rows <= 0:
+            raise CacheError(f"planned_rows={self.planned_rows} must be positive")
+        if len({s.name for s in self.sites}) != len(self.sites) or not self.sites:
+            raise CacheError("sites must be a non-empty list of distinct hook sites")
+
+    @property
+    def n_shards(self) -> int:
+        """Shards planned: ceil(planned_rows / rows_per_shard)."""
+        return -(-self.planned_rows // self.rows_per_shard)
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CacheSpec":
+        return cls(**d)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def spec_differences(existing: CacheSpec, requested: CacheSpec) -> list[str]:
+    """Names of the fields (dotted) where two specs disagree, e.g. ['sites', 'context_length']."""
+    a, b = existing.to_dict(), requested.to_dict()
+    diffs = []
+    for key in a:
+        if isinstance(a[key], dict) and isinstance(b[key], dict):
+            fa, fb = _flatten(a[key], key), _flatten(b[key], key)
+            diffs += sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+        elif a[key] != b[key]:
+            diffs.append(key)
+    return diffs
+
+
+# --------------------------------------------------------------------------- dtype helpers
+
+
+def numpy_storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype activations have in memory (bfloat16 via ml_dtypes)."""
+    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def _zarr_dtype(dtype: str) -> str:
+    # zarr-python 3.1 cannot store bfloat16: keep its raw 16-bit pattern as uint16, tagged.
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def to_storage(x: "Any", dtype: str, where: str) -> np.ndarray:
+    """Convert activations (torch tensor or numpy, any float dtype, [rows, d]) to storage dtype.
+
+    Raises CacheError naming `where` if float16 storage would overflow (|x| > 65504) or the
+    input holds NaN/inf, instead of silently writing inf.
+    """
+    import torch
+
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not bool(torch.isfinite(x).all()):
+        raise CacheError(f"{where}: activations contain NaN or inf before storage; check the model/dtype")
+    if dtype == "float16":
+        max_abs = float(x.abs().max()) if x.numel() else 0.0
+        if max_abs > FLOAT16_MAX:
+            raise CacheError(
+                f"{where}: float16 overflow (max |activation| = {max_abs:.4g} > 65504); "
+                "harvest with --dtype bfloat16 or --dtype float32"
+            )
+        return x.to(torch.float16).cpu().numpy()
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.to(torch.float32).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, exclusive: bool = False) -> None:
+    """Write bytes to `path` via temp file + fsync + rename (+ dir fsync).
+
+    exclusive=True makes the record write-once: if `path` exists, FileExistsError.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if exclusive:
+        try:
+            os.link(tmp, path)  # atomic create-if-absent
+        finally:
+            os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def file_checksum(path: Path) -> str:
+    """xxh3-128 hex digest of a file's bytes."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def shard_statistics(acts: np.ndarray) -> dict[str, Any]:
+    """Per-site sums over one shard (float64), mergeable across shards.
+
+    acts: [rows, d] in storage dtype. Returns count, sum_sq_norm, sum (list of d), max_abs.
+    """
+    x = acts.astype(np.float32)
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    return {
+        "count": int(x.shape[0]),
+        "sum_sq_norm": float(sq.sum()),
+        "sum": x.sum(axis=0, dtype=np.float64).tolist(),
+        "max_abs": float(np.abs(x).max()) if x.size else 0.0,
+    }
+
+
+def merge_statistics(parts: Iterable[dict[str, Any]], d_model: int) -> dict[str, Any]:
+    """Aggregate shard statistics: mean_sq_norm, mean vector, norm scaling factor sqrt(d / E||x||^2)."""
+    count, sum_sq, max_abs = 0, 0.0, 0.0
+    total = np.zeros(d_model, dtype=np.float64)
+    for p in parts:
+        count += p["count"]
+        sum_sq += p["sum_sq_norm"]
+        total += np.asarray(p["sum"], dtype=np.float64)
+        max_abs = max(max_abs, p["max_abs"])
+    mean_sq = sum_sq / max(count, 1)
+    return {
+        "count": count,
+        "mean_sq_norm": mean_sq,
+        "mean": (total / max(count, 1)).tolist(),
+        "max_abs": max_abs,
+        "norm_scaling_factor": float(np.sqrt(d_model / mean_sq)) if mean_sq > 0 else 1.0,
+    }
+
+
+# --------------------------------------------------------------------------- layout
+
+
+class Layout:
+    """Paths inside one cache folder; the only place that knows file names."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def acts(self, site: str) -> Path:
+        return self.root / "acts" / site
+
+    def acts_chunk(self, site: str, shard: int) -> Path:
+        return self.acts(site) / "c" / str(shard) / "0"
+
+    def vector_chunk(self, name: str, shard: int) -> Path:
+        return self.root / name / "c" / str(shard)
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "ledger"
+
+    def record(self, shard: int) -> Path:
+        return self.ledger / f"shard-{shard:06d}.json"
+
+    @property
+    def seal(self) -> Path:
+        return self.root / "seal.json"
+
+    @property
+    def group_meta(self) -> Path:
+        return self.root / "zarr.json"
+
+    def chunk_files(self, site_names: list[str], shard: int) -> dict[str, Path]:
+        """Every chunk file of one shard, keyed by array name ('acts/<site>', 'tokens', 'positions')."""
+        files = {f"acts/{s}": self.acts_chunk(s, shard) for s in site_names}
+        files["tokens"] = self.vector_chunk("tokens", shard)
+        files["positions"] = self.vector_chunk("positions", shard)
+        return files
+
+
+def _compressors(compression: str):
+    if compression == "zstd":
+        return zarr.codecs.ZstdCodec(level=3)
+    if compression == "blosc":
+        return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    return None
+
+
+def read_group_spec(root: str | os.PathLike) -> tuple[CacheSpec, dict[str, Any]]:
+    """(spec, attributes) read from a cache's group metadata; CacheError if not a cache."""
+    layout = Layout(root)
+    if not layout.group_meta.exists():
+        raise CacheError(f"{layout.root} is not an activation cache (no zarr.json); harvest one first")
+    try:
+        attrs = json.loads(layout.group_meta.read_text())["attributes"]["saeforge"]
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CacheError(f"{layout.group_meta} has no readable saeforge attributes ({e})") from None
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise CacheError(
+            f"{layout.root}: cache format version {attrs.get('format_version')} is not supported "
+            f"(this software reads version {FORMAT_VERSION})"
+        )
+    return CacheSpec.from_dict(attrs["spec"]), attrs
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class CacheWriter:
+    """Creates or reopens a cache and commits shards one at a time.
+
+    Safe under kill -9: a shard is committed by its ledger record, written (write-once) only
+    after every chunk file of the shard is fsynced and checksummed.
+    """
+
+    def __init__(self, root: str | os.PathLike, spec: CacheSpec):
+        self.layout = Layout(root)
+        self.spec = spec
+        self._arrays: dict[str, zarr.Array] = {}
+
+    @classmethod
+    def create_or_open(cls, root: str | os.PathLike, spec: CacheSpec) -> "CacheWriter":
+        """Create the cache, or reopen an existing one whose spec matches exactly.
+
+        Raises CacheError naming every differing field otherwise; nothing on disk is touched.
+        """
+        layout = Layout(root)
+        if layout.group_meta.exists():
+            existing, _ = read_group_spec(root)
+            diffs = spec_differences(existing, spec)
+            if diffs:
+                detail = "; ".join(
+                    f"{k}: cache has {_flatten(existing.to_dict()).get(k)!r}, "
+                    f"this run asks {_flatten(spec.to_dict()).get(k)!r}"
+                    for k in diffs[:4]
+                )
+                raise CacheError(
+                    f"{layout.root} was harvested with different settings ({detail}); "
+                    "use a new --out or rerun with the original settings"
+                )
+            writer = cls(root, existing)
+            writer._open_arrays()
+            return writer
+        if layout.root.exists() and any(layout.root.iterdir()):
+            raise CacheError(f"{layout.root} exists and is not an activation cache; choose an empty --out")
+        writer = cls(root, spec)
+        writer._create()
+        return writer
+
+    def _create(self) -> None:
+        spec = self.spec
+        attrs = {
+            "saeforge": {
+                "format_version": FORMAT_VERSION,
+                "software_version": software_version(),
+                "spec": spec.to_dict(),
+            }
+        }
+        # Build the group in a temporary folder, then rename it into place: either the whole
+        # metadata exists or none does.
+        self.layout.root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.layout.root.with_name(f".{self.layout.root.name}.creating.{os.getpid()}")
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
+        cfg = {"write_empty_chunks": True}
+        for site in spec.sites:
+            group.create_array(
+                f"acts/{site.name}",
+                shape=(spec.planned_rows, spec.d_model),
+                chunks=(spec.rows_per_shard, spec.d_model),
+                dtype=_zarr_dtype(spec.dtype),
+                compressors=_compressors(spec.compression),
+                fill_value=0,
+                attributes={"storage_dtype": spec.dtype, "hook": dataclasses.asdict(site)},
+                config=cfg,
+            )
+        for name in ("tokens", "positions"):
+            group.create_array(
+                name,
+                shape=(spec.planned_rows,),
+                chunks=(spec.rows_per_shard,),
+                dtype="int32",
+                compressors=_compressors(spec.compression),
+                fill_value=0,
+                config=cfg,
+            )
+        (tmp / "ledger").mkdir()
+        for dirpath, _, files in os.walk(tmp):
+            for f in files:
+                _fsync_path(Path(dirpath) / f)
+            _fsync_path(Path(dirpath))
+        if self.layout.root.exists():
+            self.layout.root.rmdir()  # empty, checked by the caller
+        os.rename(tmp, self.layout.root)
+        _fsync_path(self.layout.root.parent)
+        self._open_arrays()
+
+    def _open_arrays(self) -> None:
+        group = zarr.open_group(str(self.layout.root), mode="r+", zarr_format=3)
+        for site in self.spec.site_names:
+            self._arrays[f"acts/{site}"] = group[f"acts/{site}"].with_config({"write_empty_chunks": True})
+        for name in ("tokens", "positions"):
+            self._arrays[name] = group[name].with_config({"write_empty_chunks": True})
+
+    def done_shards(self) -> set[int]:
+        return read_ledger(self.layout.root).keys() & set(range(self.spec.n_shards))
+
+    def shard_bounds(self, shard: int) -> tuple[int, int]:
+        """[start, stop) rows of a shard in the planned array."""
+        start = shard * self.spec.rows_per_shard
+        return start, min(start + self.spec.rows_per_shard, self.spec.planned_rows)
+
+    def write_shard(
+        self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, positions: np.ndarray
+    ) -> dict[str, Any]:
+        """Write and commit one shard. acts[site]: [rows, d] in storage dtype; tokens, positions: [rows].
+
+        rows may be fewer than the shard's planned rows only for the last shard of a short corpus;
+        the rest of the chunk is zero padding, removed by `seal`.
+        """
+        spec = self.spec
+        if shard in self.done_shards():
+            raise CacheError(f"shard {shard} of {self.layout.root} is already committed")
+        start, stop = self.shard_bounds(shard)
+        rows = len(tokens)
+        if not 0 < rows <= stop - start or len(positions) != rows:
+            raise CacheError(f"shard {shard}: got {rows} rows, expected 1..{stop - start}")
+        if set(acts) != set(spec.site_names):
+            raise CacheError(f"shard {shard}: sites {sorted(acts)} do not match the cache's {spec.site_names}")
+        storage = numpy_storage_dtype(spec.dtype)
+        stats = {}
+        try:
+            for site, a in acts.items():
+                if a.shape != (rows, spec.d_model) or a.dtype != storage:
+                    raise CacheError(
+                        f"shard {shard} site {site}: got {a.shape} {a.dtype}, "
+                        f"expected ({rows}, {spec.d_model}) {storage}"
+                    )
+                stats[site] = shard_statistics(a)
+                data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
+                self._arrays[f"acts/{site}"][start:stop] = _pad(data, stop - start)
+            self._arrays["tokens"][start:stop] = _pad(np.asarray(tokens, np.int32), stop - start)
+            self._arrays["positions"][start:stop] = _pad(np.asarray(positions, np.int32), stop - start)
+            checksums, sizes = {}, {}
+            for name, path in self.layout.chunk_files(spec.site_names, shard).items():
+                _fsync_path(path)
+                _fsync_path(path.parent)
+                checksums[name] = file_checksum(path)
+                sizes[name] = path.stat().st_size
+            record = {"shard": shard, "rows": rows, "checksums": checksums, "sizes": sizes, "stats": stats}
+            write_atomic(self.layout.record(shard), json.dumps(record).encode(), exclusive=True)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise CacheError(
+                    f"disk full while writing shard {shard} of {self.layout.root}; free space and "
+                    "rerun the same command: committed shards are kept, this one is redone"
+                ) from None
+            if isinstance(e, FileExistsError):
+                raise CacheError(
+                    f"shard {shard} of {self.layout.root} was committed by another process meanwhile"
+                ) from None
+            raise
+        return record
+
+    def seal(self, n_shards: int | None = None) -> dict[str, Any]:
+        """Write seal.json once shards 0..n_shards-1 are committed (default: all planned).
+
+        A corpus that ran out early has fewer shards, the last possibly short: the arrays are
+        shrunk to the rows actually written.
+        """
+        n = self.spec.n_shards if n_shards is None else n_shards
+        ledger = read_ledger(self.layout.root)
+        missing = [k for k in range(n) if k not in ledger]
+        if missing or n == 0:
+            raise CacheError(
+                f"{self.layout.root}: cannot seal, shards {missing[:5]} are not committed; "
+                "rerun the harvest command to finish them"
+            )
+        short = [k for k in range(n - 1) if ledger[k]["rows"] != self.spec.rows_per_shard]
+        if short:
+            raise CacheError(f"{self.layout.root}: cannot seal, shards {short[:5]} are short but not last")
+        n_rows = sum(ledger[k]["rows"] for k in range(n))
+        if n_rows != self.spec.planned_rows:
+            for arr in self._arrays.values():
+                arr.resize((n_rows,) + arr.shape[1:])
+        stats = {
+            s: merge_statistics((ledger[k]["stats"][s] for k in range(n)), self.spec.d_model)
+            for s in self.spec.site_names
+        }
+        seal = {"n_rows": n_rows, "n_shards": n, "stats": stats, "software_version": software_version()}
+        write_atomic(self.layout.seal, json.dumps(seal).encode())
+        return seal
+
+
+def _pad(a: np.ndarray, rows: int) -> np.ndarray:
+    if len(a) == rows:
+        return a
+    out = np.zeros((rows,) + a.shape[1:], dtype=a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+def read_ledger(root: str | os.PathLike) -> dict[int, dict[str, Any]]:
+    """All committed shard records, by shard index. A corrupt record raises CacheError naming it."""
+    layout = Layout(root)
+    out = {}
+    if not layout.ledger.is_dir():
+        return out
+    for p in sorted(layout.ledger.glob("shard-*.json")):
+        try:
+            rec = json.loads(p.read_text())
+            out[int(rec["shard"])] = rec
+        except (ValueError, KeyError, TypeError) as e:
+            raise CacheError(
+                f"ledger record {p} is corrupt ({e}); delete it and rerun harvest to redo that shard"
+            ) from None
+    return out
+
+
+# --------------------------------------------------------------------------- reader
+
+
+@dataclass
+class Cache:
+    """A cache opened for reading. Use `Cache.open(path)`."""
+
+    root: Path
+    spec: CacheSpec
+    attrs: dict[str, Any]
+    ledger: dict[int, dict[str, Any]]
+    seal: dict[str, Any] | None
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, allow_unsealed: bool = False) -> "Cache":
+        """Open a cache. Unsealed caches are refused unless allow_unsealed (completed shards only)."""
+        root = Path(root)
+        spec, attrs = read_group_spec(root)
+        layout = Layout(root)
+        seal = json.loads(layout.seal.read_text()) if layout.seal.exists() else None
+        if seal is None and not allow_unsealed:
+            raise CacheError(
+                f"{root} is not sealed (harvest unfinished); finish it with the same harvest command, "
+                "or ask for the completed shards only (allow_unsealed / --allow-unsealed)"
+            )
+        return cls(root, spec, attrs, read_ledger(root), seal)
+
+    @property
+    def sealed(self) -> bool:
+        return self.seal is not None
+
+    @property
+    def shards(self) -> list[int]:
+        """Shards available for reading: all when sealed, else the contiguous-or-not committed ones."""
+        if self.seal:
+            return list(range(self.seal["n_shards"]))
+        return sorted(k for k in self.ledger if k < self.spec.n_shards)
+
+    def shard_rows(self, shard: int) -> int:
+        return self._record(shard)["rows"]
+
+    @property
+    def n_rows(self) -> int:
+        return sum(self.shard_rows(k) for k in self.shards)
+
+    def _record(self, shard: int) -> dict[str, Any]:
+        if shard not in self.ledger:
+            raise CacheError(f"{self.root}: shard {shard} is not committed (no ledger record)")
+        return self.ledger[shard]
+
+    def stats(self, site: str) -> dict[str, Any]:
+        """Aggregated statistics of a site over the readable shards (mean_sq_norm, mean, ...)."""
+        self.check_site(site)
+        if self.seal:
+            return self.seal["stats"][site]
+        return merge_statistics((self.ledger[k]["stats"][site] for k in self.shards), self.spec.d_model)
+
+    def check_site(self, site: str) -> None:
+        if site not in self.spec.site_names:
+            raise CacheError(f"{self.root} has no site {site!r}; it holds {', '.join(self.spec.site_names)}")
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = zarr.open_array(str(self.root / name), mode="r", zarr_format=3)
+        return self._arrays[name]
+
+    def _checked_file(self, name: str, shard: int) -> Path:
+        path = Layout(self.root).chunk_files(self.spec.site_names, shard)[name]
+        rec = self._record(shard)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CacheError(f"{self.root}: shard {shard} file {path} is missing; re-harvest that shard") from None
+        if size != rec["sizes"][name]:
+            raise CacheError(
+                f"{self.root}: shard {shard} file {path} is {size} bytes, ledger says {rec['sizes'][name]} "
+                "(truncated or replaced); re-harvest that shard"
+            )
+        return path
+
+    def read_acts(self, site: str, shard: int, mmap: bool = True) -> np.ndarray:
+        """Activations of one shard, [rows, d_model] in storage dtype (bfloat16 via ml_dtypes).
+
+        Uncompressed shards are memory-mapped read-only (no copy); compressed ones are decoded.
+        """
+        self.check_site(site)
+        path = self._checked_file(f"acts/{site}", shard)
+        rows, d = self.shard_rows(shard), self.spec.d_model
+        dtype = numpy_storage_dtype(self.spec.dtype)
+        if self.spec.compression == "none" and mmap:
+            return np.memmap(path, dtype=dtype, mode="r", shape=(rows, d))
+        start = shard * self.spec.rows_per_shard
+        a = self._array(f"acts/{site}")[start : start + rows]
+        return a.view(dtype) if self.spec.dtype == "bfloat16" else a
+
+    def read_vector(self, name: str, shard: int) -> np.ndarray:
+        """'tokens' or 'positions' of one shard: int32 [rows]."""
+        path = self._checked_file(name, shard)
+        rows = self.shard_rows(shard)
+        if self.spec.compression == "none":
+            return np.fromfile(path, dtype="<i4", count=rows)
+        start = shard * self.spec.rows_per_shard
+        return self._array(name)[start : start + rows]
+
+    def verify(self) -> list[str]:
+        """Re-check every planned shard's files against the ledger; returns one problem per line."""
+        problems = []
+        n = self.seal["n_shards"] if self.seal else self.spec.n_shards
+        layout = Layout(self.root)
+        for k in range(n):
+            rec = self.ledger.get(k)
+            if rec is None:
+                problems.append(f"shard {k}: missing (no ledger record)")
+                continue
+            for name, path in layout.chunk_files(self.spec.site_names, k).items():
+                if not path.exists():
+                    problems.append(f"shard {k}: {name} file {path} is missing")
+                elif file_checksum(path) != rec["checksums"][name]:
+                    problems.append(f"shard {k}: {name} file {path} fails its checksum")
+        return problems
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
