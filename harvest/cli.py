@@ -1,0 +1,154 @@
+"""`harvest` command: run / info / verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+
+import click
+
+from shared.cache import COMPRESSIONS, STORAGE_DTYPES, Cache, CacheError
+from shared.hook_sites import SITE_KINDS, HookSiteError
+from shared.models import ModelLoadError
+from shared.tokens import BOS_POLICIES, DatasetError
+
+USER_ERRORS = (CacheError, HookSiteError, ModelLoadError, DatasetError)
+
+
+class Count(click.ParamType):
+    """An integer with an optional k/M/G suffix: 200k, 50M, 1.5G, 1e6."""
+
+    name = "count"
+    _suffix = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace("_", "")
+        try:
+            if text and text[-1] in self._suffix:
+                n = float(text[:-1]) * self._suffix[text[-1]]
+            else:
+                n = float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a count (examples: 200000, 200k, 50M)", param, ctx)
+        if n <= 0 or n != int(n):
+            self.fail(f"{value!r} must be a positive whole number", param, ctx)
+        return int(n)
+
+
+COUNT = Count()
+
+
+def run_user_errors(fn, *args, **kwargs):
+    """Run fn; user errors become a one-line message and exit code 2 (no traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        click.echo(f"error: {e.strerror or e} ({e.filename or ''})", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Harvest a language model's activations into a resumable Zarr v3 cache."""
+
+
+@main.command()
+@click.option("--model", required=True, help="Hub id, local Hugging Face folder, or local .gguf file.")
+@click.option("--dataset", required=True, help="Hub id, or a local .txt / .jsonl / .parquet file (one document per line/row).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder (created, or resumed if it exists).")
+@click.option("--layer", "layers", type=int, multiple=True, required=True, help="Layer index; repeat for several layers in one pass.")
+@click.option("--site", type=click.Choice(SITE_KINDS), default="resid_pre", show_default=True, help="Hook site in each layer.")
+@click.option("--tokens", type=COUNT, default="1M", show_default=True, help="Token budget (e.g. 200k, 50M), rounded up to whole contexts.")
+@click.option("--context-length", type=click.IntRange(2), default=128, show_default=True, help="Tokens per packed context.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Contexts per forward pass.")
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="float16", show_default=True, help="Storage dtype (float16 overflow is detected).")
+@click.option("--text-column", default="text", show_default=True, help="Column holding the text (.jsonl/.parquet/hub).")
+@click.option("--split", default="train", show_default=True, help="Dataset split (hub datasets).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ... (auto: CUDA when present).")
+@click.option("--shard-tokens", type=COUNT, default="65536", show_default=True, help="Rows per shard, rounded up to whole contexts.")
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True, help="none keeps shards memory-mappable.")
+@click.option("--bos", type=click.Choice(BOS_POLICIES), default="context", show_default=True, help="context: each context starts with BOS.")
+@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "none"]), default="auto", show_default=True, help="Compute dtype; auto = bf16 on CUDA, fp32 on CPU.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(quiet: bool, layers, **options) -> None:
+    """Harvest activations (resumes an unfinished cache at --out).
+
+    Under torchrun (RANK/WORLD_SIZE set), shard k goes to rank k mod WORLD_SIZE and the result
+    is the same cache as one process makes.
+    """
+    from harvest.runner import HarvestConfig, run_harvest
+
+    rank, world, barrier = _distributed()
+    cfg = HarvestConfig(layers=sorted(set(layers)), rank=rank, world_size=world, **options)
+    if cfg.device == "auto" and world > 1 and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    path = run_user_errors(run_harvest, cfg, progress=not quiet, barrier=barrier)
+    if rank == 0:
+        click.echo(str(path))
+
+
+def _distributed():
+    """(rank, world_size, barrier) from torchrun's environment; (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(hours=12))
+    return dist.get_rank(), world, dist.barrier
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def info(path: str, as_json: bool) -> None:
+    """Summarise a cache: model, sites, tokens, shards done of planned, dtype, size on disk."""
+    from harvest.runner import cache_summary
+
+    s = run_user_errors(cache_summary, path)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(f"cache        {s['path']}")
+    click.echo(f"model        {s['model']} ({s['architecture']})")
+    click.echo(f"dataset      {s['dataset']}")
+    click.echo(f"sites        {', '.join(s['sites'])}  (d_model {s['d_model']})")
+    click.echo(f"tokens       {s['rows']:,} of {s['planned_rows']:,} planned, context {s['context_length']}")
+    click.echo(f"shards       {s['shards_done']} of {s['shards_planned']} done, {'sealed' if s['sealed'] else 'NOT sealed'}")
+    click.echo(f"storage      {s['dtype']}, compression {s['compression']}, {s['bytes_on_disk'] / 2**20:,.1f} MiB on disk")
+    for site, v in s["mean_sq_norm"].items():
+        click.echo(f"E||x||^2     {site}: {v:.4g}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def verify(path: str) -> None:
+    """Re-check every shard against its ledger checksum; exit 1 naming each bad or missing shard."""
+
+    def check():
+        cache = Cache.open(path, allow_unsealed=True)
+        return cache, cache.verify()
+
+    cache, problems = run_user_errors(check)
+    for p in problems:
+        click.echo(p)
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {path}; re-harvest: delete the bad shards' ledger records and rerun harvest", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {len(cache.ledger)} shards verified{'' if cache.sealed else ' (cache not sealed yet)'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

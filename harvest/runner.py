@@ -1,0 +1,289 @@
+"""The harvest loop: tokens -> LM (stopped after the last hooked layer) -> hooks -> shard writer.
+
+Shard k always holds contexts [k * C, (k + 1) * C) of the deterministic token stream (C contexts
+per shard), so a run can resume from the ledger, and ranks can split shards (k mod R) and still
+produce the same cache as one process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import queue
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord, numpy_storage_dtype, to_storage
+from shared.hook_sites import capture, resolve_sites
+from shared.models import load_model
+from shared.tokens import load_documents, pack_contexts, policy_record
+
+AUTOCAST_CHOICES = ("auto", "bfloat16", "none")
+
+
+@dataclass
+class HarvestConfig:
+    """Settings of one harvest. Fields marked (identity) must match when resuming a cache."""
+
+    model: str  # hub id, local HF folder or .gguf file (identity)
+    dataset: str  # hub id or local .txt/.jsonl/.parquet (identity)
+    out: str
+    layers: list[int] = field(default_factory=lambda: [8])  # (identity)
+    site: str = "resid_pre"  # (identity)
+    tokens: int = 1_000_000  # budget, rounded up to whole contexts (identity)
+    context_length: int = 128  # (identity)
+    batch_size: int = 8  # contexts per forward pass
+    dtype: str = "float16"  # storage dtype (identity)
+    text_column: str = "text"
+    split: str = "train"
+    device: str = "auto"
+    shard_tokens: int = 65_536  # rows per shard, rounded up to whole contexts (identity)
+    compression: str = "none"  # (identity)
+    bos: str = "context"  # (identity)
+    autocast: str = "auto"  # compute dtype: bf16 autocast on CUDA by default (identity)
+    rank: int = 0
+    world_size: int = 1
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_dtype(cfg: HarvestConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.autocast == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if cfg.autocast == "bfloat16" else None
+
+
+def build_spec(cfg: HarvestConfig, info, sites, documents, tokenizer, compute: torch.dtype | None) -> CacheSpec:
+    """The cache identity of this harvest."""
+    ctx = cfg.context_length
+    planned_rows = math.ceil(cfg.tokens / ctx) * ctx
+    rows_per_shard = min(math.ceil(cfg.shard_tokens / ctx) * ctx, planned_rows)
+    model = info.to_dict()
+    model["compute_dtype"] = str(compute).replace("torch.", "") if compute else "float32"
+    return CacheSpec(
+        model=model,
+        dataset=documents.identity,
+        context_length=ctx,
+        bos_policy=policy_record(tokenizer, cfg.bos),
+        sites=[SiteRecord(s.name, s.layer, s.kind, s.hf_module) for s in sites],
+        d_model=info.d_model,
+        dtype=cfg.dtype,
+        rows_per_shard=rows_per_shard,
+        planned_rows=planned_rows,
+        compression=cfg.compression,
+    )
+
+
+@contextmanager
+def writer_lock(root: Path, rank: int) -> Iterator[None]:
+    """One writer per (cache, rank): a second harvest on the same cache is refused, not interleaved."""
+    path = root / f".writer-rank{rank}.lock"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(
+                f"another harvest process (rank {rank}) is already writing {root}; wait for it or "
+                "use torchrun to split shards across processes"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class ShardWriterThread:
+    """Writes finished shards in the background so disk I/O overlaps the model's compute.
+
+    The queue holds at most `depth` shards; an error in the thread is re-raised on the caller's
+    next `submit` or at `close`.
+    """
+
+    def __init__(self, writer: CacheWriter, depth: int = 2):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_shard(*item)
+                except BaseException as e:  # surfaced in the main thread
+                    self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, shard: int, acts, tokens, positions) -> None:
+        self._raise()
+        self.queue.put((shard, acts, tokens, positions))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+
+class ShardBuffer:
+    """Accumulates one shard's rows: acts[site] [rows_per_shard, d] in storage dtype, tokens, positions."""
+
+    def __init__(self, shard: int, spec: CacheSpec, storage_dtype: np.dtype):
+        n = spec.rows_per_shard
+        self.shard = shard
+        self.acts = {s: np.empty((n, spec.d_model), storage_dtype) for s in spec.site_names}
+        self.tokens = np.empty(n, np.int32)
+        self.rows = 0
+
+    def add(self, acts: dict[str, np.ndarray], tokens: np.ndarray) -> None:
+        n = len(tokens)
+        for s, a in acts.items():
+            self.acts[s][self.rows : self.rows + n] = a
+        self.tokens[self.rows : self.rows + n] = tokens
+        self.rows += n
+
+    def contents(self, context_length: int):
+        r = self.rows
+        positions = np.tile(np.arange(context_length, dtype=np.int32), r // context_length)
+        return self.shard, {s: a[:r] for s, a in self.acts.items()}, self.tokens[:r], positions
+
+
+def _batches(contexts: Iterator[tuple[int, np.ndarray]], size: int) -> Iterator[list[tuple[int, np.ndarray]]]:
+    batch = []
+    for item in contexts:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None) -> Path:
+    """Harvest (or resume) a cache; returns its path. `barrier` synchronises ranks when distributed."""
+    device = resolve_device(cfg.device)
+    compute = autocast_dtype(cfg, device)
+    loaded = load_model(cfg.model, device=str(device))
+    model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
+    sites = resolve_sites(model, cfg.layers, cfg.site)
+    documents = load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
+    spec = build_spec(cfg, info, sites, documents, tokenizer, compute)
+    root = Path(cfg.out)
+
+    if cfg.rank == 0:
+        writer = CacheWriter.create_or_open(root, spec)
+    if barrier:
+        barrier()
+    if cfg.rank != 0:
+        writer = CacheWriter.create_or_open(root, spec)
+    spec = writer.spec
+    if (root / "seal.json").exists():
+        return root
+
+    with writer_lock(root, cfg.rank):
+        n_data_shards = _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, device, compute, progress)
+        if barrier:
+            barrier()
+        if cfg.rank == 0:
+            writer.seal(n_data_shards)
+    return root
+
+
+def _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, device, compute, progress) -> int:
+    """Write this rank's pending shards; returns how many shards the data fills."""
+    ctx = spec.context_length
+    per_shard = spec.rows_per_shard // ctx
+    planned_contexts = spec.planned_rows // ctx
+    done = writer.done_shards()
+    mine = [k for k in range(spec.n_shards) if k % cfg.world_size == cfg.rank and k not in done]
+    pending = set(mine)
+    bar = tqdm(
+        total=len(mine) * spec.rows_per_shard,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"harvest rank {cfg.rank}" if cfg.world_size > 1 else "harvest",
+    )
+    storage = spec.dtype
+    np_storage = numpy_storage_dtype(storage)
+    writer_thread = ShardWriterThread(writer)
+    buffer: ShardBuffer | None = None
+    n_contexts = 0
+
+    def wanted() -> Iterator[tuple[int, np.ndarray]]:
+        nonlocal n_contexts
+        for i, tokens in enumerate(pack_contexts(documents, tokenizer, ctx, cfg.bos)):
+            if i >= planned_contexts:
+                break
+            n_contexts = i + 1
+            if i // per_shard in pending:
+                yield i, tokens
+
+    autocast = torch.autocast(device.type, dtype=compute) if compute else nullcontext()
+    try:
+        for batch in _batches(wanted(), cfg.batch_size):
+            ids = torch.from_numpy(np.stack([t for _, t in batch]).astype(np.int64)).to(device)
+            with torch.inference_mode(), autocast:
+                captured = capture(model, sites, ids)
+            host = {
+                s.name: to_storage(captured[s.name].reshape(-1, spec.d_model), storage, f"layer {s.layer} site {s.name}")
+                for s in sites
+            }
+            # contexts of one batch may span two shards: split rows by shard
+            for j, (i, tokens) in enumerate(batch):
+                shard = i // per_shard
+                if buffer is None or buffer.shard != shard:
+                    if buffer is not None:
+                        writer_thread.submit(*buffer.contents(ctx))
+                    buffer = ShardBuffer(shard, spec, np_storage)
+                rows = slice(j * ctx, (j + 1) * ctx)
+                buffer.add({name: a[rows] for name, a in host.items()}, tokens)
+                if buffer.rows == per_shard * ctx:
+                    writer_thread.submit(*buffer.contents(ctx))
+                    buffer = None
+            bar.update(len(batch) * ctx)
+        if buffer is not None:
+            writer_thread.submit(*buffer.contents(ctx))  # short last shard of a short corpus
+    finally:
+        writer_thread.close()
+        bar.close()
+    return math.ceil(n_contexts / per_shard)
+
+
+def cache_summary(path: str | os.PathLike) -> dict:
+    """Facts for `harvest info`: model, sites, rows, shards done of planned, dtype, bytes on disk."""
+    cache = Cache.open(path, allow_unsealed=True)
+    spec = cache.spec
+    return {
+        "path": str(Path(path).resolve()),
+        "model": spec.model.get("id"),
+        "architecture": spec.model.get("architecture"),
+        "sites": spec.site_names,
+        "d_model": spec.d_model,
+        "dtype": spec.dtype,
+        "compression": spec.compression,
+        "context_length": spec.context_length,
+        "dataset": spec.dataset.get("id") or spec.dataset.get("path"),
+        "rows": cache.n_rows,
+        "planned_rows": spec.planned_rows,
+        "shards_done": len(cache.ledger),
+        "shards_planned": cache.seal["n_shards"] if cache.sealed else spec.n_shards,
+        "sealed": cache.sealed,
+        "bytes_on_disk": cache.disk_bytes(),
+        "mean_sq_norm": {s: cache.stats(s)["mean_sq_norm"] for s in spec.site_names} if cache.ledger else {},
+    }
