@@ -30,6 +30,8 @@ import xxhash
 import zarr
 import zarr.codecs
 
+from shared.faults import fault_point
+
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 COMPRESSIONS = ("none", "zstd", "blosc")
@@ -441,6 +443,7 @@ class CacheWriter:
         storage = numpy_storage_dtype(spec.dtype)
         stats = {}
         try:
+            fault_point("shard_write")
             for site, a in acts.items():
                 if a.shape != (rows, spec.d_model) or a.dtype != storage:
                     raise CacheError(
@@ -450,6 +453,7 @@ class CacheWriter:
                 stats[site] = shard_statistics(a)
                 data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
                 self._arrays[f"acts/{site}"][start:stop] = _pad(data, stop - start)
+            fault_point("shard_mid_write")
             self._arrays["tokens"][start:stop] = _pad(np.asarray(tokens, np.int32), stop - start)
             self._arrays["positions"][start:stop] = _pad(np.asarray(positions, np.int32), stop - start)
             checksums, sizes = {}, {}
@@ -458,6 +462,7 @@ class CacheWriter:
                 _fsync_path(path.parent)
                 checksums[name] = file_checksum(path)
                 sizes[name] = path.stat().st_size
+            fault_point("ledger_record")
             record = {"shard": shard, "rows": rows, "checksums": checksums, "sizes": sizes, "stats": stats}
             write_atomic(self.layout.record(shard), json.dumps(record).encode(), exclusive=True)
         except OSError as e:
@@ -498,6 +503,7 @@ class CacheWriter:
             s: merge_statistics((ledger[k]["stats"][s] for k in range(n)), self.spec.d_model)
             for s in self.spec.site_names
         }
+        fault_point("seal")
         seal = {"n_rows": n_rows, "n_shards": n, "stats": stats, "software_version": software_version()}
         write_atomic(self.layout.seal, json.dumps(seal).encode())
         return seal
