@@ -1,0 +1,119 @@
+"""Sparse encoder/decoder kernels for TopK-style SAEs.
+
+Layouts: x [B, d], W_enc [d, m] (row-major), b_enc [m], W_dec [m, d]. An active set of n
+latents is kept flat and sorted by row: `rows`, `cols` [n] int64 and `vals` [n], with
+`offsets` [B] the start of each row's run (torch.embedding_bag's convention). TopK has exactly
+k entries per row (n = B*k, also passed as [B, k]); BatchTopK has n = B*k in total and a
+variable number per row, possibly zero.
+
+The forward still forms the dense pre-activations (choosing the top k needs all of them), but
+the backward touches only the n active entries: O(n*d) work instead of the dense O(B*m*d), and
+no [n, d] temporary, since every gradient is an embedding_bag or index_add reduction.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
+    """Start of each row's run in a sorted index list. rows [n] -> offsets [n_rows]."""
+    return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))  # no host sync, unlike bincount
+
+
+def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """out[b] = sum_j vals[b, j] * W_dec[idx[b, j]] -> [B, d]; no bias.
+
+    vals, idx: [B, k]; or flat [n] with offsets [B] (row-sorted). Differentiable in vals and W_dec.
+    """
+    return F.embedding_bag(idx, W_dec, offsets, mode="sum", per_sample_weights=vals)
+
+
+def _save_active(ctx, x: Tensor, W_enc: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor, pre_sel: Tensor):
+    """Keep what the sparse backward needs; pre_sel [n] are the selected pre-activations (pre-ReLU)."""
+    ctx.save_for_backward(x, W_enc, rows, cols, offsets, pre_sel > 0)
+
+
+def _encoder_grads(ctx, grad_vals: Tensor):
+    """Gradients of vals[j] = relu(x[rows[j]] @ W_enc[:, cols[j]] + b_enc[cols[j]]) for x, W_enc, b_enc."""
+    x, W_enc, rows, cols, offsets, active = ctx.saved_tensors
+    g = (grad_vals.reshape(-1) * active).to(W_enc.dtype)  # [n], zero where the ReLU is off
+    grad_x = grad_W = grad_b = None
+    if ctx.needs_input_grad[0]:  # grad_x[b] = sum_j g[j] * W_enc[:, cols[j]] over row b's run
+        # A contiguous [m, d] copy: embedding_bag on the transposed view is several times slower.
+        grad_x = F.embedding_bag(cols, W_enc.t().contiguous(), offsets, mode="sum", per_sample_weights=g)
+    m = W_enc.shape[1]
+    if ctx.needs_input_grad[1]:  # grad_W[:, c] = sum_j g[j] * x[rows[j]] over entries with cols[j] = c
+        order = torch.argsort(cols)
+        by_col = row_offsets(cols[order], m)
+        grad_W = F.embedding_bag(rows[order], x, by_col, mode="sum", per_sample_weights=g[order]).t()
+    if ctx.needs_input_grad[2]:
+        grad_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+    return grad_x, grad_W, grad_b
+
+
+class TopKEncode(torch.autograd.Function):
+    """vals, idx, pre = TopKEncode.apply(x, W_enc, b_enc, k).
+
+    pre = x @ W_enc + b_enc [B, m] (returned without grad); idx [B, k] the k largest per row;
+    vals = relu(pre.gather(1, idx)) [B, k]. Backward is sparse in the B*k active entries.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k):
+        pre = torch.addmm(b_enc, x, W_enc)
+        top, idx = pre.topk(k, dim=1, sorted=False)
+        B = x.shape[0]
+        rows = torch.arange(B, device=x.device)[:, None].expand(B, k).reshape(-1)
+        offsets = torch.arange(B, device=x.device) * k
+        _save_active(ctx, x, W_enc, rows, idx.reshape(-1), offsets, top.reshape(-1))
+        ctx.mark_non_differentiable(idx, pre)
+        return top.relu(), idx, pre
+
+    @staticmethod
+    def backward(ctx, grad_vals, _grad_idx, _grad_pre):
+        return *_encoder_grads(ctx, grad_vals), None
+
+
+class BatchTopKEncode(torch.autograd.Function):
+    """vals, rows, cols, offsets, pre = BatchTopKEncode.apply(x, W_enc, b_enc, k).
+
+    Keeps the k*B largest entries of relu(x @ W_enc + b_enc) over the whole batch, as a flat
+    row-sorted list: vals, rows, cols [k*B], offsets [B]; pre [B, m] is returned without grad.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k):
+        pre = torch.addmm(b_enc, x, W_enc)
+        B, m = pre.shape
+        top, flat = pre.relu().flatten().topk(k * B, sorted=False)
+        flat, order = flat.sort()
+        top = top[order]
+        rows, cols = flat // m, flat % m
+        offsets = row_offsets(rows, B)
+        _save_active(ctx, x, W_enc, rows, cols, offsets, top)
+        ctx.mark_non_differentiable(rows, cols, offsets, pre)
+        return top, rows, cols, offsets, pre
+
+    @staticmethod
+    def backward(ctx, grad_vals, *_unused):
+        return *_encoder_grads(ctx, grad_vals), None
+
+
+class GatherEncode(torch.autograd.Function):
+    """vals = GatherEncode.apply(x, W_enc, b_enc, pre, idx) = relu(pre.gather(1, idx)) [B, j].
+
+    pre [B, m] must equal x @ W_enc + b_enc wherever idx points (it is not differentiated; -inf
+    entries give 0 with no gradient); gradients reach x, W_enc and b_enc sparsely. Used by AuxK.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, pre, idx):
+        B, j = idx.shape
+        sel = pre.gather(1, idx)
+        rows = torch.arange(B, device=x.device)[:, None].expand(B, j).reshape(-1)
+        _save_active(ctx, x, W_enc, rows, idx.reshape(-1), torch.arange(B, device=x.device) * j, sel.reshape(-1))
+        return sel.relu()
+
+    @staticmethod
+    def backward(ctx, grad_vals):
+        return *_encoder_grads(ctx, grad_vals), None, None
