@@ -1,0 +1,134 @@
+"""Run folders and checkpoints, written so that kill -9 at any moment loses at most the work
+since the last checkpoint and never leaves a half-written one that could be loaded.
+
+    RUN/config.json                       the resolved TrainConfig
+    RUN/metrics.jsonl                     logged metrics
+    RUN/checkpoints/step-000001234/       one committed checkpoint:
+        sae.safetensors                   weights and buffers (dead counters, thresholds)
+        trainer.pt                        optimiser state, RNG states, logging accumulators
+        state.json                        step, tokens, store position, checksums of the files above
+    RUN/done.json                         written when training (and calibration) finished
+
+A checkpoint is built in `.tmp-step-N`, every file fsynced, then renamed into place: the rename
+is the commit. Loading checks the checksums in state.json and falls back to the previous
+checkpoint when the newest is damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared.cache import file_checksum, write_atomic
+from shared.faults import fault_point
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(Exception):
+    """No loadable checkpoint, or a damaged one; the message names the folder."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_run_dir(parent: str | os.PathLike, name: str) -> Path:
+    """Create parent/name, or parent/name-2, -3 ... : an existing folder is never reused."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 10_000):
+        path = parent / (name if i == 1 else f"{name}-{i}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        (path / "checkpoints").mkdir()
+        _fsync_dir(parent)
+        return path
+    raise CheckpointError(f"too many runs named {name!r} under {parent}")
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], trainer: dict[str, Any],
+                    state: dict[str, Any], keep: int) -> Path:
+    """Commit checkpoint `step` atomically and delete all but the newest `keep`."""
+    ckpts = Path(run_dir) / "checkpoints"
+    final = ckpts / f"step-{step:09d}"
+    tmp = ckpts / f".tmp-step-{step:09d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "sae.safetensors"))
+    fault_point("checkpoint_mid_write")
+    torch.save(trainer, tmp / "trainer.pt")
+    sums = {}
+    for name in ("sae.safetensors", "trainer.pt"):
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+        sums[name] = file_checksum(tmp / name)
+    state = {**state, "step": step, "checkpoint_format": CHECKPOINT_FORMAT, "checksums": sums}
+    write_atomic(tmp / "state.json", json.dumps(state, indent=1).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # same step written again after a resume: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpts)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Committed checkpoint folders of a run, oldest first."""
+    ckpts = Path(run_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    return sorted(p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[dict, dict, dict]:
+    """(tensors, trainer, state) of one checkpoint folder; CheckpointError if damaged."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        for name, digest in state["checksums"].items():
+            if file_checksum(path / name) != digest:
+                raise CheckpointError(f"checkpoint {path}: {name} fails its checksum")
+        tensors = load_file(str(path / "sae.safetensors"), device=str(device))
+        trainer = torch.load(path / "trainer.pt", map_location=device, weights_only=False)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    return tensors, trainer, state
+
+
+def latest_checkpoint(run_dir_or_ckpt: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(run_dir, checkpoint_path, tensors, trainer, state) of the newest loadable checkpoint.
+
+    Accepts a run folder or one checkpoint folder. A damaged newest checkpoint is reported with a
+    warning and the previous one is used.
+    """
+    p = Path(run_dir_or_ckpt)
+    if (p / "state.json").exists() and p.parent.name == "checkpoints":
+        return (p.parent.parent, p, *read_checkpoint(p, device))
+    if not (p / "config.json").exists():
+        raise CheckpointError(f"{p} is neither a run folder (no config.json) nor a checkpoint folder")
+    candidates = list_checkpoints(p)
+    for ckpt in reversed(candidates):
+        try:
+            return (p, ckpt, *read_checkpoint(ckpt, device))
+        except CheckpointError as e:
+            warnings.warn(f"{e}; falling back to the previous checkpoint")
+    raise CheckpointError(f"{p} has no loadable checkpoint; start the run again with `train run`")

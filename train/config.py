@@ -1,0 +1,305 @@
+"""Training configuration: one typed dataclass, loadable from TOML and overridable by key=value.
+
+The seed's names are kept: `get_default_cfg()`, `update_cfg(cfg, **changes)`,
+`post_init_cfg(cfg, d_in=...)`. Building a config has no side effects (no I/O, no random ids).
+Unknown keys, wrong types and impossible values raise ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ARCHS = ("vanilla", "topk", "batchtopk", "jumprelu")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data
+    store: str = ""
+    """Path of a sealed activation cache (made by `harvest run`)."""
+    site: str | None = None
+    """Hook site to train on (TransformerLens name); default: the cache's first site."""
+    batch_size: int = 4096
+    """Tokens per optimiser step (the global batch)."""
+    micro_batch_size: int | None = None
+    """Tokens per forward/backward; gradients of batch_size / micro_batch_size micro-batches are summed."""
+    tokens: int = 10_000_000
+    """Training tokens in total (epochs over the cache continue seamlessly)."""
+    window_shards: int = 4
+    """Shuffle buffer, in shards read together (all shards = exact global shuffle)."""
+    heldout_shards: int = 1
+    """Last shards of the cache kept for evaluation and threshold calibration, never trained on."""
+    normalize: bool = True
+    """Scale activations so that E||x||^2 = d_in (folded into exported weights)."""
+    drop_bos: bool = True
+    """Skip rows at context position 0 (the BOS token, whose activations are outliers)."""
+    # --- the SAE
+    arch: str = "topk"
+    """Architecture: vanilla, topk, batchtopk or jumprelu."""
+    d_in: int | None = None
+    """Input width; derived from the cache."""
+    dict_size: int | None = None
+    """Number of latents; default expansion * d_in."""
+    expansion: int = 8
+    """dict_size = expansion * d_in when dict_size is not set."""
+    k: int = 32
+    """Active latents per token (topk, batchtopk)."""
+    l1_coeff: float = 5.0
+    """L1 coefficient (vanilla), on decoder-norm-weighted activations."""
+    l0_coeff: float = 1.0
+    """L0 (or tanh) sparsity coefficient (jumprelu)."""
+    jumprelu_sparsity: str = "l0"
+    """jumprelu sparsity penalty: l0 (step on the pre-activation) or tanh."""
+    jumprelu_bandwidth: float = 0.05
+    """Rectangle-kernel width of JumpReLU's pseudo-derivatives."""
+    threshold_init: float = 0.001
+    """Initial JumpReLU threshold."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss; default d_in // 2."""
+    aux_coeff: float = 1 / 32
+    """AuxK loss coefficient (topk, batchtopk)."""
+    dead_tokens_threshold: int = 1_000_000
+    """A latent is dead after this many tokens without firing."""
+    b_dec_init: str = "geometric_median"
+    """Decoder bias init from a data sample: geometric_median, mean or zeros."""
+    # --- optimisation
+    lr: float = 4e-4
+    """Adam learning rate."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    lr_warmup_tokens: int = 0
+    """Linear learning-rate warm-up, in tokens."""
+    lr_decay: str = "linear"
+    """Decay after lr_decay_start: none, linear (to 0) or cosine."""
+    lr_decay_start: float = 0.8
+    """Fraction of training after which the learning rate decays."""
+    sparsity_warmup_tokens: int = 0
+    """Linear warm-up of the sparsity coefficient (vanilla L1, jumprelu L0), in tokens."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping by global norm; None disables it."""
+    seed: int = 0
+    """Seeds the SAE init and the data order."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, cuda:1 ..."""
+    # --- thresholds (batchtopk)
+    threshold_kind: str = "global"
+    """BatchTopK inference threshold: global or per_feature."""
+    threshold_batches: int = 20
+    """Held-out batches used to calibrate the threshold."""
+    # --- checkpoints and logs
+    out: str = "runs"
+    """Folder under which each run gets its own checkpoint folder."""
+    checkpoint_every: int = 5_000_000
+    """Tokens between checkpoints (and one at the end)."""
+    keep_checkpoints: int = 2
+    """How many most recent checkpoints to keep."""
+    log_every: int = 10
+    """Steps between logged metrics."""
+    density_every: int = 500
+    """Steps between feature-density statistics."""
+    wandb_mode: str = "offline"
+    """wandb: online, offline or disabled (online without a key falls back to offline)."""
+    wandb_project: str = "saeforge"
+    wandb_group: str | None = None
+    run_name: str | None = None
+    """Derived: a readable name from arch, site, width and k or coefficient."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def get_default_cfg() -> TrainConfig:
+    return TrainConfig()
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def field_help() -> dict[str, str]:
+    """Docstring of each field (the string literal after it), used as CLI help."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            out[node.target.id] = " ".join(str(nxt.value.value).split())
+    return out
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, field_names(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(field_names())}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check/convert `value` to the field's type; strings (from --set) are parsed."""
+    types_ = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in types_):
+        if type(None) in types_:
+            return None
+        raise ConfigError(f"config key {key!r} cannot be None")
+    for t in types_:
+        if t is type(None):
+            continue
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif t is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                try:
+                    return int(float(value)) if float(value).is_integer() else int(value)
+                except ValueError:
+                    pass
+        elif t is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif t is str:
+            if isinstance(value, str):
+                return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in types_)
+    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}")
+
+
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def update_cfg(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """A new config with `changes` applied and validated (unknown keys and bad values are errors)."""
+    clean = {}
+    for key, value in changes.items():
+        if key not in _TYPES:
+            raise _unknown_key(key)
+        clean[key] = _coerce(key, value, _TYPES[key])
+    new = dataclasses.replace(cfg, **clean)
+    validate(new)
+    return new
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}{hint}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ConfigError for impossible combinations, naming the keys."""
+    _choice("arch", cfg.arch, ARCHS)
+    _choice("lr_decay", cfg.lr_decay, ("none", "linear", "cosine"))
+    _choice("b_dec_init", cfg.b_dec_init, ("geometric_median", "mean", "zeros"))
+    _choice("threshold_kind", cfg.threshold_kind, ("global", "per_feature"))
+    _choice("jumprelu_sparsity", cfg.jumprelu_sparsity, ("l0", "tanh"))
+    _choice("wandb_mode", cfg.wandb_mode, ("online", "offline", "disabled"))
+    positive = ["batch_size", "tokens", "window_shards", "expansion", "k", "checkpoint_every", "keep_checkpoints",
+                "log_every", "density_every", "threshold_batches", "dead_tokens_threshold"]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    for key in ["lr", "jumprelu_bandwidth", "threshold_init"]:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    for key in ["l1_coeff", "l0_coeff", "aux_coeff", "lr_warmup_tokens", "sparsity_warmup_tokens", "heldout_shards"]:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
+    if not 0 <= cfg.lr_decay_start <= 1:
+        raise ConfigError(f"lr_decay_start={cfg.lr_decay_start} must be a fraction in [0, 1]")
+    if cfg.micro_batch_size is not None and (cfg.micro_batch_size <= 0 or cfg.batch_size % cfg.micro_batch_size):
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not divisible by micro_batch_size={cfg.micro_batch_size}"
+        )
+    if cfg.dict_size is not None:
+        if cfg.dict_size <= 0:
+            raise ConfigError(f"dict_size={cfg.dict_size} must be positive")
+        if cfg.arch in ("topk", "batchtopk") and cfg.k > cfg.dict_size:
+            raise ConfigError(f"k={cfg.k} is larger than dict_size={cfg.dict_size}")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into a flat dict of keys (a [train] table is also accepted)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    if set(data) == {"train"} and isinstance(data["train"], dict):
+        data = data["train"]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"config file {path}: table [{key}] is not a config key; use flat keys")
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """['lr=1e-3', 'k=64'] -> {'lr': '1e-3', 'k': '64'}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} must look like key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def post_init_cfg(cfg: TrainConfig, d_in: int, site: str) -> TrainConfig:
+    """Fill derived fields: d_in and site from the store, dict_size from expansion, run name."""
+    if cfg.d_in is not None and cfg.d_in != d_in:
+        raise ConfigError(f"d_in={cfg.d_in} in the config, but site {site!r} of the store has d_model={d_in}")
+    dict_size = cfg.dict_size or cfg.expansion * d_in
+    cfg = update_cfg(cfg, d_in=d_in, site=site, dict_size=dict_size)
+    if cfg.run_name is None:
+        cfg = dataclasses.replace(cfg, run_name=default_run_name(cfg))
+    return cfg
+
+
+def sparsity_label(cfg: TrainConfig) -> str:
+    if cfg.arch in ("topk", "batchtopk"):
+        return f"k{cfg.k}"
+    return f"l1_{cfg.l1_coeff:g}" if cfg.arch == "vanilla" else f"l0_{cfg.l0_coeff:g}"
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Short hash of the settings that define a run (names, paths and logging excluded)."""
+    skip = {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device"}
+    data = {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """e.g. topk_blocks.8.hook_resid_pre_4608_k32_3fa9c1d2."""
+    return f"{cfg.arch}_{cfg.site}_{cfg.dict_size}_{sparsity_label(cfg)}_{config_hash(cfg)}"
+
+
+def cfg_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Validated config from a dict (e.g. a saved config.json)."""
+    return update_cfg(get_default_cfg(), **data)

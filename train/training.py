@@ -1,0 +1,436 @@
+"""The training loop: store -> SAE -> loss -> Adam -> logs / checkpoints, with exact resume.
+
+`sae, run_dir = train_sae(model, cfg)` and `resume_training(model, cfg, checkpoint_path)` keep
+the seed's names. Everything a step depends on (weights, Adam moments, step, store position,
+dead-latent counters, RNG states) is in each checkpoint, and the learning-rate and sparsity
+schedules are pure functions of the tokens seen, so a resumed run ends bit-identical (on CPU) to
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from train.activation_store import ActivationStore
+from train.checkpoints import create_run_dir, latest_checkpoint, save_checkpoint
+from train.config import TrainConfig, cfg_from_dict, post_init_cfg, update_cfg
+from train.logs import RunLogger, density_histogram
+from train.sae import BaseAutoencoder, build_sae, explained_variance
+from shared.cache import write_atomic
+from shared.faults import fault_point
+
+
+class TrainingError(Exception):
+    """Training stopped (NaN loss, bad store); the message says what to do."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def open_store(cfg: TrainConfig, device: torch.device) -> ActivationStore:
+    """The training store of a config (training rows only; held-out shards for evaluation)."""
+    return ActivationStore(
+        cfg.store, sites=cfg.site, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
+        seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos,
+        normalize=cfg.normalize, device=device,
+    )
+
+
+def build_from_cfg(cfg: TrainConfig, device: torch.device) -> BaseAutoencoder:
+    """The SAE a (post-initialised) config describes, initialised from cfg.seed."""
+    arch_args: dict[str, Any] = {
+        "vanilla": {"l1_coeff": cfg.l1_coeff},
+        "topk": {"k": cfg.k, "aux_coeff": cfg.aux_coeff},
+        "batchtopk": {"k": cfg.k, "aux_coeff": cfg.aux_coeff},
+        "jumprelu": {"l0_coeff": cfg.l0_coeff, "sparsity": cfg.jumprelu_sparsity,
+                     "bandwidth": cfg.jumprelu_bandwidth, "threshold_init": cfg.threshold_init},
+    }[cfg.arch]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return build_sae(cfg.arch, d_in=cfg.d_in, d_sae=cfg.dict_size, aux_k=cfg.aux_k,
+                     dead_tokens_threshold=cfg.dead_tokens_threshold, generator=gen,
+                     device=device, **arch_args)
+
+
+def generate_checkpoint_dir(cfg: TrainConfig) -> Path:
+    """A new, never reused run folder under cfg.out named after cfg.run_name."""
+    return create_run_dir(cfg.out, cfg.run_name)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def lr_multiplier(cfg: TrainConfig, tokens: int) -> float:
+    """Learning-rate factor after `tokens` training tokens: linear warm-up, then decay."""
+    if cfg.lr_warmup_tokens and tokens < cfg.lr_warmup_tokens:
+        return (tokens + cfg.batch_size) / (cfg.lr_warmup_tokens + cfg.batch_size)
+    start = cfg.lr_decay_start * cfg.tokens
+    if cfg.lr_decay == "none" or tokens < start or cfg.tokens <= start:
+        return 1.0
+    frac = min((tokens - start) / (cfg.tokens - start), 1.0)
+    if cfg.lr_decay == "linear":
+        return 1.0 - frac
+    return 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def sparsity_multiplier(cfg: TrainConfig, tokens: int) -> float:
+    """Sparsity-coefficient warm-up factor (vanilla L1, jumprelu L0)."""
+    if not cfg.sparsity_warmup_tokens:
+        return 1.0
+    return min(1.0, (tokens + cfg.batch_size) / cfg.sparsity_warmup_tokens)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Trainer:
+    """One run's mutable state. `run()` trains until cfg.tokens, checkpointing on the way."""
+
+    cfg: TrainConfig
+    sae: BaseAutoencoder
+    store: ActivationStore
+    optimizer: torch.optim.Optimizer
+    run_dir: Path
+    step: int = 0
+    tokens: int = 0
+    fire_counts: torch.Tensor | None = None  # [m] tokens each latent fired on since last density log
+    density_tokens: int = 0
+    logger: RunLogger | None = None
+    progress: bool = True
+    last_checkpoint: Path | None = None
+    _bad: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        dev = self.sae.W_dec.device
+        if self.fire_counts is None:
+            self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.long, device=dev)
+        self._bad = torch.zeros((), dtype=torch.bool, device=dev)
+        self._micro = self.cfg.micro_batch_size or self.cfg.batch_size
+
+    # ----- one step
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser step on x [batch_size, d_in]; returns detached loss parts of the step."""
+        cfg, sae = self.cfg, self.sae
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_multiplier(cfg, self.tokens)
+        scale = sparsity_multiplier(cfg, self.tokens)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts: dict[str, torch.Tensor] = {}
+        n = x.shape[0]
+        for micro in x.split(self._micro):
+            out = sae(micro, sparsity_coeff_scale=scale)
+            (out.loss * (micro.shape[0] / n)).backward()
+            self.fire_counts += (out.latents > 0).sum(0)
+            w = micro.shape[0] / n
+            for k, v in {"loss": out.loss, **out.losses}.items():
+                parts[k] = parts.get(k, 0) + v.detach() * w
+        self._bad |= ~torch.isfinite(parts["loss"])
+        sae.remove_parallel_decoder_grad()
+        params = [p for p in sae.parameters() if p.grad is not None]
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+        parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        sae.make_decoder_unit_norm()
+        self.step += 1
+        self.tokens += n
+        self.density_tokens += n
+        return parts
+
+    # ----- the run
+    def run(self) -> None:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.tokens, initial=self.tokens, unit="tok", unit_scale=True, disable=not self.progress,
+                   desc=cfg.run_name, dynamic_ncols=True)
+        next_ckpt = (self.tokens // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        t_log, tok_log = time.perf_counter(), self.tokens
+        try:
+            while self.tokens < cfg.tokens:
+                x = self.store.next_batch()
+                parts = self.train_step(x)
+                fault_point("after_optimizer_step")
+                bar.update(x.shape[0])
+                if self.step % cfg.log_every == 0:
+                    self._check_finite()
+                    now = time.perf_counter()
+                    metrics = self._metrics(parts, (self.tokens - tok_log) / max(now - t_log, 1e-9))
+                    t_log, tok_log = now, self.tokens
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
+                                    dead=metrics["dead_latents"], refresh=False)
+                    if self.step % cfg.density_every == 0:
+                        metrics.update(self._density())
+                    self.log(metrics)
+                if self.tokens >= next_ckpt and self.tokens < cfg.tokens:
+                    self.checkpoint()
+                    next_ckpt += cfg.checkpoint_every
+            self._check_finite()
+        finally:
+            bar.close()
+
+    def _check_finite(self) -> None:
+        if bool(self._bad):
+            where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
+            raise TrainingError(
+                f"loss became NaN or inf by step {self.step} ({where}); lower lr, check the cache with "
+                "`harvest verify`, or raise max_grad_norm clipping"
+            )
+
+    def _metrics(self, parts: dict[str, torch.Tensor], tokens_per_s: float) -> dict[str, Any]:
+        sae = self.sae
+        m: dict[str, Any] = {k: float(v) for k, v in parts.items()}
+        m["tokens"] = self.tokens
+        m["lr"] = self.optimizer.param_groups[0]["lr"]
+        m["dead_latents"] = int(sae.dead_mask().sum())
+        m["dead_fraction"] = m["dead_latents"] / sae.d_sae
+        m["tokens_per_s"] = tokens_per_s
+        for name, p in sae.named_parameters():
+            if p.grad is not None:
+                m[f"grad_norm/{name}"] = float(p.grad.norm())
+        return m
+
+    def _density(self) -> dict[str, Any]:
+        hist = density_histogram(self.fire_counts, self.density_tokens)
+        self.fire_counts.zero_()
+        self.density_tokens = 0
+        return {"density_hist": hist, "density/below_1e-5": hist["below_1e-5"], "density/below_1e-6": hist["below_1e-6"]}
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if self.logger is not None:
+            self.logger.log(self.step, metrics)
+
+    # ----- checkpoints
+    def checkpoint(self, extra_state: dict[str, Any] | None = None) -> Path:
+        """Commit a checkpoint of everything the next step depends on (refused after a NaN)."""
+        self._check_finite()
+        trainer = {
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "fire_counts": self.fire_counts,
+            "density_tokens": self.density_tokens,
+        }
+        state = {"tokens": self.tokens, "store": self.store.state_dict(), "arch": self.cfg.arch,
+                 "threshold_kind": getattr(self.sae, "threshold_kind", None), **(extra_state or {})}
+        self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.sae.state_dict(), trainer, state,
+                                               keep=self.cfg.keep_checkpoints)
+        return self.last_checkpoint
+
+    def restore(self, tensors: dict[str, torch.Tensor], trainer: dict[str, Any], state: dict[str, Any]) -> None:
+        self.sae.load_state_dict(tensors)
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        torch.set_rng_state(trainer["torch_rng"].cpu())
+        if trainer["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in trainer["cuda_rng"]])
+        self.fire_counts = trainer["fire_counts"].to(self.sae.W_dec.device)
+        self.density_tokens = trainer["density_tokens"]
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.store.load_state_dict(state["store"])
+
+
+def make_optimizer(cfg: TrainConfig, sae: BaseAutoencoder) -> torch.optim.Optimizer:
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _init_b_dec(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore) -> None:
+    """b_dec from the first training batch (the store is rewound afterwards)."""
+    if cfg.b_dec_init == "zeros":
+        return
+    sample = store.next_batch()
+    store.seek(0)
+    sae.init_b_dec(sample[:4096].float(), method=cfg.b_dec_init)
+
+
+def _as_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
+    return cfg if isinstance(cfg, TrainConfig) else cfg_from_dict(cfg)
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+@torch.no_grad()
+def threshold_loop_collect(sae: BaseAutoencoder, batches, n_batches: int) -> dict[str, torch.Tensor]:
+    """Statistics of BatchTopK's selections over held-out batches (training-mode batch top-k).
+
+    Returns sums over batches of: the smallest kept activation of each batch (global), and each
+    latent's smallest kept activation in batches where it fired (per-feature), with counts.
+    """
+    m = sae.d_sae
+    dev = sae.W_dec.device
+    stats = {"global_sum": torch.zeros((), dtype=torch.float64, device=dev), "global_n": torch.zeros((), device=dev),
+             "feature_sum": torch.zeros(m, dtype=torch.float64, device=dev), "feature_n": torch.zeros(m, device=dev)}
+    for i, x in enumerate(batches):
+        if i >= n_batches:
+            break
+        f = sae.encode(x.to(dev), use_threshold=False)
+        kept = f > 0
+        if not kept.any():
+            continue
+        stats["global_sum"] += f[kept].min().double()
+        stats["global_n"] += 1
+        fired = kept.any(0)
+        mins = torch.where(kept, f, torch.full_like(f, float("inf"))).min(0).values
+        stats["feature_sum"] += torch.where(fired, mins, torch.zeros_like(mins)).double()
+        stats["feature_n"] += fired.float()
+    return stats
+
+
+def threshold_loop_compute(stats: dict[str, torch.Tensor], kind: str) -> torch.Tensor | float:
+    """Global threshold (mean over batches of the smallest kept activation), or per-feature
+    thresholds (each latent's mean smallest kept activation; the global value where it never fired)."""
+    if float(stats["global_n"]) == 0:
+        raise TrainingError("no held-out batch produced an active latent; cannot calibrate a threshold")
+    global_t = float(stats["global_sum"] / stats["global_n"])
+    if kind == "global":
+        return global_t
+    per = stats["feature_sum"] / stats["feature_n"].clamp_min(1)
+    return torch.where(stats["feature_n"] > 0, per, torch.full_like(per, global_t)).float()
+
+
+@torch.no_grad()
+def evaluate_heldout(sae: BaseAutoencoder, store: ActivationStore, max_batches: int = 50,
+                     use_threshold: bool | None = None) -> dict[str, float]:
+    """Reconstruction on held-out rows: MSE (per token, summed over d), explained variance, L0,
+    and latents that never fired over the evaluated rows."""
+    sae.eval()
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
+    sq_err = total_var = l0 = 0.0
+    n = 0
+    xs_sum = xs_sq = 0.0
+    for i, x in enumerate(store.eval_batches()):
+        if i >= max_batches:
+            break
+        x = x.to(sae.W_dec.device)
+        f = sae.encode(x, use_threshold=use_threshold) if use_threshold is not None else sae.encode(x)
+        x_hat = sae.decode(f)
+        sq_err += float(((x - x_hat) ** 2).sum())
+        xs_sum = xs_sum + x.double().sum(0)
+        xs_sq += float((x.double() ** 2).sum())
+        l0 += float((f > 0).sum())
+        fired |= (f > 0).any(0)
+        n += x.shape[0]
+    sae.train()
+    if n == 0:
+        raise TrainingError("the store has no held-out rows to evaluate on; set heldout_shards >= 1")
+    total_var = xs_sq - float((xs_sum**2).sum()) / n
+    return {"mse": sq_err / n, "explained_variance": 1 - sq_err / total_var, "l0": l0 / n,
+            "never_fired": int((~fired).sum()), "never_fired_fraction": float((~fired).float().mean()),
+            "rows": n}
+
+
+def calibrate_and_evaluate(trainer: Trainer) -> dict[str, Any]:
+    """After training: BatchTopK threshold calibration, held-out reconstruction figures."""
+    cfg, sae, store = trainer.cfg, trainer.sae, trainer.store
+    results: dict[str, Any] = {}
+    if cfg.heldout_shards == 0:
+        return results
+    if cfg.arch == "batchtopk":
+        stats = threshold_loop_collect(sae, store.eval_batches(), cfg.threshold_batches)
+        sae.set_threshold(threshold_loop_compute(stats, cfg.threshold_kind))
+        results["threshold_kind"] = cfg.threshold_kind
+        results["heldout_batchtopk"] = evaluate_heldout(sae, store, use_threshold=False)
+        results["heldout"] = evaluate_heldout(sae, store, use_threshold=True)
+        results["inference_l0"] = results["heldout"]["l0"]
+        results["k"] = cfg.k
+    else:
+        results["heldout"] = evaluate_heldout(sae, store)
+    return results
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _finish(trainer: Trainer) -> None:
+    trainer.run()
+    results = calibrate_and_evaluate(trainer)
+    final = trainer.checkpoint(extra_state={"results": results})
+    done = {"checkpoint": str(final.relative_to(trainer.run_dir)), "step": trainer.step, "tokens": trainer.tokens,
+            "results": results}
+    write_atomic(trainer.run_dir / "done.json", json.dumps(done, indent=1).encode())
+    if results:
+        trainer.log({f"final/{k}": v for k, v in _flatten(results).items()})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -> tuple[BaseAutoencoder, Path]:
+    """Train one SAE on cfg.store; returns (sae, run folder). `model` is only used by evaluation."""
+    cfg = _as_config(cfg)
+    if not cfg.store:
+        raise TrainingError("no store given: set store (train run --store PATH) to a sealed activation cache")
+    device = resolve_device(cfg.device)
+    store = open_store(cfg, device)
+    try:
+        cfg = post_init_cfg(cfg, store.d_model, store.sites[0])
+        store.check_compatible(cfg.site, cfg.d_in)
+        sae = build_from_cfg(cfg, device)
+        _init_b_dec(cfg, sae, store)
+        run_dir = generate_checkpoint_dir(cfg)
+        write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+        logger = RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group)
+        trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress)
+        try:
+            _finish(trainer)
+        finally:
+            logger.close()
+    finally:
+        store.close()
+    return sae, run_dir
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    return cfg_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+
+
+def resume_training(model, cfg: TrainConfig | dict[str, Any] | None, checkpoint_path: str | Path,
+                    progress: bool = True) -> tuple[BaseAutoencoder, Path]:
+    """Continue a run from its newest loadable checkpoint (or the given checkpoint folder).
+
+    cfg None uses the run's saved config; a given cfg may only change how the run is observed
+    (tokens, logging, device), never what it computes.
+    """
+    run_dir, ckpt, tensors, trainer_state, state = latest_checkpoint(checkpoint_path)
+    saved = load_run_config(run_dir)
+    if cfg is not None:
+        allowed = {"tokens", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device", "checkpoint_every",
+                   "keep_checkpoints"}
+        changes = {k: v for k, v in _as_config(cfg).to_dict().items() if v != getattr(saved, k) and k in allowed}
+        saved = update_cfg(saved, **changes)
+    cfg = saved
+    device = resolve_device(cfg.device)
+    store = open_store(cfg, device)
+    try:
+        sae = build_from_cfg(cfg, device)
+        logger = RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
+                           resume_step=state["step"])
+        trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress)
+        trainer.restore({k: v.to(device) for k, v in tensors.items()}, trainer_state, state)
+        trainer.last_checkpoint = ckpt
+        try:
+            _finish(trainer)
+        finally:
+            logger.close()
+    finally:
+        store.close()
+    return sae, run_dir
