@@ -1,0 +1,264 @@
+"""Training loop: config errors, the four variants, exact resume after kill -9, accumulation,
+NaN handling, thresholds, run folders, logs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from shared.cache import CacheSpec, CacheWriter, SiteRecord
+from train.checkpoints import create_run_dir, latest_checkpoint, list_checkpoints
+from train.cli import main as train_cli
+from train.config import ConfigError, get_default_cfg, load_toml, parse_set, post_init_cfg, update_cfg
+from train.training import Trainer, TrainingError, resume_training, train_sae
+
+D, M_TRUE, CTX, ROWS_PER_SHARD, SHARDS = 16, 48, 8, 512, 6
+SITE = "blocks.0.hook_resid_pre"
+
+
+@pytest.fixture(scope="module")
+def sparse_cache(tmp_path_factory):
+    """A cache of x = sparse codes @ a random dictionary (+ small noise): SAEs can learn it."""
+    root = tmp_path_factory.mktemp("sparse") / "cache"
+    spec = CacheSpec(model={"id": "synthetic"}, dataset={"kind": "synthetic"}, context_length=CTX,
+                     bos_policy={"policy": "none"}, sites=[SiteRecord(SITE, 0, "resid_pre", "model.layers.0")],
+                     d_model=D, dtype="float32", rows_per_shard=ROWS_PER_SHARD, planned_rows=ROWS_PER_SHARD * SHARDS)
+    rng = np.random.default_rng(0)
+    dictionary = rng.normal(size=(M_TRUE, D)).astype(np.float32)
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    w = CacheWriter.create_or_open(root, spec)
+    for k in range(SHARDS):
+        codes = rng.exponential(size=(ROWS_PER_SHARD, M_TRUE)) * (rng.random((ROWS_PER_SHARD, M_TRUE)) < 4 / M_TRUE)
+        x = (codes @ dictionary + 0.01 * rng.normal(size=(ROWS_PER_SHARD, D))).astype(np.float32)
+        pos = np.tile(np.arange(CTX, dtype=np.int32), ROWS_PER_SHARD // CTX)
+        w.write_shard(k, {SITE: x}, np.zeros(ROWS_PER_SHARD, np.int32), pos)
+    w.seal()
+    return root
+
+
+def cfg_for(store, out, **over):
+    base = dict(store=str(store), out=str(out), batch_size=256, tokens=256 * 40, expansion=4, k=4,
+                checkpoint_every=256 * 10, log_every=5, density_every=10, wandb_mode="disabled",
+                lr=3e-3, dead_tokens_threshold=2048, threshold_batches=4, b_dec_init="mean")
+    base.update(over)
+    return update_cfg(get_default_cfg(), **base)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_errors_name_the_key(tmp_path):
+    cfg = get_default_cfg()
+    with pytest.raises(ConfigError, match="unknown config key 'lrr'; did you mean 'lr'"):
+        update_cfg(cfg, lrr=1e-3)
+    with pytest.raises(ConfigError, match="'k' must be int"):
+        update_cfg(cfg, k="many")
+    with pytest.raises(ConfigError, match="k=64 is larger than dict_size=32"):
+        update_cfg(cfg, k=64, dict_size=32)
+    with pytest.raises(ConfigError, match="batch_size=4096 is not divisible by micro_batch_size=1000"):
+        update_cfg(cfg, micro_batch_size=1000)
+    with pytest.raises(ConfigError, match="arch='topkk'.*did you mean 'topk'"):
+        update_cfg(cfg, arch="topkk")
+    with pytest.raises(ConfigError, match="lr=-1.0 must be positive"):
+        update_cfg(cfg, lr=-1)
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        parse_set(["lr"])
+    toml = tmp_path / "c.toml"
+    toml.write_text('arch = "jumprelu"\nl0_coeff = 0.5\n[train]\nx = 1\n')
+    with pytest.raises(ConfigError, match="table"):
+        load_toml(toml)
+    toml.write_text('[train]\narch = "jumprelu"\nl0_coeff = 0.5\ntokens = 1e6\n')
+    cfg2 = update_cfg(cfg, **load_toml(toml))
+    assert cfg2.arch == "jumprelu" and cfg2.l0_coeff == 0.5 and cfg2.tokens == 1_000_000
+    assert update_cfg(cfg, **parse_set(["lr=1e-3", "micro_batch_size=1024", "site=none"])).micro_batch_size == 1024
+
+
+def test_post_init_derives_fields_without_side_effects(tmp_path):
+    cfg = post_init_cfg(update_cfg(get_default_cfg(), expansion=4, k=8, out=str(tmp_path / "nowhere")), d_in=16, site=SITE)
+    assert cfg.d_in == 16 and cfg.dict_size == 64 and cfg.site == SITE
+    assert cfg.run_name.startswith(f"topk_{SITE}_64_k8_")
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(ConfigError, match="d_in=32 in the config.*d_model=16"):
+        post_init_cfg(update_cfg(get_default_cfg(), d_in=32), d_in=16, site=SITE)
+
+
+def test_run_dirs_are_never_reused(tmp_path):
+    a = create_run_dir(tmp_path, "run")
+    b = create_run_dir(tmp_path, "run")
+    assert a != b and a.is_dir() and b.is_dir()
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@pytest.mark.parametrize("arch,extra", [("vanilla", {"l1_coeff": 0.5}), ("topk", {}), ("batchtopk", {}),
+                                        ("jumprelu", {"l0_coeff": 0.05, "threshold_init": 0.05})])
+def test_each_variant_learns(sparse_cache, tmp_path, arch, extra):
+    sae, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path, arch=arch, **extra), progress=False)
+    done = json.loads((run_dir / "done.json").read_text())
+    held = done["results"]["heldout"]
+    assert held["explained_variance"] > 0.5, held
+    assert 0 < held["l0"] < (sae.d_sae / 2 if arch == "vanilla" else 4 * 6), held
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 5 and metrics[-1]["step"] == 40
+    first = next(m for m in metrics if "loss" in m)
+    assert {"loss", "mse", "l0", "explained_variance", "dead_latents", "lr", "grad_norm", "tokens_per_s",
+            "grad_norm/W_enc"} <= set(first)
+    hist = next(m for m in metrics if "density_hist" in m)["density_hist"]
+    assert sum(hist["counts"]) == sae.d_sae
+    if arch == "batchtopk":
+        assert done["results"]["threshold_kind"] == "global"
+        assert abs(done["results"]["inference_l0"] - 4) < 2.5
+        assert sae.threshold_kind == "global"
+
+
+def test_per_feature_threshold(sparse_cache, tmp_path):
+    sae, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path, arch="batchtopk", threshold_kind="per_feature"),
+                             progress=False)
+    assert sae.threshold_kind == "per_feature" and sae.threshold.unique().numel() > 1
+    tensors = load_file(str(list_checkpoints(run_dir)[-1] / "sae.safetensors"))
+    assert torch.equal(tensors["threshold"], sae.threshold)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(list_checkpoints(run_dir)[-1] / "sae.safetensors"))
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference_run(sparse_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    _, run_dir = train_sae(None, cfg_for(sparse_cache, out, arch="batchtopk"), progress=False)
+    return run_dir
+
+
+def _cli_run(sparse_cache, out, fault=None):
+    args = [sys.executable, "-m", "train", "run", "--store", str(sparse_cache), "--out", str(out), "--quiet",
+            "--arch", "batchtopk", "--k", "4", "--expansion", "4", "--batch-size", "256", "--tokens", str(256 * 40),
+            "--checkpoint-every", str(256 * 10), "--lr", "3e-3", "--wandb-mode", "disabled",
+            "--set", "log_every=5", "--set", "density_every=10", "--set", "dead_tokens_threshold=2048",
+            "--set", "threshold_batches=4", "--set", "b_dec_init=mean"]
+    env = dict(os.environ)
+    if fault:
+        env["SAEFORGE_FAULT"] = fault
+    return subprocess.run(args, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("fault", ["after_optimizer_step@17", "checkpoint_mid_write@2", "after_optimizer_step@40"])
+def test_kill9_and_resume_is_bit_identical(sparse_cache, reference_run, tmp_path, fault):
+    first = _cli_run(sparse_cache, tmp_path, fault)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    run_dir = next(tmp_path.iterdir())
+    assert not (run_dir / "done.json").exists()
+    r = subprocess.run([sys.executable, "-m", "train", "resume", str(run_dir), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(run_dir)
+    _assert_same(_final_weights(run_dir), _final_weights(reference_run))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(line)["step"] for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == want
+
+
+def test_uninterrupted_cli_run_prints_run_dir(sparse_cache, reference_run, tmp_path):
+    r = _cli_run(sparse_cache, tmp_path)
+    assert r.returncode == 0, r.stderr
+    run_dir = Path(r.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path and (run_dir / "done.json").exists()
+    _assert_same(_final_weights(run_dir), _final_weights(reference_run))
+
+
+def test_damaged_newest_checkpoint_falls_back(sparse_cache, reference_run, tmp_path):
+    first = _cli_run(sparse_cache, tmp_path, "after_optimizer_step@25")
+    assert first.returncode == -signal.SIGKILL
+    run_dir = next(tmp_path.iterdir())
+    newest = list_checkpoints(run_dir)[-1]
+    (newest / "trainer.pt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="fails its checksum"):
+        _, ckpt, *_ = latest_checkpoint(run_dir)
+    assert ckpt == list_checkpoints(run_dir)[-2]
+    with pytest.warns(UserWarning):
+        resume_training(None, None, run_dir, progress=False)
+    _assert_same(_final_weights(run_dir), _final_weights(reference_run))
+
+
+# --------------------------------------------------------------------------- step mechanics
+
+
+def test_gradient_accumulation_matches_one_large_batch(sparse_cache, tmp_path):
+    from train.training import build_from_cfg, make_optimizer, open_store
+
+    results = []
+    for micro in (None, 64):
+        cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, arch="topk", micro_batch_size=micro, aux_coeff=0.0), D, SITE)
+        store = open_store(cfg, torch.device("cpu"))
+        sae = build_from_cfg(cfg, torch.device("cpu"))
+        trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), tmp_path, progress=False)
+        for _ in range(3):
+            trainer.train_step(store.next_batch())
+        store.close()
+        results.append({k: v.detach().clone() for k, v in sae.named_parameters()})  # dead counters count per micro-batch
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(sparse_cache, tmp_path, monkeypatch):
+    from train import sae as sae_mod
+
+    original = sae_mod.BaseAutoencoder.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x, sparsity_coeff_scale=1.0):
+        calls["n"] += 1
+        if calls["n"] > 22:
+            x = x * float("nan")
+        return original(self, x, sparsity_coeff_scale)
+
+    monkeypatch.setattr(sae_mod.BaseAutoencoder, "forward", poisoned)
+    with pytest.raises(TrainingError, match="NaN or inf.*last good checkpoint: .*step-000000020"):
+        train_sae(None, cfg_for(sparse_cache, tmp_path, arch="topk"), progress=False)
+    run_dir = next(tmp_path.iterdir())
+    good = _final_weights(run_dir)
+    assert all(torch.isfinite(v.float()).all() for v in good.values())
+
+
+def test_cli_errors(sparse_cache, tmp_path):
+    r = CliRunner().invoke(train_cli, ["run", "--store", str(sparse_cache), "--set", "lrr=1", "--quiet"])
+    assert r.exit_code == 2 and "did you mean 'lr'" in r.output
+    r = CliRunner().invoke(train_cli, ["run", "--store", str(tmp_path / "missing"), "--quiet", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "missing" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(train_cli, ["run", "--store", str(sparse_cache), "--site", "blocks.9.hook_resid_pre",
+                                       "--quiet", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "blocks.9.hook_resid_pre" in r.output
+    r = CliRunner().invoke(train_cli, ["resume", str(tmp_path)])
+    assert r.exit_code == 2 and "neither a run folder" in r.output
+    r = CliRunner().invoke(train_cli, ["config"])
+    assert r.exit_code == 0 and "micro_batch_size" in r.output
+    r = CliRunner().invoke(train_cli, ["run", "--help"])
+    assert "--dict-size" in r.output and "--set" in r.output
+
+
+def test_wandb_mode_without_key_falls_back(monkeypatch, tmp_path):
+    from train.logs import resolve_wandb_mode
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_wandb_mode("online") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("online") == "online"
+    assert resolve_wandb_mode("disabled") == "disabled"
