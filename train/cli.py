@@ -1,4 +1,4 @@
-"""`train` command: run / resume."""
+"""`train` command: run / resume / config / eval / calibrate / export."""
 
 from __future__ import annotations
 
@@ -86,11 +86,19 @@ def run(config_file, sets, quiet, **options) -> None:
 @click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
-    """Resume a run folder (or one of its checkpoint folders) from its newest good checkpoint.
+    """Resume a run folder, one of its checkpoint folders, or a sweep folder, from the newest
+    good checkpoint.
 
     The run finishes exactly as it would have without the interruption.
     """
+    from train.sweep import is_sweep_dir, resume_sweep
     from train.training import load_run_config, resume_training
+
+    if is_sweep_dir(checkpoint):
+        sweep_dir = _user_errors(resume_sweep, checkpoint, progress=not quiet)
+        _print_sweep(sweep_dir)
+        click.echo(str(sweep_dir))
+        return
 
     def build():
         from train.checkpoints import latest_checkpoint
@@ -106,12 +114,130 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
     click.echo(str(run_dir))
 
 
+@main.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", help="Override base.store of the spec.")
+@click.option("--out", help="Override base.out (the sweep folder is created inside).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a base config key; repeatable.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sweep(spec, store, out, sets, quiet) -> None:
+    """Train every SAE of a TOML sweep spec together, reading each batch once.
+
+    Resume an interrupted sweep with `train resume SWEEP_FOLDER`. The last line printed is the
+    sweep folder.
+    """
+    from train.sweep import run_sweep
+
+    overrides = {k: v for k, v in {"store": store, "out": out}.items() if v is not None}
+    overrides.update(_user_errors(parse_set, list(sets)))
+    sweep_dir = _user_errors(run_sweep, spec, overrides, progress=not quiet)
+    _print_sweep(sweep_dir)
+    click.echo(str(sweep_dir))
+
+
+def _print_sweep(sweep_dir) -> None:
+    import json
+    from pathlib import Path
+
+    for rec in json.loads((Path(sweep_dir) / "sweep.json").read_text())["runs"]:
+        click.echo(f"{rec['run_dir']}:", err=True)
+        _print_results(Path(sweep_dir) / rec["run_dir"])
+
+
 @main.command("config")
 def show_config() -> None:
     """List every config key with its default and meaning."""
     cfg = get_default_cfg().to_dict()
     for key, text in HELP.items():
         click.echo(f"{key:24s} {cfg[key]!r:>14}  {text}")
+
+
+def _tool_errors(fn, *args, **kwargs):
+    """User errors of eval / calibrate / export: one line on stderr, exit code 2."""
+    from shared.hook_sites import HookSiteError
+    from shared.models import ModelLoadError
+    from train.evaluation import EvalError
+    from train.export import ExportError
+    from train.training import TrainingError
+
+    try:
+        return fn(*args, **kwargs)
+    except (*USER_ERRORS, TrainingError, EvalError, ExportError, ModelLoadError, HookSiteError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--batches", type=click.IntRange(1), default=50, show_default=True,
+              help="Held-out store batches (of the run's batch_size) for the reconstruction figures.")
+@click.option("--max-contexts", type=click.IntRange(1), default=64, show_default=True,
+              help="Held-out token contexts for the CE / KL figures.")
+@click.option("--lm-batch-size", type=click.IntRange(1), default=8, show_default=True, help="Contexts per LM forward pass.")
+@click.option("--model", help="LM to load instead of the one the cache records (hub id, HF folder or .gguf).")
+@click.option("--skip-lm", is_flag=True, help="Reconstruction figures only (no LM is loaded).")
+@click.option("--device", help="auto, cpu, cuda ... [default: the run's device setting]")
+@click.option("--store", "store_path", help="The run's cache, if it moved.")
+@click.option("--heldout-shards", type=click.IntRange(1), help="Evaluate on the cache's last N shards instead of the run's held-out shards.")
+@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "none"]), default="auto", show_default=True,
+              help="LM compute dtype; auto = the harvest's (bf16 on CUDA when the cache was harvested so).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write eval.json [default: into CHECKPOINT].")
+@click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]), help="[default: the run's]")
+def eval_cmd(checkpoint, **options) -> None:
+    """Evaluate a run folder's newest checkpoint (or one checkpoint folder) on held-out data.
+
+    Reconstruction (MSE, explained variance, cosine, L0, L1, dead and dense latents, density
+    histogram) on held-out cache rows, and the LM's CE loss clean / with the SAE spliced in /
+    zero- and mean-ablated, CE-loss score and KL on the held-out contexts. BatchTopK is reported
+    with its calibrated threshold and with batch top-k. Prints a table; the last line is the
+    path of eval.json.
+    """
+    from train.evaluation import evaluate_checkpoint, format_table
+
+    results, dest = _tool_errors(evaluate_checkpoint, checkpoint, **options)
+    click.echo(format_table(results), err=True)
+    click.echo(str(dest))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--kind", type=click.Choice(["global", "per_feature"]), help="Threshold definition [default: the run's threshold_kind].")
+@click.option("--batches", type=click.IntRange(1), help="Held-out batches to calibrate on [default: the run's threshold_batches].")
+@click.option("--device", help="auto, cpu, cuda ... [default: the run's device setting]")
+@click.option("--store", "store_path", help="The run's cache, if it moved.")
+@click.option("--heldout-shards", type=click.IntRange(1), help="Calibrate on the cache's last N shards instead of the run's held-out shards.")
+def calibrate(checkpoint, **options) -> None:
+    """Calibrate a BatchTopK checkpoint's inference threshold on held-out rows.
+
+    Rewrites that checkpoint (atomically, same step) with the threshold, so that it can be
+    evaluated per token and exported. Intermediate checkpoints are not calibrated by training.
+    """
+    from train.evaluation import calibrate_checkpoint
+
+    rec = _tool_errors(calibrate_checkpoint, checkpoint, **options)
+    click.echo(f"calibrated {rec['threshold_kind']} threshold on {rec['batches']} held-out batches: inference L0 "
+               f"{rec['inference_l0']:.2f} (k = {rec['k']}), explained variance {rec['explained_variance']:.4f}",
+               err=True)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["saelens"]), default="saelens", show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for cfg.json and sae_weights.safetensors.")
+@click.option("--model-name", help="metadata.model_name [default: the cache's model id].")
+@click.option("--store", "store_path", help="The run's cache, if it moved (needed for the scaling factor and provenance).")
+@click.option("--force", is_flag=True, help="Overwrite an existing export in --out.")
+def export(checkpoint, fmt, out_dir, model_name, store_path, force) -> None:
+    """Export a run folder's newest checkpoint (or one checkpoint folder) for SAELens 6.
+
+    The dataset scaling is folded into the weights (the export takes raw activations); BatchTopK
+    is written as JumpReLU with its calibrated threshold. The last line printed is the folder.
+    """
+    from train.export import export_checkpoint
+
+    out = _tool_errors(export_checkpoint, checkpoint, out_dir, fmt=fmt, model_name=model_name,
+                       store_path=store_path, force=force)
+    click.echo(str(out))
 
 
 def _print_results(run_dir) -> None:
@@ -128,7 +254,7 @@ def _print_results(run_dir) -> None:
                 f"L0 {held['l0']:.2f}, never fired {held['never_fired_fraction']:.2%}")
         if "inference_l0" in res:
             line += f" (inference with {res['threshold_kind']} threshold; k = {res['k']})"
-        click.echo(line, err=True)
+        click.echo("  " + line, err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -114,12 +114,17 @@ class Trainer:
     last_checkpoint: Path | None = None
     _bad: torch.Tensor | None = field(default=None, repr=False)
 
+    @property
+    def device(self) -> torch.device:
+        return self.sae.W_dec.device
+
     def __post_init__(self) -> None:
         dev = self.sae.W_dec.device
         if self.fire_counts is None:
             self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.long, device=dev)
         self._bad = torch.zeros((), dtype=torch.bool, device=dev)
         self._micro = self.cfg.micro_batch_size or self.cfg.batch_size
+        self._t_log, self._tok_log = time.perf_counter(), self.tokens
 
     # ----- one step
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -150,35 +155,20 @@ class Trainer:
         self.density_tokens += n
         return parts
 
-    # ----- the run
-    def run(self) -> None:
+    # ----- after each step
+    def after_step(self, parts: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        """Log every cfg.log_every steps (the only host syncs of the loop); returns the metrics logged."""
         cfg = self.cfg
-        bar = tqdm(total=cfg.tokens, initial=self.tokens, unit="tok", unit_scale=True, disable=not self.progress,
-                   desc=cfg.run_name, dynamic_ncols=True)
-        next_ckpt = (self.tokens // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-        t_log, tok_log = time.perf_counter(), self.tokens
-        try:
-            while self.tokens < cfg.tokens:
-                x = self.store.next_batch()
-                parts = self.train_step(x)
-                fault_point("after_optimizer_step")
-                bar.update(x.shape[0])
-                if self.step % cfg.log_every == 0:
-                    self._check_finite()
-                    now = time.perf_counter()
-                    metrics = self._metrics(parts, (self.tokens - tok_log) / max(now - t_log, 1e-9))
-                    t_log, tok_log = now, self.tokens
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
-                                    dead=metrics["dead_latents"], refresh=False)
-                    if self.step % cfg.density_every == 0:
-                        metrics.update(self._density())
-                    self.log(metrics)
-                if self.tokens >= next_ckpt and self.tokens < cfg.tokens:
-                    self.checkpoint()
-                    next_ckpt += cfg.checkpoint_every
-            self._check_finite()
-        finally:
-            bar.close()
+        if self.step % cfg.log_every:
+            return None
+        self._check_finite()
+        now = time.perf_counter()
+        metrics = self._metrics(parts, (self.tokens - self._tok_log) / max(now - self._t_log, 1e-9))
+        self._t_log, self._tok_log = now, self.tokens
+        if self.step % cfg.density_every == 0:
+            metrics.update(self._density())
+        self.log(metrics)
+        return metrics
 
     def _check_finite(self) -> None:
         if bool(self._bad):
@@ -237,7 +227,37 @@ class Trainer:
         self.fire_counts = trainer["fire_counts"].to(self.sae.W_dec.device)
         self.density_tokens = trainer["density_tokens"]
         self.step, self.tokens = state["step"], state["tokens"]
+        self._tok_log = self.tokens
         self.store.load_state_dict(state["store"])
+
+
+def train_loop(trainers: list[Trainer], store: ActivationStore, progress: bool = True) -> None:
+    """Train every trainer on the same batches (each read once) until their shared token budget,
+    checkpointing all of them at the same steps so that a sweep resumes as a whole."""
+    lead = trainers[0]
+    cfg = lead.cfg
+    desc = cfg.run_name if len(trainers) == 1 else f"sweep of {len(trainers)} SAEs"
+    bar = tqdm(total=cfg.tokens, initial=lead.tokens, unit="tok", unit_scale=True, disable=not progress,
+               desc=desc, dynamic_ncols=True)
+    next_ckpt = (lead.tokens // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+    try:
+        while lead.tokens < cfg.tokens:
+            x = store.next_batch()
+            for t in trainers:
+                metrics = t.after_step(t.train_step(x.to(t.device, non_blocking=True)))
+                if metrics is not None and t is lead:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
+                                    dead=metrics["dead_latents"], refresh=False)
+            fault_point("after_optimizer_step")
+            bar.update(x.shape[0])
+            if next_ckpt <= lead.tokens < cfg.tokens:
+                for t in trainers:
+                    t.checkpoint()
+                next_ckpt += cfg.checkpoint_every
+        for t in trainers:
+            t._check_finite()
+    finally:
+        bar.close()
 
 
 def make_optimizer(cfg: TrainConfig, sae: BaseAutoencoder) -> torch.optim.Optimizer:
@@ -301,9 +321,11 @@ def threshold_loop_compute(stats: dict[str, torch.Tensor], kind: str) -> torch.T
 
 @torch.no_grad()
 def evaluate_heldout(sae: BaseAutoencoder, store: ActivationStore, max_batches: int = 50,
-                     use_threshold: bool | None = None) -> dict[str, float]:
+                     use_threshold: bool | None = None, on_batch=None) -> dict[str, float]:
     """Reconstruction on held-out rows: MSE (per token, summed over d), explained variance, L0,
-    and latents that never fired over the evaluated rows."""
+    and latents that never fired over the evaluated rows.
+
+    on_batch(x, f, x_hat), if given, sees every evaluated batch (used by train.evaluation)."""
     sae.eval()
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
     sq_err = total_var = l0 = 0.0
@@ -315,6 +337,8 @@ def evaluate_heldout(sae: BaseAutoencoder, store: ActivationStore, max_batches: 
         x = x.to(sae.W_dec.device)
         f = sae.encode(x, use_threshold=use_threshold) if use_threshold is not None else sae.encode(x)
         x_hat = sae.decode(f)
+        if on_batch is not None:
+            on_batch(x, f, x_hat)
         sq_err += float(((x - x_hat) ** 2).sum())
         xs_sum = xs_sum + x.double().sum(0)
         xs_sq += float((x.double() ** 2).sum())
@@ -353,7 +377,12 @@ def calibrate_and_evaluate(trainer: Trainer) -> dict[str, Any]:
 
 
 def _finish(trainer: Trainer) -> None:
-    trainer.run()
+    train_loop([trainer], trainer.store, trainer.progress)
+    finish_run(trainer)
+
+
+def finish_run(trainer: Trainer) -> None:
+    """After training: calibrate, evaluate, write the final checkpoint and done.json."""
     results = calibrate_and_evaluate(trainer)
     final = trainer.checkpoint(extra_state={"results": results})
     done = {"checkpoint": str(final.relative_to(trainer.run_dir)), "step": trainer.step, "tokens": trainer.tokens,

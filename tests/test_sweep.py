@@ -1,0 +1,101 @@
+"""Sweeps: grid expansion, one pass over the store for all SAEs, equality with separate runs,
+exact resume of the whole sweep after kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_training import cfg_for, sparse_cache  # noqa: F401 - fixture reuse
+from train.checkpoints import list_checkpoints
+from train.config import ConfigError
+from train.sweep import expand_spec, load_spec, run_sweep
+from train.training import train_sae
+
+
+def write_spec(path, store, out, grid='arch = ["topk", "batchtopk"]\nk = [2, 4]'):
+    path.write_text(f'''name = "t"
+[base]
+store = "{store}"
+out = "{out}"
+batch_size = 256
+tokens = 10240
+expansion = 4
+checkpoint_every = 2560
+log_every = 5
+density_every = 10
+wandb_mode = "disabled"
+lr = 3e-3
+dead_tokens_threshold = 2048
+threshold_batches = 4
+b_dec_init = "mean"
+[grid]
+{grid}
+''')
+    return path
+
+
+def weights(run_dir):
+    return load_file(str(list_checkpoints(run_dir)[-1] / "sae.safetensors"))
+
+
+def test_spec_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grid]\nk = 3\n")
+    with pytest.raises(ConfigError, match="grid.k must be a non-empty list"):
+        load_spec(bad)
+    bad.write_text("[bases]\nk = 3\n")
+    with pytest.raises(ConfigError, match="unknown top-level"):
+        load_spec(bad)
+    with pytest.raises(ConfigError, match="batch_size is shared"):
+        expand_spec({"grid": {"batch_size": [1, 2]}})
+    with pytest.raises(ConfigError, match="unknown config key 'kk'"):
+        expand_spec({"grid": {"kk": [1, 2]}})
+    assert [c.k for c in expand_spec({"grid": {"k": [1, 2], "lr": [1e-3, 2e-3]}})] == [1, 1, 2, 2]
+
+
+@pytest.fixture(scope="module")
+def reference_sweep(sparse_cache, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("sweep")
+    spec = write_spec(out / "spec.toml", sparse_cache, out / "runs")
+    return run_sweep(spec, progress=False)
+
+
+def test_sweep_trains_each_sae_like_a_separate_run(reference_sweep, sparse_cache, tmp_path):  # noqa: F811
+    record = json.loads((reference_sweep / "sweep.json").read_text())
+    assert [(r["config"]["arch"], r["config"]["k"]) for r in record["runs"]] == [
+        ("topk", 2), ("topk", 4), ("batchtopk", 2), ("batchtopk", 4)]
+    for r in record["runs"]:
+        run_dir = reference_sweep / r["run_dir"]
+        done = json.loads((run_dir / "done.json").read_text())
+        assert done["results"]["heldout"]["explained_variance"] > 0.3
+        assert r["config"]["wandb_group"] == reference_sweep.name
+    # the batchtopk k=4 member equals a separate run with the same config, bit for bit
+    member = record["runs"][3]
+    _, alone = train_sae(None, cfg_for(sparse_cache, tmp_path, arch="batchtopk", k=4), progress=False)
+    a, b = weights(reference_sweep / member["run_dir"]), weights(alone)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fault", ["checkpoint_mid_write@6", "after_optimizer_step@23"])
+def test_sweep_resumes_exactly_after_kill9(reference_sweep, sparse_cache, tmp_path, fault):  # noqa: F811
+    spec = write_spec(tmp_path / "spec.toml", sparse_cache, tmp_path / "runs")
+    env = dict(os.environ, SAEFORGE_FAULT=fault)
+    first = subprocess.run([sys.executable, "-m", "train", "sweep", str(spec), "--quiet"], env=env,
+                           capture_output=True, text=True)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    sweep_dir = next((tmp_path / "runs").iterdir())
+    env.pop("SAEFORGE_FAULT")
+    r = subprocess.run([sys.executable, "-m", "train", "resume", str(sweep_dir), "--quiet"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ref = json.loads((reference_sweep / "sweep.json").read_text())["runs"]
+    got = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
+    for a_rec, b_rec in zip(ref, got):
+        a, b = weights(reference_sweep / a_rec["run_dir"]), weights(sweep_dir / b_rec["run_dir"])
+        assert all(torch.equal(a[k], b[k]) for k in a), b_rec["run_dir"]
