@@ -99,3 +99,24 @@ def test_sweep_resumes_exactly_after_kill9(reference_sweep, sparse_cache, tmp_pa
     for a_rec, b_rec in zip(ref, got):
         a, b = weights(reference_sweep / a_rec["run_dir"]), weights(sweep_dir / b_rec["run_dir"])
         assert all(torch.equal(a[k], b[k]) for k in a), b_rec["run_dir"]
+
+
+def test_report_for_sweep_and_run(reference_sweep, tmp_path):
+    import matplotlib.image as mpimg
+    from click.testing import CliRunner
+
+    from train.cli import main as train_cli
+
+    r = CliRunner().invoke(train_cli, ["report", str(reference_sweep)])
+    assert r.exit_code == 0, r.output
+    md = (reference_sweep / "report.md").read_text()
+    runs = json.loads((reference_sweep / "sweep.json").read_text())["runs"]
+    assert all(rec["run_dir"] in md for rec in runs)
+    for png in ("curves.png", "frontier.png"):
+        img = mpimg.imread(reference_sweep / png)
+        assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01
+    assert (reference_sweep / runs[0]["run_dir"] / "report.png").exists()
+    run_md = (reference_sweep / runs[0]["run_dir"] / "report.md").read_text()
+    assert "explained_variance" in run_md
+    r = CliRunner().invoke(train_cli, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and "no metrics.jsonl" in r.output

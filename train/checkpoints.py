@@ -44,7 +44,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def create_run_dir(parent: str | os.PathLike, name: str) -> Path:
+def create_run_dir(parent: str | os.PathLike, name: str, checkpoints: bool = True) -> Path:
     """Create parent/name, or parent/name-2, -3 ... : an existing folder is never reused."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,8 @@ def create_run_dir(parent: str | os.PathLike, name: str) -> Path:
             path.mkdir()
         except FileExistsError:
             continue
-        (path / "checkpoints").mkdir()
+        if checkpoints:
+            (path / "checkpoints").mkdir()
         _fsync_dir(parent)
         return path
     raise CheckpointError(f"too many runs named {name!r} under {parent}")

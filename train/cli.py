@@ -144,6 +144,16 @@ def _print_sweep(sweep_dir) -> None:
         _print_results(Path(sweep_dir) / rec["run_dir"])
 
 
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def report(path) -> None:
+    """Write PNG figures and a Markdown summary for a run folder or a sweep folder."""
+    from train.report import write_report
+
+    md = _user_errors(write_report, path)
+    click.echo(str(md))
+
+
 @main.command("config")
 def show_config() -> None:
     """List every config key with its default and meaning."""

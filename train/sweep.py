@@ -93,7 +93,7 @@ def run_sweep(spec_path: str | Path, overrides: dict[str, Any] | None = None, pr
     device = resolve_device(lead.device)
     store = open_store(lead, device)
     try:
-        sweep_dir = create_run_dir(lead.out, sweep_name(spec, configs))
+        sweep_dir = create_run_dir(lead.out, sweep_name(spec, configs), checkpoints=False)
         name = sweep_dir.name
         devices = _devices(spec, len(configs))
         trainers, records = [], []
