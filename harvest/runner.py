@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord, numpy_storage_dtype, to_storage
 from shared.hook_sites import capture, resolve_sites
 from shared.models import load_model
-from shared.tokens import load_documents, pack_contexts, policy_record
+from shared.tokens import DatasetError, load_documents, pack_contexts, policy_record
 
 AUTOCAST_CHOICES = ("auto", "bfloat16", "none")
 
@@ -184,6 +184,7 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None) -> Path
     documents = load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
     spec = build_spec(cfg, info, sites, documents, tokenizer, compute)
     root = Path(cfg.out)
+    _check_corpus_fills_a_context(cfg, documents, tokenizer)
 
     if cfg.rank == 0:
         writer = CacheWriter.create_or_open(root, spec)
@@ -204,6 +205,14 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None) -> Path
     return root
 
 
+def _check_corpus_fills_a_context(cfg: HarvestConfig, documents, tokenizer) -> None:
+    """Fail before anything is written if the corpus cannot fill one context."""
+    try:
+        next(iter(pack_contexts(documents, tokenizer, cfg.context_length, cfg.bos)))
+    except DatasetError as e:
+        raise DatasetError(f"{cfg.dataset}: {e}") from None
+
+
 def _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, device, compute, progress) -> int:
     """Write this rank's pending shards; returns how many shards the data fills."""
     ctx = spec.context_length
@@ -213,7 +222,7 @@ def _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, devic
     mine = [k for k in range(spec.n_shards) if k % cfg.world_size == cfg.rank and k not in done]
     pending = set(mine)
     bar = tqdm(
-        total=len(mine) * spec.rows_per_shard,
+        total=sum(np.subtract(*writer.shard_bounds(k)[::-1]) for k in mine),
         unit="tok",
         unit_scale=True,
         disable=not progress,

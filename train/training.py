@@ -146,6 +146,10 @@ class Trainer:
         self._bad |= ~torch.isfinite(parts["loss"])
         sae.remove_parallel_decoder_grad()
         params = [p for p in sae.parameters() if p.grad is not None]
+        if (self.step + 1) % cfg.log_every == 0:  # per-parameter norms before clipping, on log steps only
+            for name, p in sae.named_parameters():
+                if p.grad is not None:
+                    parts[f"grad_norm/{name}"] = p.grad.norm()
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
         parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
@@ -186,9 +190,6 @@ class Trainer:
         m["dead_latents"] = int(sae.dead_mask().sum())
         m["dead_fraction"] = m["dead_latents"] / sae.d_sae
         m["tokens_per_s"] = tokens_per_s
-        for name, p in sae.named_parameters():
-            if p.grad is not None:
-                m[f"grad_norm/{name}"] = float(p.grad.norm())
         return m
 
     def _density(self) -> dict[str, Any]:
