@@ -19,7 +19,8 @@ from pipelines.offline_assets import kjv_jsonl, smollm2_hf_folder
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="quickstart_out", help="Folder for the model copy, corpus, cache and runs.")
-    ap.add_argument("--tokens", type=int, default=200_000, help="Tokens to harvest.")
+    ap.add_argument("--tokens", type=int, default=7 * 32_768,
+                    help="Tokens to harvest (7 shards of 32,768; the last shard is held out for evaluation).")
     ap.add_argument("--train-tokens", type=int, default=300_000, help="Tokens to train the SAE on.")
     ap.add_argument("--layer", type=int, default=8)
     ap.add_argument("--arch", default="topk", choices=["vanilla", "topk", "batchtopk", "jumprelu"])

@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -208,27 +209,55 @@ def write_atomic(path: Path, data: bytes, exclusive: bool = False) -> None:
 def file_checksum(path: Path) -> str:
     """xxh3-128 hex digest of a file's bytes."""
     h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
+    buf = bytearray(1 << 22)  # reused: a fresh bytes object per read costs page faults, not just the copy
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- statistics
 
 
+# Elements per statistics block: below torch's parallel grain size (32768), so each op runs
+# serially in the calling thread (no thread pool to contend with the harvest's forward), and small
+# enough to stay in cache.
+_STATS_BLOCK_ELEMENTS = 32_000
+
+
 def shard_statistics(acts: np.ndarray) -> dict[str, Any]:
     """Per-site sums over one shard (float64), mergeable across shards.
 
     acts: [rows, d] in storage dtype. Returns count, sum_sq_norm, sum (list of d), max_abs.
+    Accumulated in float64 over blocks of rows: no shard-sized temporaries, and torch converts
+    16-bit floats with SIMD where numpy's float16 cast is scalar.
     """
-    x = acts.astype(np.float32)
-    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    import torch
+
+    rows, d = acts.shape
+    if acts.dtype == numpy_storage_dtype("bfloat16"):
+        x = torch.from_numpy(acts.view(np.int16)).view(torch.bfloat16)
+    else:
+        x = torch.from_numpy(acts)
+    total = torch.zeros(d, dtype=torch.float64)
+    sum_sq = torch.zeros((), dtype=torch.float64)
+    max_abs = torch.zeros((), dtype=torch.float64)
+    if rows and d:
+        step = max(1, _STATS_BLOCK_ELEMENTS // d)
+        buf = torch.empty((min(step, rows), d), dtype=torch.float64)
+        for block in x.split(step):
+            y = buf[: len(block)]
+            y.copy_(block)  # exact: every storage dtype fits in float64
+            total += y.sum(0)
+            sum_sq += torch.linalg.vector_norm(y).square()
+            lo, hi = torch.aminmax(y)
+            max_abs = torch.maximum(max_abs, torch.maximum(-lo, hi))  # NaN propagates, as np.max does
     return {
-        "count": int(x.shape[0]),
-        "sum_sq_norm": float(sq.sum()),
-        "sum": x.sum(axis=0, dtype=np.float64).tolist(),
-        "max_abs": float(np.abs(x).max()) if x.size else 0.0,
+        "count": int(rows),
+        "sum_sq_norm": float(sum_sq),
+        "sum": total.tolist(),
+        "max_abs": float(max_abs),
     }
 
 
@@ -441,27 +470,31 @@ class CacheWriter:
         if set(acts) != set(spec.site_names):
             raise CacheError(f"shard {shard}: sites {sorted(acts)} do not match the cache's {spec.site_names}")
         storage = numpy_storage_dtype(spec.dtype)
-        stats = {}
+        for site, a in acts.items():
+            if a.shape != (rows, spec.d_model) or a.dtype != storage:
+                raise CacheError(
+                    f"shard {shard} site {site}: got {a.shape} {a.dtype}, "
+                    f"expected ({rows}, {spec.d_model}) {storage}"
+                )
         try:
             fault_point("shard_write")
-            for site, a in acts.items():
-                if a.shape != (rows, spec.d_model) or a.dtype != storage:
-                    raise CacheError(
-                        f"shard {shard} site {site}: got {a.shape} {a.dtype}, "
-                        f"expected ({rows}, {spec.d_model}) {storage}"
-                    )
-                stats[site] = shard_statistics(a)
-                data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
-                self._arrays[f"acts/{site}"][start:stop] = _pad(data, stop - start)
-            fault_point("shard_mid_write")
-            self._arrays["tokens"][start:stop] = _pad(np.asarray(tokens, np.int32), stop - start)
-            self._arrays["positions"][start:stop] = _pad(np.asarray(positions, np.int32), stop - start)
-            checksums, sizes = {}, {}
-            for name, path in self.layout.chunk_files(spec.site_names, shard).items():
-                _fsync_path(path)
-                _fsync_path(path.parent)
-                checksums[name] = file_checksum(path)
-                sizes[name] = path.stat().st_size
+            # The statistics (CPU) run while the chunks are written and fsynced (I/O), and the
+            # fsyncs run together (one journal commit rather than one per file and directory).
+            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-commit") as pool:
+                stats_done = pool.submit(lambda: {site: shard_statistics(a) for site, a in acts.items()})
+                for site, a in acts.items():
+                    data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
+                    self._arrays[f"acts/{site}"][start:stop] = _pad(data, stop - start)
+                fault_point("shard_mid_write")
+                self._arrays["tokens"][start:stop] = _pad(np.asarray(tokens, np.int32), stop - start)
+                self._arrays["positions"][start:stop] = _pad(np.asarray(positions, np.int32), stop - start)
+                files = self.layout.chunk_files(spec.site_names, shard)
+                synced = [pool.submit(_fsync_path, p) for p in {*files.values(), *(f.parent for f in files.values())}]
+                checksums = {name: file_checksum(path) for name, path in files.items()}
+                sizes = {name: path.stat().st_size for name, path in files.items()}
+                for done in synced:
+                    done.result()
+                stats = stats_done.result()
             fault_point("ledger_record")
             record = {"shard": shard, "rows": rows, "checksums": checksums, "sizes": sizes, "stats": stats}
             write_atomic(self.layout.record(shard), json.dumps(record).encode(), exclusive=True)
