@@ -214,6 +214,7 @@ class Trainer:
             "density_tokens": self.density_tokens,
         }
         state = {"tokens": self.tokens, "store": self.store.state_dict(), "arch": self.cfg.arch,
+                 "scaling_factors": self.store.scaling_factors,
                  "threshold_kind": getattr(self.sae, "threshold_kind", None), **(extra_state or {})}
         self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.sae.state_dict(), trainer, state,
                                                keep=self.cfg.keep_checkpoints)
