@@ -1,4 +1,4 @@
-"""The offline quickstart, end to end: harvest -> train -> calibrate -> evaluate -> export.
+"""The offline quickstart, end to end: harvest -> train -> evaluate -> export -> report.
 
     bash pipelines/quickstart.sh            # installs, then runs this
     python -m pipelines.quickstart --help
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from harvest.runner import HarvestConfig, run_harvest
     from train.config import get_default_cfg, update_cfg
+    from train.evaluation import evaluate_checkpoint, format_table
+    from train.export import export_checkpoint
+    from train.report import write_report
     from train.training import train_sae
 
     print("[1/4] preparing the offline model and corpus", flush=True)
@@ -48,13 +51,22 @@ def main(argv: list[str] | None = None) -> None:
                      wandb_mode=os.environ.get("WANDB_MODE", "offline"))
     sae, run_dir = train_sae(None, cfg)
 
-    print("[4/4] done", flush=True)
+    print("[4/4] evaluating (reconstruction and CE-loss degradation on SmolLM2), exporting, reporting", flush=True)
+    results, eval_json = evaluate_checkpoint(run_dir, max_contexts=32)
+    print(format_table(results))
+    export_dir = export_checkpoint(run_dir, out / "export" / run_dir.name, fmt="saelens", model_name="HuggingFaceTB/SmolLM2-135M-Instruct", force=True)
+    report = write_report(run_dir)
+
+    print("done", flush=True)
     print(f"  model (HF folder)   {model_dir}")
     print(f"  corpus              {corpus}")
     print(f"  activation cache    {cache}   (inspect: harvest info {cache})")
     print(f"  SAE run folder      {run_dir}")
     print(f"  metrics             {run_dir / 'metrics.jsonl'}")
     print(f"  held-out results    {run_dir / 'done.json'}")
+    print(f"  evaluation          {eval_json}")
+    print(f"  SAELens export      {export_dir}   (SAE.load_from_disk(...))")
+    print(f"  report              {report}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,664 @@
+"""The training-side activation store: shuffled, seekable batches from a sealed cache, exact resume.
+
+Usage::
+
+    store = ActivationStore("/data/acts", batch_size=4096, window_shards=4, seed=0,
+                            heldout_shards=1, normalize=True, device="cuda")
+    store.load_state_dict(ckpt["store"])        # optional: O(1), no replay
+    for x in store:                              # x: float32 [batch_size // world_size, d_model]
+        ...
+    ckpt["store"] = store.state_dict()           # {"position": int, + identity fields}
+
+Row order (ORDER_VERSION 1; a pure function of the cache identity, seed, window size and position)
+    Training rows are the rows of the training shards (the cache's readable shards minus the
+    held-out ones), without the rows at position 0 of their context when drop_bos. N = their
+    number = rows_per_epoch. Global position p (rows served by all ranks together since the start)
+    lies in epoch e = p // N, at offset r = p % N of that epoch.
+    * Shard order of epoch e: training shard i goes to place permute(i, S, derive_key(seed, e, 0))
+      of the epoch (S training shards, listed by index; `train.permutation`).
+    * Windows: consecutive groups of W = window_shards shards in that order (the last may be
+      smaller). W >= S gives one window per epoch, an exact global shuffle.
+    * Rows of window w: its shards' kept rows concatenated in window order (L of them), served in
+      the order local[permute(j, L, derive_key(seed, e, 1, w))], j = 0..L-1.
+    Epochs follow each other seamlessly; a batch may straddle windows and epochs. Global batch k
+    is the rows at positions [k*B, (k+1)*B) (B = batch_size); rank r of R gets the contiguous
+    slice [k*B + r*B/R, k*B + (r+1)*B/R), so the union over ranks is the same for every R.
+    `seek(p)` and `load_state_dict` cost O(S): locate (e, w, offset) arithmetically, load that
+    window, continue. `row_ids(p, n)` names the (shard, row) of any served rows without reading
+    activations.
+
+Memory
+    A window is read shard by shard with large sequential copies from the memory-mapped chunk
+    files (32 MiB of a file mapped at a time, unmapped after the copy) into a preallocated buffer
+    in storage dtype ([W * rows_per_shard, d] per site: `window_bytes` for all sites). At most two
+    windows are resident (the one being served and the one prefetched; one with prefetch=False)
+    plus int64 row indices (8 bytes a row) and a few batches: output tensors are recycled once the
+    caller holds no reference to them (storage use count), never while it does. Nothing of size
+    n_rows is ever built.
+
+Threads (prefetch=True)
+    One loader thread fills the next window while the current one is served; one batch thread
+    gathers (torch.index_select) and converts the next batch. They run torch with `threads`
+    intra-op threads (default 1), so they do not oversubscribe the cores the training step uses.
+    For a CUDA device the batch thread gathers storage-dtype rows into pinned memory and the
+    caller's thread converts (and scales) them on the GPU after a non-blocking copy: half the
+    bytes over PCIe, no host conversion, results bit-identical to the CPU path. Errors raised in the
+    threads (e.g. a truncated shard) are re-raised by the next_batch() that needs them.
+    close() (or `with store:`) stops the threads.
+
+Integrity
+    Cache.read_acts checks each chunk file's size against the ledger before mapping it (missing or
+    truncated shards raise CacheError naming the shard, never zeros). verify="once" (default) also
+    checks each shard's xxh3 checksum against the ledger the first time this store reads it
+    (hashing the buffer just read: no second read); "always" / "never" as named. A file truncated
+    by another process *during* the copy would still fault (mmap): cache files are write-once.
+
+Held-out data and normalisation
+    heldout_shards=n (or heldout_fraction=f: n = ceil(f * n_shards)) reserves the last n shards by
+    index. They are never served for training; `eval_batches()` serves them in cache order. With
+    normalize=True each site is multiplied by its dataset-level factor sqrt(d / E||x||^2) from the
+    cache statistics (`scaling_factors`), so that E||x||^2 = d; fold it into exported weights.
+
+The cache is reached only through `shared.cache.Cache` (read_acts / read_vector / ledger), so
+an object-store backend can replace the local one without changing this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import xxhash
+
+from shared.cache import Cache, CacheError, Layout, file_checksum
+from train.permutation import ORDER_VERSION, derive_key, permute, permutation
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux uapi value
+_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IDENTITY_FIELDS = ("order_version", "cache_id", "seed", "window_shards", "batch_size", "heldout_shards", "drop_bos")
+
+
+def cache_identity(cache: Cache) -> str:
+    """xxh3-128 hex of the cache spec and the (index, rows, checksums) of every readable shard."""
+    payload = {
+        "spec": cache.spec.to_dict(),
+        "shards": [[k, cache.shard_rows(k), cache.ledger[k]["checksums"]] for k in cache.shards],
+    }
+    return xxhash.xxh3_128(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class RowOrder:
+    """The arithmetic of the training order (module docstring); reads no activations.
+
+    shards: training shard indices, ascending [S]; kept: rows served from each of them [S].
+    """
+
+    def __init__(self, shards: Sequence[int], kept: Sequence[int], window_shards: int, seed: int):
+        self.shards = np.asarray(shards, dtype=np.int64)
+        self.kept = np.asarray(kept, dtype=np.int64)
+        self.seed = int(seed)
+        self.window_shards = min(int(window_shards), len(self.shards))
+        self.n_windows = -(-len(self.shards) // self.window_shards)
+        self.rows_per_epoch = int(self.kept.sum())
+        self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard ids in serving order [S], cumulative kept rows at window starts [n_windows + 1])."""
+        with self._lock:
+            if epoch not in self._layouts:
+                s = len(self.shards)
+                place = permute(np.arange(s), s, derive_key(self.seed, epoch, 0))
+                order = np.empty(s, dtype=np.int64)
+                order[place] = np.arange(s)
+                starts = np.arange(0, s, self.window_shards)
+                per_window = np.add.reduceat(self.kept[order], starts)
+                cum = np.concatenate([[0], np.cumsum(per_window)])
+                if len(self._layouts) >= 4:
+                    self._layouts.pop(next(iter(self._layouts)))
+                self._layouts[epoch] = (self.shards[order], cum)
+            return self._layouts[epoch]
+
+    def locate(self, position: int) -> tuple[int, int, int]:
+        """(epoch, window, offset of the position inside that window's served rows)."""
+        epoch, r = divmod(int(position), self.rows_per_epoch)
+        _, cum = self.epoch_layout(epoch)
+        w = int(np.searchsorted(cum, r, side="right")) - 1
+        return epoch, w, r - int(cum[w])
+
+    def window(self, epoch: int, w: int) -> np.ndarray:
+        """Shard ids of window w of an epoch, in window order."""
+        order, _ = self.epoch_layout(epoch)
+        return order[w * self.window_shards : (w + 1) * self.window_shards]
+
+    def next_window(self, epoch: int, w: int) -> tuple[int, int]:
+        return (epoch, w + 1) if w + 1 < self.n_windows else (epoch + 1, 0)
+
+    def row_key(self, epoch: int, w: int) -> int:
+        return derive_key(self.seed, epoch, 1, w)
+
+
+def _storage_use_count(t: torch.Tensor) -> int | None:
+    """References to t's memory (tensors and views over it, +1 for the query itself); None if unknown."""
+    fn = getattr(torch._C, "_storage_Use_Count", None)
+    return None if fn is None else int(fn(t.untyped_storage()._cdata))
+
+
+class _OutputPool:
+    """Output tensors of one shape, recycled once nothing else holds their memory.
+
+    The pool keeps each buffer and hands out a view of it. A buffer is handed out again only when
+    its storage's use count is back to the pool's own reference: no batch the caller kept, no view,
+    numpy array or autograd graph still refers to it, so nothing the caller can see is overwritten.
+    Recycling spares the page faults of a fresh multi-MB allocation per batch. Pinned memory
+    (CUDA targets; torch's host allocator already caches it, and tracks asynchronous copies) and
+    torch builds without the counter get fresh tensors.
+    """
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, pin: bool = False, capacity: int = 4):
+        self.shape, self.dtype, self.pin, self.capacity = shape, dtype, pin, capacity
+        self._keep: list[torch.Tensor] = []
+        self._idle: int | None = None  # use count of a buffer only the pool holds
+
+    def get(self) -> torch.Tensor:
+        for buf in self._keep:
+            if _storage_use_count(buf) == self._idle:
+                return buf.view(self.shape)
+        buf = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin)
+        self._idle = self._idle or (None if self.pin else _storage_use_count(buf))
+        if self._idle is None:
+            return buf
+        if len(self._keep) >= self.capacity:  # all still held by the caller: forget the oldest
+            self._keep.pop(0)
+        self._keep.append(buf)
+        return buf.view(self.shape)
+
+
+@dataclass
+class _Window:
+    key: tuple[int, int]
+    slot: int
+    index: torch.Tensor  # int64 [L]: buffer row of the window's j-th served row
+    shards: np.ndarray
+
+
+class ActivationStore:
+    """Shuffled, seekable, exactly resumable batches from an activation cache (module docstring).
+
+    Batches are `[batch_size // world_size, d_model]` tensors of `dtype` on `device`, or a dict
+    site -> tensor (same rows) when `sites` is a list. `sites=None` serves the cache's first site.
+
+    cache: a Cache or a cache folder. batch_size: global rows per step (all ranks). window_shards:
+    W, the shuffle buffer in shards. seed: keys the order. heldout_shards / heldout_fraction: the
+    last shards kept for eval_batches(). drop_bos: skip rows at context position 0. normalize:
+    multiply by scaling_factors. dtype: torch.float32 or torch.bfloat16. rank / world_size: this
+    process's slice of each global batch. allow_unsealed: serve the committed shards of an
+    unfinished cache. prefetch: background loader and batch threads. max_tokens: iteration stops
+    before position would exceed it. verify: checksum shards "once" per store, "always", "never".
+    threads: torch intra-op threads of each background thread.
+    """
+
+    def __init__(
+        self,
+        cache: Cache | str | os.PathLike,
+        sites: Sequence[str] | str | None = None,
+        batch_size: int = 4096,
+        window_shards: int = 4,
+        seed: int = 0,
+        heldout_shards: int = 0,
+        heldout_fraction: float | None = None,
+        drop_bos: bool = False,
+        normalize: bool = False,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        allow_unsealed: bool = False,
+        prefetch: bool = True,
+        max_tokens: int | None = None,
+        verify: str = "once",
+        threads: int = 1,
+    ):
+        self.cache = cache if isinstance(cache, Cache) else Cache.open(cache, allow_unsealed=allow_unsealed)
+        spec = self.cache.spec
+        if not self.cache.sealed and not allow_unsealed:
+            raise CacheError(f"{self.cache.root} is not sealed; pass allow_unsealed=True to train on its completed shards only")
+        self.multi_site = isinstance(sites, (list, tuple))
+        self.sites = list(sites) if self.multi_site else [sites or spec.site_names[0]]
+        for s in self.sites:
+            self.cache.check_site(s)
+        self.d_model = spec.d_model
+        self.dtype = _OUT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if self.dtype not in _OUT_DTYPES.values():
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size or batch_size < 1:
+            raise ValueError(f"need 0 <= rank < world_size dividing batch_size; got rank={rank}, world_size={world_size}, batch_size={batch_size}")
+        if window_shards < 1:
+            raise ValueError(f"window_shards must be >= 1, got {window_shards}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if verify not in ("once", "always", "never"):
+            raise ValueError(f"verify must be 'once', 'always' or 'never', got {verify!r}")
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        self.local_batch_size = self.batch_size // self.world_size
+        self.seed, self.drop_bos, self.normalize = int(seed), bool(drop_bos), bool(normalize)
+        self.device = torch.device(device)
+        self.max_tokens = max_tokens
+        self.verify = verify
+        self._pin = self.device.type == "cuda"
+        # CUDA: ship storage-dtype rows (pinned) and convert / scale on the GPU, bit-identical to
+        # the CPU conversion: half the bytes over PCIe and no conversion work on the host.
+        self._late = self.device.type == "cuda"
+        self._threads = int(threads)
+
+        shards = self.cache.shards
+        n_held = _heldout_count(len(shards), heldout_shards, heldout_fraction, self.cache.root)
+        self.heldout_shards = shards[len(shards) - n_held :]
+        self.train_shards = shards[: len(shards) - n_held]
+        kept = [self._kept_rows(k) for k in self.train_shards]
+        self.order = RowOrder(self.train_shards, kept, window_shards, self.seed)
+        if self.order.rows_per_epoch == 0:
+            raise CacheError(f"{self.cache.root}: no training rows left (drop_bos removed every row)")
+        self.cache_id = cache_identity(self.cache)
+        self.scaling_factors = {s: float(self.cache.stats(s)["norm_scaling_factor"]) for s in self.sites}
+
+        self._rps = spec.rows_per_shard
+        self._storage = _TORCH_STORAGE[spec.dtype]
+        self._itemsize = torch.empty((), dtype=self._storage).element_size()
+        self.window_bytes = self.order.window_shards * self._rps * self.d_model * self._itemsize * len(self.sites)
+        self._verified: set[tuple[str, int]] = set()
+        self._bufs: dict[int, dict[str, torch.Tensor]] = {}
+        self._windows: dict[tuple[int, int], tuple[int, Future]] = {}
+        self._tmp: dict[str, torch.Tensor] = {}
+        self._pools: dict[tuple[str, torch.dtype], _OutputPool] = {}
+        self._position = 0
+        self._pending: tuple[int, Future] | None = None
+        self._prefetch = bool(prefetch)
+        # torch's thread count is a per-thread setting: the background threads use `threads` each
+        # (default 1), never an extra full OpenMP team competing with the training step.
+        pool = dict(max_workers=1, initializer=torch.set_num_threads, initargs=(self._threads,))
+        self._loader = ThreadPoolExecutor(thread_name_prefix="store-load", **pool) if prefetch else None
+        self._batcher = ThreadPoolExecutor(thread_name_prefix="store-batch", **pool) if prefetch else None
+        self._finalizer = weakref.finalize(self, _shutdown, self._loader, self._batcher)
+
+    # ------------------------------------------------------------------ position and state
+
+    @property
+    def position(self) -> int:
+        """Rows served globally (all ranks) since the start of training."""
+        return self._position
+
+    @property
+    def epoch(self) -> int:
+        return self._position // self.order.rows_per_epoch
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return self.order.rows_per_epoch
+
+    def seek(self, position: int) -> None:
+        """Continue from `position` (rows); O(S), the batches then equal an uninterrupted run's."""
+        if int(position) != position or position < 0:
+            raise ValueError(f"position must be a non-negative integer, got {position!r}")
+        self._position = int(position)
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "order_version": ORDER_VERSION,
+            "cache_id": self.cache_id,
+            "seed": self.seed,
+            "window_shards": self.order.window_shards,
+            "batch_size": self.batch_size,
+            "heldout_shards": list(self.heldout_shards),
+            "drop_bos": self.drop_bos,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"position": int} plus the identity fields a resume must match (IDENTITY_FIELDS)."""
+        return {"position": self._position, **self._identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Seek to state["position"]; refuses a state saved for a different order, naming the field."""
+        mine = self._identity()
+        for name in IDENTITY_FIELDS:
+            if state.get(name) != mine[name]:
+                raise CacheError(
+                    f"store state was saved with {name}={state.get(name)!r} but this store has "
+                    f"{name}={mine[name]!r} (cache {self.cache.root}); resume with the original settings"
+                )
+        self.seek(state["position"])
+
+    def describe(self) -> dict[str, Any]:
+        """Everything needed to reproduce the data order and scale, JSON-serialisable."""
+        return {
+            **self._identity(),
+            "cache": str(self.cache.root),
+            "sites": self.sites,
+            "d_model": self.d_model,
+            "train_shards": len(self.train_shards),
+            "rows_per_epoch": self.rows_per_epoch,
+            "window_bytes": self.window_bytes,
+            "normalize": self.normalize,
+            "scaling_factors": self.scaling_factors,
+            "world_size": self.world_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def check_compatible(self, site: str, d_in: int) -> None:
+        """Raise CacheError naming both values if an SAE for (site, d_in) cannot train on this store."""
+        if site not in self.sites:
+            raise CacheError(f"SAE config hook site {site!r} is not served by this store (it serves {self.sites}, cache {self.cache.root})")
+        if int(d_in) != self.d_model:
+            raise CacheError(f"SAE config d_in={d_in} does not match the store's d_model={self.d_model} (site {site}, cache {self.cache.root})")
+
+    # ------------------------------------------------------------------ serving
+
+    def next_batch(self) -> torch.Tensor | dict[str, torch.Tensor]:
+        """This rank's slice of the global batch at `position`, then advance by batch_size."""
+        p = self._position
+        if self._pending is not None and self._pending[0] == p:
+            fut = self._pending[1]
+        else:
+            fut = self._submit_batch(p)
+        self._pending = None
+        batch = fut.result()
+        self._position = p + self.batch_size
+        if self._prefetch:
+            self._pending = (self._position, self._submit_batch(self._position))
+        return self._emit(batch)
+
+    def __iter__(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
+        """Batches until position + batch_size would exceed max_tokens (forever if None)."""
+        while self.max_tokens is None or self._position + self.batch_size <= self.max_tokens:
+            yield self.next_batch()
+
+    def row_ids(self, position: int, count: int) -> np.ndarray:
+        """(shard, row within shard) of the rows at global positions [position, position + count): int64 [count, 2]."""
+        out, p = [], int(position)
+        while len(out) < count:
+            e, w, off = self.order.locate(p)
+            shards, local = self._plan(e, w)
+            take = min(count - len(out), len(local) - off)
+            rows = local[off : off + take]
+            out.extend(zip(shards[rows // self._rps].tolist(), (rows % self._rps).tolist()))
+            p += take
+        return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+    def eval_batches(self, batch_size: int | None = None) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
+        """The held-out rows in cache order (kept rows only), in batches of batch_size (last may be
+        short), converted like training batches. Not split across ranks."""
+        if not self.heldout_shards:
+            raise CacheError("this store has no held-out shards; construct it with heldout_shards or heldout_fraction")
+        bs = int(batch_size or self.batch_size)
+        bufs = {s: torch.empty((self._rps, self.d_model), dtype=self._storage) for s in self.sites}
+        parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
+        have = 0
+        for k in self.heldout_shards:
+            for s in self.sites:
+                self._read_shard(s, k, bufs[s])
+            idx = torch.from_numpy(self._kept_index(k))
+            i = 0
+            while i < len(idx):
+                take = min(bs - have, len(idx) - i)
+                for s in self.sites:
+                    rows = bufs[s].index_select(0, idx[i : i + take])
+                    parts[s].append(rows if self._late else self._convert(rows, s))
+                have, i = have + take, i + take
+                if have == bs:
+                    yield self._emit({s: torch.cat(parts[s]) for s in self.sites})
+                    parts, have = {s: [] for s in self.sites}, 0
+        if have:
+            yield self._emit({s: torch.cat(parts[s]) for s in self.sites})
+
+    def close(self) -> None:
+        """Stop the prefetch threads (waits for a window being read). The store can't serve after."""
+        self._pending = None
+        self._finalizer()  # shutdown without waiting (also what garbage collection does)
+        for ex in (self._batcher, self._loader):
+            if ex is not None:
+                ex.shutdown(wait=True)
+
+    def __enter__(self) -> "ActivationStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ batches (batch thread)
+
+    def _submit_batch(self, position: int) -> Future:
+        if not self._finalizer.alive:
+            raise RuntimeError("this ActivationStore is closed")
+        start = position + self.rank * self.local_batch_size
+        if self._batcher is not None:
+            return self._batcher.submit(self._make_batch, start, self.local_batch_size)
+        fut: Future = Future()
+        try:
+            fut.set_result(self._make_batch(start, self.local_batch_size))
+        except BaseException as e:  # noqa: BLE001 - re-raised by fut.result()
+            fut.set_exception(e)
+        return fut
+
+    def _make_batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        """Rows at global positions [start, start + count): dict site -> CPU [count, d], in self.dtype
+        (storage dtype on the CUDA path, converted by _emit)."""
+        late = self._late  # read once: tests flip it to exercise the CUDA path on CPU
+        out_dtype = self._storage if late else self.dtype
+        out = {s: self._pool(s, out_dtype).get() for s in self.sites}
+        direct = out_dtype == self._storage  # gather straight into the output
+        target = out if direct else {s: self._tmp_buffer(s, count) for s in self.sites}
+        filled, p = 0, start
+        while filled < count:
+            e, w, off = self.order.locate(p)
+            win = self._window(e, w)
+            take = min(count - filled, len(win.index) - off)
+            idx = win.index[off : off + take]
+            for s in self.sites:
+                torch.index_select(self._bufs[win.slot][s], 0, idx, out=target[s][filled : filled + take])
+            filled, p = filled + take, p + take
+        if late:
+            return out  # converted after the copy to the device (_emit)
+        if direct:
+            if self.normalize:
+                for s in self.sites:
+                    out[s].mul_(self.scaling_factors[s])
+            return out
+        return {s: self._convert(target[s], s, out[s]) for s in self.sites}
+
+    def _pool(self, site: str, dtype: torch.dtype) -> _OutputPool:
+        key = (site, dtype)
+        if key not in self._pools:
+            self._pools[key] = _OutputPool((self.local_batch_size, self.d_model), dtype, pin=self._pin)
+        return self._pools[key]
+
+    def _tmp_buffer(self, site: str, rows: int) -> torch.Tensor:
+        buf = self._tmp.get(site)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._tmp[site] = torch.empty((rows, self.d_model), dtype=self._storage)
+        return buf[:rows]
+
+    def _convert(self, x: torch.Tensor, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, d] storage dtype -> [n, d] self.dtype (into `out`, else a new tensor on x's device),
+        times the scaling factor in float32 arithmetic if normalize."""
+        if out is None:
+            out = torch.empty(x.shape, dtype=self.dtype, device=x.device)
+        if not self.normalize:
+            out.copy_(x)
+        elif self.dtype == torch.float32:
+            out.copy_(x).mul_(self.scaling_factors[site])
+        else:
+            out.copy_(x.to(torch.float32).mul_(self.scaling_factors[site]))
+        return out
+
+    def _emit(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Move a CPU batch to the device (and, for CUDA, convert it there); tensor or dict."""
+        if self.device.type != "cpu":
+            batch = {s: t.to(self.device, non_blocking=self._pin) for s, t in batch.items()}
+        if self._late:
+            batch = {s: self._convert(t, s) if t.dtype != self.dtype or self.normalize else t for s, t in batch.items()}
+        return batch if self.multi_site else batch[self.sites[0]]
+
+    # ------------------------------------------------------------------ windows
+
+    def _window(self, epoch: int, w: int) -> _Window:
+        """The loaded window (epoch, w); keeps it and (if prefetching) the next one, evicts the rest."""
+        key = (epoch, w)
+        nxt = self.order.next_window(epoch, w)
+        keep = {key, nxt} if self._prefetch else {key}
+        for k in [k for k in self._windows if k not in keep]:
+            self._evict(k)
+        if key not in self._windows:
+            self._start_load(key)
+        fut = self._windows[key][1]
+        try:
+            win = fut.result()
+        except BaseException:
+            self._windows.pop(key, None)  # a later call retries (e.g. after the shard is repaired)
+            raise
+        if self._prefetch and nxt not in self._windows:
+            self._start_load(nxt)
+        return win
+
+    def _start_load(self, key: tuple[int, int]) -> None:
+        slot = min({0, 1} - {s for s, _ in self._windows.values()})
+        if self._loader is not None:
+            fut = self._loader.submit(self._load, key, slot)
+        else:
+            fut = Future()
+            try:
+                fut.set_result(self._load(key, slot))
+            except BaseException as e:  # noqa: BLE001 - re-raised by fut.result()
+                fut.set_exception(e)
+        self._windows[key] = (slot, fut)
+
+    def _evict(self, key: tuple[int, int]) -> None:
+        _, fut = self._windows.pop(key)
+        if not fut.cancel():
+            wait([fut])  # its slot may still be being written
+
+    def _load(self, key: tuple[int, int], slot: int) -> _Window:
+        """Read window `key` into buffer slot `slot` (loader thread)."""
+        shards, local = self._plan(*key)
+        if slot not in self._bufs:
+            rows = self.order.window_shards * self._rps
+            self._bufs[slot] = {s: torch.empty((rows, self.d_model), dtype=self._storage) for s in self.sites}
+        for j, k in enumerate(shards.tolist()):
+            for s in self.sites:
+                self._read_shard(s, k, self._bufs[slot][s][j * self._rps : (j + 1) * self._rps])
+        return _Window(key, slot, torch.from_numpy(local), shards)
+
+    def _plan(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shards of the window, buffer row of each served row in serving order: int64 [L])."""
+        shards = self.order.window(epoch, w)
+        local = np.concatenate([j * self._rps + self._kept_index(k) for j, k in enumerate(shards.tolist())])
+        _, cum = self.order.epoch_layout(epoch)
+        if len(local) != cum[w + 1] - cum[w]:
+            raise CacheError(f"{self.cache.root}: shards {shards.tolist()} changed since the store was opened; reopen it")
+        return shards, local[permutation(len(local), self.order.row_key(epoch, w))]
+
+    # ------------------------------------------------------------------ shard reading
+
+    def _kept_index(self, shard: int) -> np.ndarray:
+        """Rows of a shard that are served: all, or those not at position 0 when drop_bos. int64 [kept]."""
+        if not self.drop_bos:
+            return np.arange(self.cache.shard_rows(shard), dtype=np.int64)
+        return np.flatnonzero(self.cache.read_vector("positions", shard) != 0).astype(np.int64)
+
+    def _kept_rows(self, shard: int) -> int:
+        return len(self._kept_index(shard)) if self.drop_bos else self.cache.shard_rows(shard)
+
+    def _read_shard(self, site: str, shard: int, dst: torch.Tensor) -> None:
+        """Copy one shard's activations into dst [rows_per_shard, d] (storage dtype), checking it.
+
+        Uncompressed: one sequential copy of the whole chunk file (padding included) from its
+        memory map, then (verify) the xxh3-128 of the copied bytes against the ledger.
+        Compressed: (verify) the checksum of the file first, then zarr decodes it.
+        """
+        name = f"acts/{site}"
+        dst_np = dst.view(torch.int16).numpy() if self._itemsize == 2 else dst.numpy()
+        check = self.verify == "always" or (self.verify == "once" and (site, shard) not in self._verified)
+        if self.cache.spec.compression != "none":
+            path = Layout(self.cache.root).acts_chunk(site, shard)
+            if check and shard in self.cache.ledger and path.exists():
+                self._check_digest(shard, name, file_checksum(path))
+            try:
+                arr = self.cache.read_acts(site, shard)  # CacheError if missing / wrong size
+            except CacheError:
+                raise
+            except Exception as e:  # a codec error: name the shard
+                raise CacheError(f"{self.cache.root}: shard {shard} ({name}) cannot be decoded ({e}); re-harvest that shard") from e
+            np.copyto(dst_np[: arr.shape[0]], arr.view(dst_np.dtype))
+        else:
+            arr = self.cache.read_acts(site, shard)  # CacheError if missing / wrong size
+            path, rows = arr.filename, arr.shape[0]
+            del arr
+            size = self.cache.ledger[shard]["sizes"][name]
+            row_bytes = self.d_model * self._itemsize
+            file_rows = size // row_bytes
+            if size % row_bytes or not rows <= file_rows <= self._rps:
+                raise CacheError(f"{self.cache.root}: shard {shard} file {path} has {size} bytes, not whole rows of a shard; re-harvest that shard")
+            try:
+                _copy_file(path, size, dst_np[:file_rows])
+            except (OSError, ValueError) as e:  # changed since the size check
+                raise CacheError(f"{self.cache.root}: shard {shard} file {path} cannot be read ({e}); re-harvest that shard") from e
+            if check:
+                self._check_digest(shard, name, xxhash.xxh3_128(memoryview(dst_np[:file_rows])).hexdigest())
+        if check:
+            self._verified.add((site, shard))
+
+    def _check_digest(self, shard: int, name: str, digest: str) -> None:
+        if digest != self.cache.ledger[shard]["checksums"][name]:
+            raise CacheError(f"{self.cache.root}: shard {shard} ({name}) fails its checksum (corrupt); re-harvest that shard")
+
+
+def _copy_file(path: str, size: int, dst: np.ndarray, chunk: int = 1 << 25) -> None:
+    """Copy the first `size` bytes of a file into the C-contiguous array dst (dst.nbytes == size).
+
+    The file is memory-mapped `chunk` bytes at a time, each piece's page tables populated in one
+    call (MADV_POPULATE_READ, Linux >= 5.14; a cold file is read sequentially by the kernel),
+    copied with one memcpy and unmapped: about twice as fast as faulting page by page, and at
+    most `chunk` bytes of the file are mapped at any time.
+    """
+    out = dst.reshape(-1).view(np.uint8)
+    with open(path, "rb") as f:
+        for off in range(0, size, chunk):
+            n = min(chunk, size - off)
+            with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=off) as m:
+                try:
+                    m.madvise(_MADV_POPULATE_READ)
+                except (OSError, ValueError):  # older kernel: plain page faults, same result
+                    pass
+                src = np.frombuffer(m, dtype=np.uint8)
+                np.copyto(out[off : off + n], src)
+                del src  # release the buffer before the map closes
+
+
+def _heldout_count(n_shards: int, shards: int, fraction: float | None, root: Any) -> int:
+    if n_shards == 0:
+        raise CacheError(f"{root} has no readable shards")
+    if fraction is not None:
+        if shards:
+            raise ValueError("give heldout_shards or heldout_fraction, not both")
+        if not 0 <= fraction < 1:
+            raise ValueError(f"heldout_fraction must lie in [0, 1), got {fraction}")
+        shards = math.ceil(fraction * n_shards)
+    if shards < 0 or shards >= n_shards:
+        raise CacheError(f"{root}: holding out {shards} of {n_shards} shards leaves no training shard; hold out fewer")
+    return int(shards)
+
+
+def _shutdown(*executors: ThreadPoolExecutor | None) -> None:
+    # wait=False: this may run from garbage collection inside one of the executors' own threads.
+    for ex in executors:
+        if ex is not None:
+            ex.shutdown(wait=False, cancel_futures=True)
