@@ -262,3 +262,14 @@ def test_wandb_mode_without_key_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_wandb_mode("online") == "online"
     assert resolve_wandb_mode("disabled") == "disabled"
+
+
+def test_eval_during_training_is_logged_and_changes_nothing(sparse_cache, reference_run, tmp_path):
+    _, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path, arch="batchtopk", eval_every=2560, eval_batches=2),
+                           progress=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/explained_variance" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert all(r["eval/explained_variance"] <= 1 and r["eval/rows"] > 0 for r in evals), evals
+    assert evals[-1]["eval/explained_variance"] > evals[0]["eval/explained_variance"]
+    _assert_same(_final_weights(run_dir), _final_weights(reference_run))

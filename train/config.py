@@ -99,6 +99,11 @@ class TrainConfig:
     """BatchTopK inference threshold: global or per_feature."""
     threshold_batches: int = 20
     """Held-out batches used to calibrate the threshold."""
+    # --- evaluation during training
+    eval_every: int = 0
+    """Tokens between held-out reconstruction evaluations logged as eval/* (0: only at the end)."""
+    eval_batches: int = 10
+    """Held-out batches per evaluation during training."""
     # --- checkpoints and logs
     out: str = "runs"
     """Folder under which each run gets its own checkpoint folder."""
@@ -227,7 +232,8 @@ def validate(cfg: TrainConfig) -> None:
     for key in ["lr", "jumprelu_bandwidth", "threshold_init"]:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
-    for key in ["l1_coeff", "l0_coeff", "aux_coeff", "lr_warmup_tokens", "sparsity_warmup_tokens", "heldout_shards"]:
+    for key in ["l1_coeff", "l0_coeff", "aux_coeff", "lr_warmup_tokens", "sparsity_warmup_tokens", "heldout_shards",
+                "eval_every", "eval_batches"]:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
     if not 0 <= cfg.lr_decay_start <= 1:
@@ -290,7 +296,8 @@ def sparsity_label(cfg: TrainConfig) -> str:
 
 def config_hash(cfg: TrainConfig) -> str:
     """Short hash of the settings that define a run (names, paths and logging excluded)."""
-    skip = {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device"}
+    skip = {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device", "eval_every",
+            "eval_batches"}
     data = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 

@@ -198,6 +198,14 @@ class Trainer:
         self.density_tokens = 0
         return {"density_hist": hist, "density/below_1e-5": hist["below_1e-5"], "density/below_1e-6": hist["below_1e-6"]}
 
+    def evaluate(self) -> dict[str, float]:
+        """Held-out reconstruction figures, logged as eval/*; training state is not touched."""
+        if not self.store.heldout_shards:
+            return {}
+        figures = evaluate_heldout(self.sae, self.store, max_batches=self.cfg.eval_batches)
+        self.log({f"eval/{k}": v for k, v in figures.items()})
+        return figures
+
     def log(self, metrics: dict[str, Any]) -> None:
         if self.logger is not None:
             self.logger.log(self.step, metrics)
@@ -242,6 +250,7 @@ def train_loop(trainers: list[Trainer], store: ActivationStore, progress: bool =
     bar = tqdm(total=cfg.tokens, initial=lead.tokens, unit="tok", unit_scale=True, disable=not progress,
                desc=desc, dynamic_ncols=True)
     next_ckpt = (lead.tokens // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+    next_eval = (lead.tokens // cfg.eval_every + 1) * cfg.eval_every if cfg.eval_every else None
     try:
         while lead.tokens < cfg.tokens:
             x = store.next_batch()
@@ -252,6 +261,10 @@ def train_loop(trainers: list[Trainer], store: ActivationStore, progress: bool =
                                     dead=metrics["dead_latents"], refresh=False)
             fault_point("after_optimizer_step")
             bar.update(x.shape[0])
+            if next_eval is not None and next_eval <= lead.tokens < cfg.tokens:
+                for t in trainers:
+                    t.evaluate()
+                next_eval += cfg.eval_every
             if next_ckpt <= lead.tokens < cfg.tokens:
                 for t in trainers:
                     t.checkpoint()
