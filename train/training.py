@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from train.activation_store import ActivationStore
 from train.checkpoints import create_run_dir, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig, cfg_from_dict, post_init_cfg, update_cfg
+from train.distributed import World
 from train.logs import RunLogger, density_histogram
 from train.sae import BaseAutoencoder, build_sae, explained_variance
 from shared.cache import write_atomic
@@ -41,12 +42,13 @@ def resolve_device(device: str) -> torch.device:
 # --------------------------------------------------------------------------- construction
 
 
-def open_store(cfg: TrainConfig, device: torch.device) -> ActivationStore:
-    """The training store of a config (training rows only; held-out shards for evaluation)."""
+def open_store(cfg: TrainConfig, device: torch.device, world: World = World()) -> ActivationStore:
+    """The training store of a config (training rows only; held-out shards for evaluation).
+    Under torchrun each rank is served its slice of every global batch."""
     return ActivationStore(
         cfg.store, sites=cfg.site, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
         seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos,
-        normalize=cfg.normalize, device=device,
+        normalize=cfg.normalize, device=device, rank=world.rank, world_size=world.size,
     )
 
 
@@ -112,6 +114,7 @@ class Trainer:
     logger: RunLogger | None = None
     progress: bool = True
     last_checkpoint: Path | None = None
+    world: World = field(default_factory=World)
     _bad: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -128,8 +131,10 @@ class Trainer:
 
     # ----- one step
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimiser step on x [batch_size, d_in]; returns detached loss parts of the step."""
+        """One optimiser step on x [batch_size / world size, d_in] (this rank's slice of the global
+        batch); returns detached loss parts of the step (this rank's)."""
         cfg, sae = self.cfg, self.sae
+        counters_before = sae.tokens_since_fired.clone() if self.world.size > 1 else None
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_multiplier(cfg, self.tokens)
         scale = sparsity_multiplier(cfg, self.tokens)
@@ -144,8 +149,11 @@ class Trainer:
             for k, v in {"loss": out.loss, **out.losses}.items():
                 parts[k] = parts.get(k, 0) + v.detach() * w
         self._bad |= ~torch.isfinite(parts["loss"])
-        sae.remove_parallel_decoder_grad()
         params = [p for p in sae.parameters() if p.grad is not None]
+        self.world.average_gradients(params)
+        if counters_before is not None:
+            self.world.merge_dead_counters(sae.tokens_since_fired, counters_before, n * self.world.size)
+        sae.remove_parallel_decoder_grad()
         if (self.step + 1) % cfg.log_every == 0:  # per-parameter norms before clipping, on log steps only
             for name, p in sae.named_parameters():
                 if p.grad is not None:
@@ -155,7 +163,7 @@ class Trainer:
         self.optimizer.step()
         sae.make_decoder_unit_norm()
         self.step += 1
-        self.tokens += n
+        self.tokens += n * self.world.size
         self.density_tokens += n
         return parts
 
@@ -200,7 +208,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out reconstruction figures, logged as eval/*; training state is not touched."""
-        if not self.store.heldout_shards:
+        if not self.store.heldout_shards or not self.world.is_main:
             return {}
         figures = evaluate_heldout(self.sae, self.store, max_batches=self.cfg.eval_batches)
         self.log({f"eval/{k}": v for k, v in figures.items()})
@@ -211,9 +219,13 @@ class Trainer:
             self.logger.log(self.step, metrics)
 
     # ----- checkpoints
-    def checkpoint(self, extra_state: dict[str, Any] | None = None) -> Path:
-        """Commit a checkpoint of everything the next step depends on (refused after a NaN)."""
+    def checkpoint(self, extra_state: dict[str, Any] | None = None) -> Path | None:
+        """Commit a checkpoint of everything the next step depends on (refused after a NaN).
+        Rank 0 writes it; the other ranks wait for it."""
         self._check_finite()
+        if not self.world.is_main:
+            self.world.barrier()
+            return None
         trainer = {
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -226,6 +238,7 @@ class Trainer:
                  "threshold_kind": getattr(self.sae, "threshold_kind", None), **(extra_state or {})}
         self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.sae.state_dict(), trainer, state,
                                                keep=self.cfg.keep_checkpoints)
+        self.world.barrier()
         return self.last_checkpoint
 
     def restore(self, tensors: dict[str, torch.Tensor], trainer: dict[str, Any], state: dict[str, Any]) -> None:
@@ -247,6 +260,7 @@ def train_loop(trainers: list[Trainer], store: ActivationStore, progress: bool =
     lead = trainers[0]
     cfg = lead.cfg
     desc = cfg.run_name if len(trainers) == 1 else f"sweep of {len(trainers)} SAEs"
+    progress = progress and lead.world.is_main
     bar = tqdm(total=cfg.tokens, initial=lead.tokens, unit="tok", unit_scale=True, disable=not progress,
                desc=desc, dynamic_ncols=True)
     next_ckpt = (lead.tokens // cfg.checkpoint_every + 1) * cfg.checkpoint_every
@@ -260,7 +274,7 @@ def train_loop(trainers: list[Trainer], store: ActivationStore, progress: bool =
                     bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
                                     dead=metrics["dead_latents"], refresh=False)
             fault_point("after_optimizer_step")
-            bar.update(x.shape[0])
+            bar.update(x.shape[0] * lead.world.size)
             if next_eval is not None and next_eval <= lead.tokens < cfg.tokens:
                 for t in trainers:
                     t.evaluate()
@@ -279,11 +293,11 @@ def make_optimizer(cfg: TrainConfig, sae: BaseAutoencoder) -> torch.optim.Optimi
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def _init_b_dec(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore) -> None:
-    """b_dec from the first training batch (the store is rewound afterwards)."""
+def _init_b_dec(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, world: World = World()) -> None:
+    """b_dec from the first global training batch (the store is rewound afterwards)."""
     if cfg.b_dec_init == "zeros":
         return
-    sample = store.next_batch()
+    sample = world.gather_rows(store.next_batch())
     store.seek(0)
     sae.init_b_dec(sample[:4096].float(), method=cfg.b_dec_init)
 
@@ -397,7 +411,10 @@ def _finish(trainer: Trainer) -> None:
 
 
 def finish_run(trainer: Trainer) -> None:
-    """After training: calibrate, evaluate, write the final checkpoint and done.json."""
+    """After training: calibrate, evaluate, write the final checkpoint and done.json (rank 0)."""
+    if not trainer.world.is_main:
+        trainer.world.barrier()
+        return
     results = calibrate_and_evaluate(trainer)
     final = trainer.checkpoint(extra_state={"results": results})
     done = {"checkpoint": str(final.relative_to(trainer.run_dir)), "step": trainer.step, "tokens": trainer.tokens,
@@ -419,28 +436,45 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -> tuple[BaseAutoencoder, Path]:
-    """Train one SAE on cfg.store; returns (sae, run folder). `model` is only used by evaluation."""
+    """Train one SAE on cfg.store; returns (sae, run folder). `model` is only used by evaluation.
+
+    Under torchrun the SAE trains data-parallel: rank r gets its slice of every global batch.
+    """
     cfg = _as_config(cfg)
     if not cfg.store:
         raise TrainingError("no store given: set store (train run --store PATH) to a sealed activation cache")
-    device = resolve_device(cfg.device)
-    store = open_store(cfg, device)
+    world = World.from_env()
+    device = world.device(resolve_device(cfg.device))
+    store = open_store(cfg, device, world)
     try:
         cfg = post_init_cfg(cfg, store.d_model, store.sites[0])
         store.check_compatible(cfg.site, cfg.d_in)
         sae = build_from_cfg(cfg, device)
-        _init_b_dec(cfg, sae, store)
-        run_dir = generate_checkpoint_dir(cfg)
-        write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
-        logger = RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group)
-        trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress)
-        try:
-            _finish(trainer)
-        finally:
-            logger.close()
+        _init_b_dec(cfg, sae, store, world)
+        run_dir = world.broadcast(generate_checkpoint_dir(cfg) if world.is_main else None)
+        if world.is_main:
+            write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+        _run_to_end(cfg, sae, store, run_dir, world, progress)
     finally:
         store.close()
     return sae, run_dir
+
+
+def _run_to_end(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, run_dir: Path, world: World,
+                progress: bool, restore: tuple | None = None) -> None:
+    logger = (RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
+                        resume_step=restore[2]["step"] if restore else None) if world.is_main else None)
+    trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress,
+                      world=world)
+    if restore:
+        tensors, trainer_state, state, ckpt = restore
+        trainer.restore({k: v.to(trainer.device) for k, v in tensors.items()}, trainer_state, state)
+        trainer.last_checkpoint = ckpt
+    try:
+        _finish(trainer)
+    finally:
+        if logger is not None:
+            logger.close()
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
@@ -462,19 +496,12 @@ def resume_training(model, cfg: TrainConfig | dict[str, Any] | None, checkpoint_
         changes = {k: v for k, v in _as_config(cfg).to_dict().items() if v != getattr(saved, k) and k in allowed}
         saved = update_cfg(saved, **changes)
     cfg = saved
-    device = resolve_device(cfg.device)
-    store = open_store(cfg, device)
+    world = World.from_env()
+    device = world.device(resolve_device(cfg.device))
+    store = open_store(cfg, device, world)
     try:
         sae = build_from_cfg(cfg, device)
-        logger = RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
-                           resume_step=state["step"])
-        trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress)
-        trainer.restore({k: v.to(device) for k, v in tensors.items()}, trainer_state, state)
-        trainer.last_checkpoint = ckpt
-        try:
-            _finish(trainer)
-        finally:
-            logger.close()
+        _run_to_end(cfg, sae, store, run_dir, world, progress, restore=(tensors, trainer_state, state, ckpt))
     finally:
         store.close()
     return sae, run_dir
