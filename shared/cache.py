@@ -221,8 +221,8 @@ def file_checksum(path: Path) -> str:
 
 
 # Elements per statistics block: below torch's parallel grain size (32768), so each op runs
-# serially in the calling thread (no thread pool to contend with the harvest's forward), and small
-# enough to stay in cache.
+# serially in the calling thread (no thread team to contend with the harvest's forward), and
+# small enough to stay in cache.
 _STATS_BLOCK_ELEMENTS = 32_000
 
 
@@ -230,34 +230,43 @@ def shard_statistics(acts: np.ndarray) -> dict[str, Any]:
     """Per-site sums over one shard (float64), mergeable across shards.
 
     acts: [rows, d] in storage dtype. Returns count, sum_sq_norm, sum (list of d), max_abs.
-    Accumulated in float64 over blocks of rows: no shard-sized temporaries, and torch converts
+    Computed over blocks of rows (no shard-sized temporaries), sums in float64; torch converts
     16-bit floats with SIMD where numpy's float16 cast is scalar.
     """
     import torch
 
     rows, d = acts.shape
+    if rows == 0 or d == 0:
+        return {"count": int(rows), "sum_sq_norm": 0.0, "sum": [0.0] * d, "max_abs": 0.0}
     if acts.dtype == numpy_storage_dtype("bfloat16"):
         x = torch.from_numpy(acts.view(np.int16)).view(torch.bfloat16)
     else:
         x = torch.from_numpy(acts)
-    total = torch.zeros(d, dtype=torch.float64)
-    sum_sq = torch.zeros((), dtype=torch.float64)
-    max_abs = torch.zeros((), dtype=torch.float64)
-    if rows and d:
-        step = max(1, _STATS_BLOCK_ELEMENTS // d)
-        buf = torch.empty((min(step, rows), d), dtype=torch.float64)
-        for block in x.split(step):
-            y = buf[: len(block)]
-            y.copy_(block)  # exact: every storage dtype fits in float64
-            total += y.sum(0)
-            sum_sq += torch.linalg.vector_norm(y).square()
-            lo, hi = torch.aminmax(y)
-            max_abs = torch.maximum(max_abs, torch.maximum(-lo, hi))  # NaN propagates, as np.max does
+    step = max(1, _STATS_BLOCK_ELEMENTS // d)
+    n_blocks = -(-rows // step)
+    sums = torch.empty((n_blocks, d), dtype=torch.float64)  # per block, added up at the end
+    norms = torch.empty(n_blocks, dtype=torch.float64)
+    lows = torch.empty(n_blocks, dtype=torch.float32)
+    highs = torch.empty(n_blocks, dtype=torch.float32)
+    f32 = torch.empty((min(step, rows), d), dtype=torch.float32)
+    f64 = torch.empty((min(step, rows), d), dtype=torch.float64)
+    for i, block in enumerate(x.split(step)):
+        if block.dtype == torch.float32:
+            y32 = block
+        else:
+            y32 = f32[: len(block)]
+            y32.copy_(block)  # exact: float16 and bfloat16 fit in float32
+        torch.aminmax(y32, out=(lows[i], highs[i]))
+        y = f64[: len(block)]
+        y.copy_(y32)
+        torch.sum(y, 0, out=sums[i])
+        torch.linalg.vector_norm(y, out=norms[i])
+    norms_np = norms.numpy()
     return {
         "count": int(rows),
-        "sum_sq_norm": float(sum_sq),
-        "sum": total.tolist(),
-        "max_abs": float(max_abs),
+        "sum_sq_norm": float(np.square(norms_np).sum()),
+        "sum": sums.numpy().sum(axis=0).tolist(),
+        "max_abs": float(max(-lows.numpy().min(), highs.numpy().max())),  # NaN propagates
     }
 
 
@@ -530,8 +539,8 @@ class CacheWriter:
             raise CacheError(f"{self.layout.root}: cannot seal, shards {short[:5]} are short but not last")
         n_rows = sum(ledger[k]["rows"] for k in range(n))
         if n_rows != self.spec.planned_rows:
-            for arr in self._arrays.values():
-                arr.resize((n_rows,) + arr.shape[1:])
+            for name in self._arrays:
+                _set_rows(self.layout.root / name, n_rows)
         stats = {
             s: merge_statistics((ledger[k]["stats"][s] for k in range(n)), self.spec.d_model)
             for s in self.spec.site_names
@@ -540,6 +549,16 @@ class CacheWriter:
         seal = {"n_rows": n_rows, "n_shards": n, "stats": stats, "software_version": software_version()}
         write_atomic(self.layout.seal, json.dumps(seal).encode())
         return seal
+
+
+def _set_rows(array_dir: Path, n_rows: int) -> None:
+    """Shrink an array's first dimension in its zarr.json. Unlike zarr's resize this does not
+    visit the (never written) chunks past the end, which for a large budget on a short corpus
+    would be hundreds of thousands of deletions."""
+    meta_path = array_dir / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shape"][0] = n_rows
+    write_atomic(meta_path, json.dumps(meta, indent=2).encode())
 
 
 def _pad(a: np.ndarray, rows: int) -> np.ndarray:
