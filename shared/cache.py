@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -159,10 +160,13 @@ def to_storage(x: "Any", dtype: str, where: str) -> np.ndarray:
 
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
-    if not bool(torch.isfinite(x).all()):
+    # One reduction (one device sync on CUDA) for both checks: NaN propagates through aminmax,
+    # inf shows as the min or max.
+    low, high = torch.stack(torch.aminmax(x)).tolist() if x.numel() else (0.0, 0.0)
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise CacheError(f"{where}: activations contain NaN or inf before storage; check the model/dtype")
     if dtype == "float16":
-        max_abs = float(x.abs().max()) if x.numel() else 0.0
+        max_abs = max(-low, high)
         if max_abs > FLOAT16_MAX:
             raise CacheError(
                 f"{where}: float16 overflow (max |activation| = {max_abs:.4g} > 65504); "
@@ -248,19 +252,23 @@ def shard_statistics(acts: np.ndarray) -> dict[str, Any]:
     norms = torch.empty(n_blocks, dtype=torch.float64)
     lows = torch.empty(n_blocks, dtype=torch.float32)
     highs = torch.empty(n_blocks, dtype=torch.float32)
-    f32 = torch.empty((min(step, rows), d), dtype=torch.float32)
-    f64 = torch.empty((min(step, rows), d), dtype=torch.float64)
-    for i, block in enumerate(x.split(step)):
+    blocks = x.split(step)
+    # Views made once, outside the loop: per-op Python overhead is a large share at this block size.
+    f32 = torch.empty((len(blocks[0]), d), dtype=torch.float32)
+    f64 = torch.empty((len(blocks[0]), d), dtype=torch.float64)
+    last = len(blocks[-1])
+    y32s = [f32] * (n_blocks - 1) + [f32[:last]]
+    y64s = [f64] * (n_blocks - 1) + [f64[:last]]
+    per_block = zip(blocks, y32s, y64s, lows.unbind(), highs.unbind(), sums.unbind(), norms.unbind())
+    for block, y32, y64, low, high, block_sum, norm in per_block:
         if block.dtype == torch.float32:
             y32 = block
         else:
-            y32 = f32[: len(block)]
             y32.copy_(block)  # exact: float16 and bfloat16 fit in float32
-        torch.aminmax(y32, out=(lows[i], highs[i]))
-        y = f64[: len(block)]
-        y.copy_(y32)
-        torch.sum(y, 0, out=sums[i])
-        torch.linalg.vector_norm(y, out=norms[i])
+        torch.aminmax(y32, out=(low, high))
+        y64.copy_(y32)
+        torch.sum(y64, 0, out=block_sum)
+        torch.linalg.vector_norm(y64, out=norm)
     norms_np = norms.numpy()
     return {
         "count": int(rows),

@@ -9,6 +9,11 @@ variable number per row, possibly zero.
 The forward still forms the dense pre-activations (choosing the top k needs all of them), but
 the backward touches only the n active entries: O(n*d) work instead of the dense O(B*m*d), and
 no [n, d] temporary, since every gradient is an embedding_bag or index_add reduction.
+
+`CenteredEncode` is the dense encoder (x - b_dec) @ W_enc + b_enc with b_dec's gradient taken
+as a matvec instead of a [B, m] x [m, d] matmul. `batch_topk` selects BatchTopK's k*B entries
+(on the CPU through a sampled threshold, since a top-k over the flattened batch is one long
+single-threaded selection).
 """
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,70 @@ def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, offsets: Tensor | No
     vals, idx: [B, k]; or flat [n] with offsets [B] (row-sorted). Differentiable in vals and W_dec.
     """
     return F.embedding_bag(idx, W_dec, offsets, mode="sum", per_sample_weights=vals)
+
+
+class CenteredEncode(torch.autograd.Function):
+    """pre = CenteredEncode.apply(x, b_dec, W_enc, b_enc) = (x - b_dec) @ W_enc + b_enc. x [B, d] -> [B, m].
+
+    Same forward as autograd's addmm; the backward gives b_dec the gradient -W_enc @ sum_B(grad)
+    (a matvec) where autograd would form the [B, d] gradient of x - b_dec with a matmul as large as
+    the forward one and sum it, and forms that gradient only when x itself needs one.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc):
+        xc = x - b_dec
+        ctx.save_for_backward(xc, W_enc)
+        return torch.addmm(b_enc, xc, W_enc)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, W_enc = ctx.saved_tensors
+        need_x, need_bdec, need_W, need_b = ctx.needs_input_grad
+        grad_x = grad_bdec = grad_W = grad_b = None
+        if need_x:
+            grad_x = grad @ W_enc.t()
+        if need_bdec or need_b:
+            gsum = grad.sum(0)
+            grad_b = gsum if need_b else None
+            grad_bdec = -(W_enc @ gsum) if need_bdec else None
+        if need_W:
+            grad_W = xc.t() @ grad
+        return grad_x, grad_bdec, grad_W, grad_b
+
+
+def batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The n largest entries of relu(pre) over the whole batch. pre [B, m] -> (values [n], flat indices [n]).
+
+    Flat index i is row i // m, column i % m; the indices come back ascending (row-sorted). Exact
+    up to the choice among tied values (when fewer than n entries are positive, which zeros fill
+    the list differs from torch.topk's choice; they are inactive either way).
+    On the CPU, instead of one top-k over all B*m entries (single-threaded): a threshold t below
+    the n-th largest entry is read off every 97th entry (a fixed prime stride, no RNG; every
+    entry for small inputs) with a 1.5x margin; the entries >= t (about 1.5n, found in one
+    parallel pass, already in row order) are checked to number at least n, and the n largest of
+    them are kept by their exact n-th value. When the check fails, on NaN, when n > B*m / 8, or
+    on CUDA, it is the plain flattened top-k.
+    """
+    B, m = pre.shape
+    flat = pre.reshape(-1)
+    if pre.device.type == "cpu" and 8 * n <= flat.numel():
+        sample = flat[:: 97 if flat.numel() >= 97 * 4096 else 1]
+        if not bool(torch.isnan(sample).any()):  # NaN rows or columns: leave them to topk (it ranks NaN first)
+            s = sample.numel()
+            r = min(s, int(1.5 * n * s / flat.numel()) + 32)  # rank from the top of the threshold in the sample
+            t = sample.kthvalue(s - r + 1).values
+            cand = (flat >= t).nonzero().squeeze(1)
+            if cand.numel() >= n:
+                v = flat[cand]
+                nth = v.kthvalue(v.numel() - n + 1).values  # the exact n-th largest entry
+                keep = v > nth
+                tied = v == nth
+                keep |= tied & (tied.cumsum(0) <= n - int(keep.sum()))  # the first ties, up to n in all
+                return v[keep].relu(), cand[keep]
+    top, idx = pre.relu().flatten().topk(n, sorted=False)
+    idx, order = idx.sort()
+    return top[order], idx
 
 
 def _save_active(ctx, x: Tensor, W_enc: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor, pre_sel: Tensor):
@@ -85,9 +154,7 @@ class BatchTopKEncode(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, k):
         pre = torch.addmm(b_enc, x, W_enc)
         B, m = pre.shape
-        top, flat = pre.relu().flatten().topk(k * B, sorted=False)
-        flat, order = flat.sort()
-        top = top[order]
+        top, flat = batch_topk(pre, k * B)
         rows, cols = flat // m, flat % m
         offsets = row_offsets(rows, B)
         _save_active(ctx, x, W_enc, rows, cols, offsets, top)

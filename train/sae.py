@@ -20,6 +20,13 @@ Loss conventions (the same for every variant):
 Dead latents: `tokens_since_fired` counts tokens (not batches) since each latent was last
 non-zero. forward() updates it in training mode; a latent is dead once the count exceeds
 `dead_tokens_threshold`.
+
+Cost of a training forward: the fast TopK/BatchTopK paths keep the batch's active latents as a
+sparse list (`Active`) and take the metrics, the dead-latent update and `SAEOutput.fired` from
+it, so beyond the encoder matmul and the selection only `latents` (a zero fill and a scatter)
+touches [B, m] memory. On the CPU, AuxK reads the number of dead latents on the host (there is
+no device to wait for): nothing is computed when none is dead, and only the dead columns are
+searched otherwise. On CUDA it stays sync-free (masking, as described above).
 """
 import math
 from typing import NamedTuple
@@ -27,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from train.kernels import BatchTopKEncode, GatherEncode, TopKEncode, sparse_decode
+from train.kernels import BatchTopKEncode, CenteredEncode, GatherEncode, TopKEncode, sparse_decode
 
 SAE_REGISTRY: dict[str, type["BaseAutoencoder"]] = {}
 
@@ -59,6 +66,15 @@ class SAEOutput(NamedTuple):
     loss: Tensor  # scalar: losses["mse"] + losses["sparsity"] + losses["aux"]
     losses: dict[str, Tensor]  # scalars: mse, sparsity, aux; detached l0, l1, explained_variance
     l0: Tensor  # [B] float, number of non-zero latents per token (detached)
+    fired: Tensor  # [m] int64, tokens of the batch on which each latent was non-zero (detached)
+
+
+class Active(NamedTuple):
+    """A batch's selected latents, flat: vals [n] (differentiable), rows [n] and cols [n] int64."""
+
+    vals: Tensor
+    rows: Tensor
+    cols: Tensor
 
 
 def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -82,7 +98,8 @@ class BaseAutoencoder(nn.Module):
     """Parameters, init, decoder constraints, dead-latent counters and the loss assembly.
 
     Subclasses define `activation(pre) -> f` and may override `sparsity_loss(f, pre)` and
-    `_encode_decode(x)` (a faster training path). Keyword args shared by every variant:
+    `_encode_decode(x)` (a faster training path, which may also return its `Active` set).
+    Keyword args shared by every variant:
       aux_k: latents used by AuxK (default d_in // 2); aux_coeff: AuxK weight (0 disables);
       dead_tokens_threshold: tokens without firing before a latent counts as dead;
       generator: torch.Generator for the init (else the global RNG); device, dtype.
@@ -111,8 +128,8 @@ class BaseAutoencoder(nn.Module):
 
     # ----- encode / decode -----
     def pre_acts(self, x: Tensor) -> Tensor:
-        """z = (x - b_dec) @ W_enc + b_enc. x [B, d] -> [B, m]."""
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+        """z = (x - b_dec) @ W_enc + b_enc. x [B, d] -> [B, m] (b_dec's gradient is a matvec: CenteredEncode)."""
+        return CenteredEncode.apply(x, self.b_dec, self.W_enc, self.b_enc)
 
     def activation(self, pre: Tensor) -> Tensor:
         """f from z, [B, m] -> [B, m]; defined by each variant."""
@@ -127,11 +144,25 @@ class BaseAutoencoder(nn.Module):
         """x_hat = f @ W_dec + b_dec. f [..., m] -> [..., d]."""
         return f @ self.W_dec + self.b_dec
 
-    def _encode_decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Training path: (f [B, m], pre [B, m], x_hat [B, d])."""
+    def _encode_decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Active | None]:
+        """Training path: (f [B, m], pre [B, m], x_hat [B, d], the active set if kept sparse, else None)."""
         pre = self.pre_acts(x)
         f = self.activation(pre)
-        return f, pre, self.decode(f)
+        return f, pre, self.decode(f), None
+
+    @torch.no_grad()
+    def _batch_stats(self, f: Tensor, active: Active | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(l0 [B] float, l1 scalar = mean_B sum_i |f_i|, fired [m] int64), from the sparse set when there is one."""
+        B = f.shape[0]
+        if active is None:  # float reductions only: bool masks and integer casts of [B, m] are slow on the CPU
+            on = f.abs()
+            l1 = on.sum(-1).mean()
+            on.sign_()  # 1 where f != 0; exact float counts (B < 2^24)
+            return on.sum(-1), l1, on.sum(0).long()
+        on = active.vals.detach() != 0
+        l0 = torch.zeros(B, dtype=f.dtype, device=f.device).index_add_(0, active.rows, on.to(f.dtype))
+        fired = torch.zeros(self.d_sae, dtype=torch.long, device=f.device).index_add_(0, active.cols, on.long())
+        return l0, active.vals.detach().abs().sum() / B, fired
 
     # ----- losses -----
     def sparsity_loss(self, f: Tensor, pre: Tensor) -> Tensor:
@@ -144,6 +175,18 @@ class BaseAutoencoder(nn.Module):
             return x.new_zeros(())
         dead = self.dead_mask()
         k_aux = min(self.aux_k, self.d_sae)
+        if dead.device.type == "cpu":  # a host read costs nothing here: skip or narrow the search
+            dead_idx = dead.nonzero().squeeze(1)
+            if dead_idx.numel() == 0:
+                return x.new_zeros(())  # what the masked path computes, exactly, without computing it
+            if self.fast:  # top k_aux among the dead columns only
+                sub = pre.detach().index_select(1, dead_idx)
+                idx = dead_idx[sub.topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False).indices]
+                vals = GatherEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, pre.detach(), idx)
+                e = (x - x_hat).detach()
+                aux = (sparse_decode(vals, idx, self.W_dec) - e).pow(2).sum() / e.pow(2).sum().clamp_min(
+                    torch.finfo(e.dtype).tiny)
+                return self.aux_coeff * aux
         masked = torch.where(dead, pre, -torch.inf)  # live latents can never be chosen (relu(-inf) = 0)
         if self.fast:
             idx = masked.detach().topk(k_aux, dim=1, sorted=False).indices
@@ -161,25 +204,29 @@ class BaseAutoencoder(nn.Module):
 
         In training mode this also updates the dead-latent counters.
         """
-        f, pre, x_hat = self._encode_decode(x)
+        f, pre, x_hat, active = self._encode_decode(x)
+        l0, l1, fired = self._batch_stats(f, active)
         if self.training:
-            self.update_dead_counters(f)
+            self._mark_fired(x.shape[0], fired)
         mse = (x_hat - x).pow(2).sum(-1).mean()
         sparsity = sparsity_coeff_scale * self.sparsity_loss(f, pre)
         aux = self.auxk_loss(x, x_hat, pre)
         with torch.no_grad():
-            l0 = (f != 0).sum(-1).to(x.dtype)
-            metrics = {"l0": l0.mean(), "l1": f.abs().sum(-1).mean(),
-                       "explained_variance": explained_variance(x, x_hat)}
+            metrics = {"l0": l0.mean(), "l1": l1, "explained_variance": explained_variance(x, x_hat)}
         losses = {"mse": mse, "sparsity": sparsity, "aux": aux, **metrics}
-        return SAEOutput(x_hat, f, pre, mse + sparsity + aux, losses, l0)
+        return SAEOutput(x_hat, f, pre, mse + sparsity + aux, losses, l0, fired)
 
     # ----- dead latents -----
     @torch.no_grad()
     def update_dead_counters(self, latents: Tensor) -> None:
         """Add the batch's token count to every latent, then zero those that fired. latents [..., m]."""
         flat = latents.reshape(-1, self.d_sae)
-        self.tokens_since_fired.add_(flat.shape[0]).masked_fill_((flat != 0).any(0), 0)
+        self._mark_fired(flat.shape[0], (flat != 0).any(0))
+
+    @torch.no_grad()
+    def _mark_fired(self, n_tokens: int, fired: Tensor) -> None:
+        """Add n_tokens to every counter, then zero those of the latents with fired != 0 ([m], bool or counts)."""
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired.bool(), 0)
 
     def dead_mask(self, threshold_tokens: int | None = None) -> Tensor:
         """[m] bool: no activation in more than threshold_tokens tokens (default dead_tokens_threshold)."""
@@ -208,8 +255,10 @@ class BaseAutoencoder(nn.Module):
         """Project out of W_dec.grad each row's component along that row (call before the step)."""
         if self.W_dec.grad is None:
             return
-        unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_dec.grad.sub_((self.W_dec.grad * unit).sum(1, keepdim=True) * unit)
+        W, grad = self.W_dec, self.W_dec.grad
+        # grad -= (grad . w / |w|^2) w for each row w: row dot products and one fused update, no [m, d] temporaries
+        coef = torch.linalg.vecdot(grad, W, dim=1) / W.norm(dim=1).clamp_min(1e-12).square()
+        grad.addcmul_(coef.unsqueeze(1), W, value=-1)
 
     def inference_threshold(self) -> Tensor | None:
         """Per-feature threshold [m] for export as JumpReLU, or None when the variant has none."""
@@ -228,7 +277,7 @@ class VanillaSAE(BaseAutoencoder):
         return pre.relu()
 
     def sparsity_loss(self, f: Tensor, pre: Tensor) -> Tensor:
-        return self.l1_coeff * (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        return self.l1_coeff * (f @ self.W_dec.norm(dim=1)).mean()  # a matvec: no [B, m] temporary
 
 
 @register("topk")
@@ -254,7 +303,9 @@ class TopKSAE(BaseAutoencoder):
             return super()._encode_decode(x)
         vals, idx, pre = TopKEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, self.k)
         f = torch.zeros_like(pre).scatter_(1, idx, vals)
-        return f, pre, sparse_decode(vals, idx, self.W_dec) + self.b_dec
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.k)
+        active = Active(vals.reshape(-1), rows, idx.reshape(-1))
+        return f, pre, sparse_decode(vals, idx, self.W_dec) + self.b_dec, active
 
 
 _THRESHOLD_KINDS = ("none", "global", "per_feature")
@@ -320,15 +371,24 @@ class BatchTopKSAE(BaseAutoencoder):
             return super()._encode_decode(x)
         vals, rows, cols, offsets, pre = BatchTopKEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, self.k)
         f = torch.zeros_like(pre).index_put_((rows, cols), vals)
-        return f, pre, sparse_decode(vals, cols, self.W_dec, offsets) + self.b_dec
+        return f, pre, sparse_decode(vals, cols, self.W_dec, offsets) + self.b_dec, Active(vals, rows, cols)
 
     def inference_threshold(self) -> Tensor | None:
         return None if self.threshold_kind == "none" else self.threshold.detach().clone()
 
 
-def _rectangle(u: Tensor) -> Tensor:
-    """K(u) = 1{|u| < 1/2}, in u's dtype."""
-    return (u.abs() < 0.5).to(u.dtype)
+# The step and the kernel as in-place float arithmetic: on the CPU, comparisons into bool masks and
+# mixed bool/float products or torch.where run several times slower than float ops on [B, m].
+
+
+def _heaviside_(u: Tensor) -> Tensor:
+    """H(u) = 1{u > 0} in u's dtype, in place on u."""
+    return u.sign_().clamp_(min=0)
+
+
+def _rectangle_(u: Tensor, eps: float) -> Tensor:
+    """K(u / eps) = 1{|u / eps| < 1/2} in u's dtype, in place on u (0.5 - a > 0 exactly when a < 0.5)."""
+    return u.div_(eps).abs_().neg_().add_(0.5).clamp_(min=0).sign_()
 
 
 class JumpReLUFn(torch.autograd.Function):
@@ -341,13 +401,13 @@ class JumpReLUFn(torch.autograd.Function):
     def forward(ctx, z, theta, eps):
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
-        return z * (z > theta)
+        return _heaviside_(z - theta).mul_(z)  # z * H(z - theta), one [B, m] allocation
 
     @staticmethod
     def backward(ctx, grad):
         z, theta = ctx.saved_tensors
-        grad_z = grad * (z > theta)
-        grad_theta = (-(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps) * grad).sum_to_size(theta.shape)
+        grad_z = _heaviside_(z - theta).mul_(grad)
+        grad_theta = -(theta / ctx.eps) * _rectangle_(z - theta, ctx.eps).mul_(grad).sum_to_size(theta.shape)
         return grad_z, grad_theta, None
 
 
@@ -358,13 +418,13 @@ class StepFn(torch.autograd.Function):
     def forward(ctx, z, theta, eps):
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
-        return (z > theta).to(z.dtype)
+        return _heaviside_(z - theta)
 
     @staticmethod
     def backward(ctx, grad):
         z, theta = ctx.saved_tensors
-        grad_theta = (-(1 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * grad).sum_to_size(theta.shape)
-        return torch.zeros_like(z), grad_theta, None
+        grad_theta = -(1 / ctx.eps) * _rectangle_(z - theta, ctx.eps).mul_(grad).sum_to_size(theta.shape)
+        return z.new_zeros(()).expand_as(z), grad_theta, None  # an exact zero that allocates nothing
 
 
 @register("jumprelu")

@@ -144,7 +144,7 @@ class Trainer:
         for micro in x.split(self._micro):
             out = sae(micro, sparsity_coeff_scale=scale)
             (out.loss * (micro.shape[0] / n)).backward()
-            self.fire_counts += (out.latents > 0).sum(0)
+            self.fire_counts += out.fired
             w = micro.shape[0] / n
             for k, v in {"loss": out.loss, **out.losses}.items():
                 parts[k] = parts.get(k, 0) + v.detach() * w
@@ -290,7 +290,9 @@ def train_loop(trainers: list[Trainer], store: ActivationStore, progress: bool =
 
 
 def make_optimizer(cfg: TrainConfig, sae: BaseAutoencoder) -> torch.optim.Optimizer:
-    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # fused: one pass over each parameter instead of about ten (CPU and CUDA kernels; same update rule)
+    fused = sae.W_dec.device.type in ("cpu", "cuda")
+    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def _init_b_dec(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, world: World = World()) -> None:

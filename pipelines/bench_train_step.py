@@ -1,0 +1,558 @@
+"""Benchmark one training step: ours against SAELens' SAETrainer and against a dense matmul floor.
+
+    python pipelines/bench_train_step.py                                   # the default grid (below)
+    python pipelines/bench_train_step.py --variants topk,batchtopk --d-in 768 --expansions 8,32 \
+        --steps 5 --warmup 2 --markdown bench.md --json bench.json
+    python pipelines/bench_train_step.py --no-saelens                      # our side only
+
+For every (variant, d_in, expansion) of the grid, on the same machine in one run, with the same
+activations (pre-generated, see `make_activations`), batch --batch-size (4096) and k (32 for
+topk / batchtopk):
+
+1. speedup = our tokens/s / SAELens tokens/s. Ours: `Trainer.train_step` + `Trainer.after_step`
+   (the whole step: forward, backward, decoder-gradient projection, clipping, Adam, decoder
+   renormalisation, dead-latent and density counters, logging every cfg.log_every steps) on
+   batches already in memory (no store: the step, not data loading). SAELens: `SAETrainer.fit()`
+   fed from a Python iterator over the same batches in memory (pipelines/saelens_step_worker.py,
+   run by the SAELens interpreter); a step is the time between two iterator pulls. Median over
+   --steps steps after --warmup steps, each side in a fresh subprocess; SAELens' defaults
+   otherwise (wandb off). The column is skipped, with the reason printed, where SAELens is absent.
+   Targets: >= 2.0 (topk, batchtopk), >= 1.2 (vanilla, jumprelu).
+   "speedup/floor" is the same ratio with each side's step divided by the matmul floor measured in
+   its own process: it cancels load drift between the two subprocesses on a shared machine.
+2. step/floor = our median step time / median time of one dense torch.mm([batch, d_in] x
+   [d_in, width]) measured in the same process (3 before and 3 after the steps). Target <= 2.0
+   (topk, batchtopk).
+3. mem ratio = peak memory of a step / (weights + Adam state + one batch), the denominator counted
+   from tensor sizes. CPU: resident set size sampled every millisecond by a thread during the
+   measured steps in a fresh subprocess; peak = max RSS - RSS before the SAE was built (the
+   batches were already loaded) + one batch. CUDA: torch.cuda.max_memory_allocated during the
+   steps - memory_allocated before the SAE was built + one batch. The CPU figure includes what the
+   allocator and MKL keep resident (freed heap blocks, GEMM packing buffers), so it is an upper
+   bound on tensor memory; SAELens' ratio (same method, same denominator) is shown beside it.
+4. data wait: a realistic run, our ActivationStore (prefetch threads, float16 cache written with
+   shared.cache.CacheWriter, normalisation on) feeding Trainer.train_step + after_step; the
+   fraction of the wall time spent inside store.next_batch(). Target < 5%.
+
+Activations (`make_activations`): anisotropic Gaussian directions (random rotation, power-law
+spectrum), log-normal norms with a Student-t tail, plus a shared mean offset, then scaled so
+that E||x||^2 = d (what our store's normalisation does), float32.
+
+Machine settings, applied to every subprocess alike: --threads torch intra-op threads (default
+1: on a shared 2-core machine more OpenMP threads than free cores make sorts and reductions
+collapse, e.g. a 131k-element sort takes 400 ms with 2 threads under load and 6 ms with 1),
+--thp (default on) sets THP_MEM_ALLOC_ENABLE=1 so torch's CPU allocator backs large tensors
+with transparent huge pages (without it every fresh 100 MB activation tensor costs ~120 ms of
+page faults on this VM, for both trainers and the floor alike), and --malloc-cache (default off)
+makes glibc keep freed blocks instead of unmapping them, which removes the remaining page faults.
+
+Defaults (finish in about 10 minutes on the 2-core development machine, without other load):
+variants topk,batchtopk,vanilla,jumprelu; d_in 576,768; expansion 8; steps 4; warm-up 2. The
+32x widths take about 4x longer per step: add them with --expansions 8,32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SAELENS_WORKER = Path(__file__).resolve().with_name("saelens_step_worker.py")
+VARIANTS = ("topk", "batchtopk", "vanilla", "jumprelu")
+TARGET_SPEEDUP = {"topk": 2.0, "batchtopk": 2.0, "vanilla": 1.2, "jumprelu": 1.2}
+TARGET_FLOOR = {"topk": 2.0, "batchtopk": 2.0}
+TARGET_WAIT = 0.05
+SITE = "blocks.8.hook_resid_pre"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def make_activations(n_rows: int, d: int, seed: int = 0) -> np.ndarray:
+    """[n_rows, d] float32 with a heavy-tailed norm distribution, a shared offset, E||x||^2 = d.
+
+    x = mu + r * u: u a unit direction of an anisotropic Gaussian (random rotation, standard
+    deviations (i + 1)^-0.5 along its axes), r = sqrt(d) * lognormal(0, 0.5) * |t_3| / E|t_3|
+    (a Student-t factor with 3 degrees of freedom gives the long tail of the rare huge-norm
+    tokens), mu a fixed direction of norm 0.8 sqrt(d).
+    """
+    rng = np.random.default_rng(seed * 7919 + d)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    scales = (np.arange(d) + 1.0) ** -0.5
+    basis = (q * scales).astype(np.float32)  # columns: axes scaled by their std
+    mu = rng.standard_normal(d).astype(np.float32)
+    mu *= 0.8 * np.sqrt(d) / np.linalg.norm(mu)
+    out = np.empty((n_rows, d), dtype=np.float32)
+    for s in range(0, n_rows, 16384):
+        n = min(16384, n_rows - s)
+        g = rng.standard_normal((n, d), dtype=np.float32) @ basis.T
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
+        t = np.abs(rng.standard_t(3, size=(n, 1))) / 1.1  # E|t_3| = 2 sqrt(3) / pi ~ 1.1
+        r = np.sqrt(d) * rng.lognormal(0.0, 0.5, size=(n, 1)) * np.minimum(t, 50.0)
+        out[s : s + n] = mu + (g * r).astype(np.float32)
+    out *= np.float32(np.sqrt(d / np.mean(np.sum(out.astype(np.float64) ** 2, axis=1))))
+    return out
+
+
+# --------------------------------------------------------------------------- helpers (workers)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Samples RSS every `interval` seconds in a daemon thread between start() and stop()."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        return self.peak
+
+
+def _make_trainer(spec: dict, d: int):
+    import torch
+
+    from train.config import get_default_cfg, post_init_cfg, update_cfg
+    from train.training import Trainer, build_from_cfg, make_optimizer
+
+    cfg = update_cfg(get_default_cfg(), arch=spec["arch"], expansion=spec["expansion"], k=spec["k"],
+                     batch_size=spec["batch_size"], device=spec["device"], wandb_mode="disabled", seed=0,
+                     b_dec_init="mean")
+    cfg = post_init_cfg(cfg, d, SITE)
+    device = torch.device(spec["device"])
+    sae = build_from_cfg(cfg, device)
+    trainer = Trainer(cfg, sae, None, make_optimizer(cfg, sae), Path(spec["tmp"]), progress=False)
+    return cfg, sae, trainer
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_floor(x, W, device: str, reps: int = 3) -> list[float]:
+    import torch
+
+    torch.mm(x, W)
+    out = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(x, W)
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def worker_ours(spec: dict) -> dict:
+    """Our Trainer's step on in-memory batches; floor; peak memory. Runs in a fresh subprocess."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    cuda = device.startswith("cuda")
+    arr = np.load(spec["data"])
+    batches = [torch.from_numpy(b.copy()).to(device) for b in arr]
+    del arr
+    d, B = batches[0].shape[1], spec["batch_size"]
+    _sync(device)
+    base = torch.cuda.memory_allocated() if cuda else rss_bytes()
+
+    cfg, sae, trainer = _make_trainer(spec, d)
+    sae.init_b_dec(batches[0], method="mean")
+    n_dead = int(round(spec["dead_fraction"] * sae.d_sae))
+
+    def step(i: int) -> None:
+        if n_dead:
+            sae.tokens_since_fired[:n_dead] = cfg.dead_tokens_threshold + 1
+        trainer.after_step(trainer.train_step(batches[i % len(batches)]))
+
+    for i in range(spec["warmup"]):
+        step(i)
+    W = sae.W_enc.detach().clone()
+    floors = _time_floor(batches[0], W, device)
+    del W
+    sampler = PeakRSS()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        sampler.start()
+    times = []
+    for i in range(spec["warmup"], spec["warmup"] + spec["steps"]):
+        _sync(device)
+        t0 = time.perf_counter()
+        step(i)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if cuda else sampler.stop()
+    W = sae.W_enc.detach().clone()
+    floors += _time_floor(batches[0], W, device)
+    del W
+
+    params = sum(p.numel() * p.element_size() for p in sae.parameters())
+    adam = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+    batch_bytes = batches[0].numel() * batches[0].element_size()
+    step_peak = peak - base + batch_bytes
+    med, floor = statistics.median(times), statistics.median(floors)
+    return {"arch": spec["arch"], "d_in": d, "d_sae": sae.d_sae, "k": spec["k"], "batch_size": B,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
+            "step_s": times, "median_step_s": med, "tokens_per_s": B / med, "floor_s": floor, "floors_s": floors,
+            "step_over_floor": med / floor, "weights_bytes": params, "adam_bytes": adam, "batch_bytes": batch_bytes,
+            "step_peak_bytes": step_peak, "mem_ratio": step_peak / (params + adam + batch_bytes),
+            "mem_method": "cuda max_memory_allocated" if cuda else "RSS sampled every 1 ms",
+            "dead_forced": n_dead, "dead_latents_end": int(sae.dead_mask().sum())}
+
+
+def worker_datawait(spec: dict) -> dict:
+    """A realistic run: ActivationStore over a float16 cache feeding Trainer.train_step."""
+    import torch
+
+    from shared.cache import CacheSpec, CacheWriter, SiteRecord
+    from train.activation_store import ActivationStore
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    d, B, rows = spec["d_in"], spec["batch_size"], spec["rows_per_shard"]
+    path = Path(spec["tmp"]) / "cache"
+    cspec = CacheSpec(model={"id": "synthetic"}, dataset={"id": "synthetic"}, context_length=128,
+                      bos_policy={"policy": "none"}, sites=[SiteRecord(SITE, 8, "resid_pre", "model.layers.8")],
+                      d_model=d, dtype="float16", rows_per_shard=rows, planned_rows=spec["shards"] * rows)
+    t0 = time.perf_counter()
+    w = CacheWriter.create_or_open(path, cspec)
+    for s in range(spec["shards"]):
+        x = make_activations(rows, d, seed=100 + s) * np.float32(3.0)  # un-normalised scale; the store rescales
+        g = np.arange(s * rows, (s + 1) * rows, dtype=np.int32)
+        w.write_shard(s, {SITE: x.astype(np.float16)}, g // 128, g % 128)
+    w.seal()
+    build_s = time.perf_counter() - t0
+
+    store = ActivationStore(path, batch_size=B, window_shards=spec["window_shards"], seed=0, normalize=True,
+                            device=spec["device"])
+    try:
+        cfg, sae, trainer = _make_trainer(spec, d)
+        sae.init_b_dec(store.next_batch(), method="mean")
+        store.seek(0)
+        waits, totals = [], []
+        for i in range(spec["warmup"] + spec["steps"]):
+            _sync(spec["device"])
+            t0 = time.perf_counter()
+            x = store.next_batch()
+            t1 = time.perf_counter()
+            trainer.after_step(trainer.train_step(x))
+            _sync(spec["device"])
+            t2 = time.perf_counter()
+            if i >= spec["warmup"]:
+                waits.append(t1 - t0)
+                totals.append(t2 - t0)
+    finally:
+        store.close()
+    return {"arch": spec["arch"], "d_in": d, "d_sae": sae.d_sae, "batch_size": B, "cache_build_s": build_s,
+            "shards": spec["shards"], "rows_per_shard": rows, "window_shards": spec["window_shards"],
+            "wait_s": waits, "step_s": totals, "wait_fraction": sum(waits) / sum(totals),
+            "max_wait_s": max(waits), "tokens_per_s": B * len(totals) / sum(totals)}
+
+
+def worker_main(mode: str, spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result = {"ours": worker_ours, "datawait": worker_datawait}[mode](spec)
+    Path(spec["out"]).write_text(json.dumps(result, indent=1))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def saelens_python(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(interpreter, reason it is absent)."""
+    if args.no_saelens:
+        return None, "--no-saelens given"
+    candidates = [args.saelens_python] if args.saelens_python else []
+    if importlib.util.find_spec("sae_lens") is not None:
+        candidates.append(sys.executable)
+    if not args.saelens_python:
+        candidates.append("/opt/saelens-venv/bin/python")
+    for exe in candidates:
+        exe = shutil.which(exe) or exe
+        if Path(exe).exists() and subprocess.run([exe, "-c", "import sae_lens"], capture_output=True).returncode == 0:
+            return exe, ""
+    tried = ", ".join(candidates) or "none"
+    return None, f"SAELens not importable (tried: {tried}); install it per pipelines/requirements-saelens.txt"
+
+
+def child_env(args: argparse.Namespace) -> dict:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    if args.thp:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    else:
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
+    if args.malloc_cache:  # glibc keeps freed blocks (no mmap/munmap per large tensor): no page faults after warm-up
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def run_child(cmd: list[str], out: Path, env: dict, timeout: float, log: Path) -> dict | str:
+    """Run a worker; its JSON result, or a one-line reason it failed."""
+    try:
+        with open(log, "w") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if proc.returncode != 0 or not out.exists():
+        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        return f"exit {proc.returncode}: {tail[0][:200]}"
+    return json.loads(out.read_text())
+
+
+def run_ours(args, mode: str, spec: dict, tmp: Path, name: str) -> dict | str:
+    spec = {**spec, "out": str(tmp / f"{name}.json"), "tmp": str(tmp)}
+    spec_path = tmp / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, str(spec_path)]
+    return run_child(cmd, Path(spec["out"]), child_env(args), args.timeout, tmp / f"{name}.log")
+
+
+def run_saelens(args, exe: str, data: Path, arch: str, expansion: int, tmp: Path, name: str) -> dict | str:
+    out = tmp / f"{name}.json"
+    cmd = [exe, str(SAELENS_WORKER), "--data", str(data), "--arch", arch, "--expansion", str(expansion),
+           "--k", str(args.k), "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
+           "--steps", str(args.steps), "--device", args.device, "--out", str(out),
+           "--dead-fraction", str(args.dead_fraction)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.saelens_sparse_topk:
+        cmd += ["--sparse-topk"]
+    return run_child(cmd, out, child_env(args), args.timeout, tmp / f"{name}.log")
+
+
+def _mark(value: float | None, target: float | None, higher_is_better: bool) -> str:
+    if value is None or target is None:
+        return ""
+    ok = value >= target if higher_is_better else value <= target
+    return " ok" if ok else " MISS"
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def build_rows(results: list[dict]) -> list[dict]:
+    rows = []
+    for r in results:
+        ours, theirs = r["ours"], r["saelens"]
+        row = {"variant": r["arch"], "d_in": r["d_in"], "width": f"{r['expansion']}x ({r['expansion'] * r['d_in']})"}
+        if isinstance(ours, dict):
+            row.update(ours_ms=ours["median_step_s"] * 1e3, ours_tps=ours["tokens_per_s"],
+                       floor_ms=ours["floor_s"] * 1e3, step_floor=ours["step_over_floor"], mem=ours["mem_ratio"],
+                       mem_mb=ours["step_peak_bytes"] / 2**20)
+        else:
+            row["ours_error"] = ours
+        if isinstance(theirs, dict):
+            row.update(sl_ms=theirs["median_step_s"] * 1e3, sl_tps=theirs["tokens_per_s"])
+            if isinstance(ours, dict):
+                row["speedup"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+                row["speedup_norm"] = (theirs["median_step_s"] / theirs["floor_s"]) / ours["step_over_floor"]
+                row["sl_mem"] = (theirs["rss_peak"] - theirs["rss_base"] + ours["batch_bytes"]) / (
+                    ours["weights_bytes"] + ours["adam_bytes"] + ours["batch_bytes"])
+        else:
+            row["sl_error"] = theirs
+        rows.append(row)
+    return rows
+
+
+HEAD = ["variant", "d_in", "width", "ours ms/step", "ours tok/s", "SAELens tok/s", "speedup",
+        "speedup/floor", "floor ms", "step/floor", "mem ratio (SAELens)"]
+
+
+def table_lines(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        v = r["variant"]
+        sp = r.get("speedup")
+        out.append([
+            v, str(r["d_in"]), r["width"], _fmt(r.get("ours_ms"), ".0f") if "ours_error" not in r else "error",
+            _fmt(r.get("ours_tps"), ".0f"),
+            _fmt(r.get("sl_tps"), ".0f") if "sl_error" not in r else "skipped",
+            _fmt(sp, ".2f") + _mark(sp, TARGET_SPEEDUP.get(v), True),
+            _fmt(r.get("speedup_norm"), ".2f") + _mark(r.get("speedup_norm"), TARGET_SPEEDUP.get(v), True),
+            _fmt(r.get("floor_ms"), ".0f"),
+            _fmt(r.get("step_floor"), ".2f") + _mark(r.get("step_floor"), TARGET_FLOOR.get(v), False),
+            _fmt(r.get("mem"), ".2f") + (f" ({r['sl_mem']:.2f})" if "sl_mem" in r else ""),
+        ])
+    return out
+
+
+def print_table(lines: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(HEAD)]
+    print("  ".join(h.rjust(w) for h, w in zip(HEAD, widths)))
+    for l in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
+
+
+def markdown(lines: list[list[str]], header: str, notes: list[str]) -> str:
+    md = [header, "", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    md += ["| " + " | ".join(l) + " |" for l in lines]
+    return "\n".join(md + [""] + notes) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker_main(sys.argv[2], sys.argv[3])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of topk, batchtopk, vanilla, jumprelu")
+    p.add_argument("--d-in", default="576,768", help="comma list of input widths")
+    p.add_argument("--expansions", default="8", help="comma list of width / d_in (e.g. 8,32)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32, help="topk / batchtopk")
+    p.add_argument("--steps", type=int, default=4, help="measured steps per config and side (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="steps run before measuring")
+    p.add_argument("--distinct-batches", type=int, default=4, help="pre-generated batches, cycled")
+    p.add_argument("--dead-fraction", type=float, default=0.0,
+                   help="force this fraction of latents dead before every step, both sides (AuxK runs)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads in every subprocess (0: torch's default)")
+    p.add_argument("--thp", action=argparse.BooleanOptionalAction, default=True,
+                   help="THP_MEM_ALLOC_ENABLE=1 in every subprocess (huge pages for large CPU tensors)")
+    p.add_argument("--malloc-cache", action="store_true",
+                   help="MALLOC_MMAP_MAX_=0 and a huge MALLOC_TRIM_THRESHOLD_ in every subprocess: freed tensors "
+                        "are reused instead of unmapped, so large allocations stop page-faulting")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--saelens-python", default=None,
+                   help="interpreter with sae_lens (default: this one, else /opt/saelens-venv/bin/python)")
+    p.add_argument("--no-saelens", action="store_true")
+    p.add_argument("--saelens-sparse-topk", action="store_true", help="SAELens TopK with use_sparse_activations=True")
+    p.add_argument("--data-wait-steps", type=int, default=12, help="steps of the realistic store-fed run (0 skips it)")
+    p.add_argument("--data-wait-variant", default="topk")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the table as Markdown here")
+    p.add_argument("--json", type=Path, default=None, help="write every measurement here")
+    p.add_argument("--keep", type=Path, default=None, help="keep data and worker logs in this folder")
+    args = p.parse_args(argv)
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    d_ins = [int(v) for v in args.d_in.split(",")]
+    expansions = [int(v) for v in args.expansions.split(",")]
+    exe, why = saelens_python(args)
+    tmp = args.keep or Path(tempfile.mkdtemp(prefix="bench_train_step_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    cmdline = "python pipelines/bench_train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    header = (f"Training-step benchmark: batch {args.batch_size}, k {args.k}, {args.steps} measured steps after "
+              f"{args.warmup} warm-up (medians), threads {args.threads or 'default'}, THP "
+              f"{'on' if args.thp else 'off'}, malloc cache {'on' if args.malloc_cache else 'off'}, device "
+              f"{args.device}, dead fraction forced {args.dead_fraction}")
+    print(header, flush=True)
+    print("SAELens: " + (exe if exe else f"skipped: {why}"), flush=True)
+    t_start = time.perf_counter()
+    results = []
+    try:
+        data = {}
+        for d in d_ins:
+            data[d] = tmp / f"acts_{d}.npy"
+            x = make_activations(args.distinct_batches * args.batch_size, d)
+            np.save(data[d], x.reshape(args.distinct_batches, args.batch_size, d))
+        for d in d_ins:
+            for e in expansions:
+                for v in variants:
+                    name = f"{v}_{d}_{e}x"
+                    spec = {"arch": v, "expansion": e, "k": args.k, "batch_size": args.batch_size, "steps": args.steps,
+                            "warmup": args.warmup, "threads": args.threads, "device": args.device,
+                            "dead_fraction": args.dead_fraction, "data": str(data[d])}
+                    ours = run_ours(args, "ours", spec, tmp, f"ours_{name}")
+                    theirs = run_saelens(args, exe, data[d], v, e, tmp, f"saelens_{name}") if exe else why
+                    results.append({"arch": v, "d_in": d, "expansion": e, "ours": ours, "saelens": theirs})
+                    row = build_rows(results[-1:])[0]
+                    print(f"  {name}: ours {_fmt(row.get('ours_ms'), '.0f')} ms/step "
+                          f"(floor {_fmt(row.get('floor_ms'), '.0f')} ms, x{_fmt(row.get('step_floor'), '.2f')}), "
+                          f"SAELens {_fmt(row.get('sl_ms'), '.0f')} ms/step, speedup {_fmt(row.get('speedup'), '.2f')}"
+                          + (f"  [ours: {ours}]" if isinstance(ours, str) else "")
+                          + (f"  [SAELens: {theirs}]" if exe and isinstance(theirs, str) else ""), flush=True)
+        wait = None
+        if args.data_wait_steps > 0:
+            d = d_ins[-1]
+            spec = {"arch": args.data_wait_variant, "expansion": expansions[0], "k": args.k, "d_in": d,
+                    "batch_size": args.batch_size, "steps": args.data_wait_steps, "warmup": 2, "threads": args.threads,
+                    "device": args.device, "rows_per_shard": 16384, "window_shards": 2,
+                    "shards": max(2, -(-(args.data_wait_steps + 3) * args.batch_size // 16384))}
+            wait = run_ours(args, "datawait", spec, tmp, "datawait")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = build_rows(results)
+    lines = table_lines(rows)
+    print()
+    print_table(lines)
+    mem_method = next((r["ours"]["mem_method"] for r in results if isinstance(r["ours"], dict)), "n/a")
+    notes = [f"Command: `{cmdline}`", "",
+             "Targets: speedup >= 2.0 (topk, batchtopk), >= 1.2 (vanilla, jumprelu); step/floor <= 2.0 (topk, "
+             "batchtopk); data wait < 5%. 'MISS' marks a missed target. speedup/floor: each side's step over its "
+             "own process's matmul floor (cancels load drift between the two subprocesses).",
+             f"mem ratio: peak step memory / (weights + Adam state + one batch); method: {mem_method} (SAELens in "
+             "parentheses, same method and denominator)."]
+    if not exe:
+        notes.append(f"SAELens columns skipped: {why}.")
+    if wait is not None:
+        if isinstance(wait, dict):
+            line = (f"Data wait ({wait['arch']}, d_in {wait['d_in']}, width {wait['d_sae']}, ActivationStore over a "
+                    f"float16 cache of {wait['shards']} x {wait['rows_per_shard']} rows, window "
+                    f"{wait['window_shards']} shards): {100 * wait['wait_fraction']:.2f}% of wall time in "
+                    f"next_batch() over {len(wait['step_s'])} steps (max wait {1e3 * wait['max_wait_s']:.1f} ms)"
+                    f"{_mark(wait['wait_fraction'], TARGET_WAIT, False)}.")
+        else:
+            line = f"Data wait run failed: {wait}"
+        print(line)
+        notes.append(line)
+    notes.append(f"Total benchmark time: {time.perf_counter() - t_start:.0f} s.")
+    print(notes[-1])
+    if args.markdown:
+        args.markdown.write_text(markdown(lines, header, notes))
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "command": cmdline, "rows": rows, "raw": results,
+                                         "data_wait": wait, "saelens": exe or why}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

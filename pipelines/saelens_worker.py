@@ -1,0 +1,139 @@
+"""Train SAELens' TopK SAE with its SAETrainer on rows exported by compare_saelens.py.
+
+Runs under an interpreter that has `sae_lens` installed (its own venv; see
+requirements-saelens.txt); needs only numpy, torch and sae_lens, never this repository.
+
+    /opt/saelens-venv/bin/python pipelines/saelens_worker.py --train DIR/train.npy \
+        --heldout DIR/heldout.npy --out DIR/result.json --weights DIR/weights.npz \
+        --k 32 --expansion 8 --batch-size 4096 --steps 245 --lr 4e-4 --decay-fraction 0.2
+
+train.npy [steps * batch_size, d] float32 holds the training batches in the order to feed them
+(already normalised: SAELens' normalize_activations is "none"); they reach `SAETrainer` through a
+plain iterator. Everything not set here is SAELens' default for `TopKTrainingSAEConfig` and
+`SAETrainerConfig` (decoder_init_norm 0.1, rescale_acts_by_decoder_norm, b_dec zeros, AuxK
+coefficient 1, dead_feature_window 1000 steps, gradient clipping at 1.0, dense TopK activations:
+SAELens 6.54.12's use_sparse_activations=True fails in backward on CPU torch 2.13 with
+"Could not run 'aten::view' with arguments from the 'SparseCPU' backend").
+
+Writes weights.npz (the inference weights with the decoder norm folded in: W_enc [d, m],
+b_enc [m], W_dec [m, d] with unit rows, b_dec [d], k, apply_b_dec_to_input) and result.json:
+SAELens' version, wall time, tokens/s, its own count of dead latents (dead_feature_window), and a
+held-out evaluation through SAELens' own encode/decode (explained variance, L0, never-fired
+latents) as a cross-check of the caller's evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def batches(path: Path, batch_size: int):
+    """Iterator over consecutive batch_size rows of a .npy file (memory-mapped), cycling."""
+    rows = np.load(path, mmap_mode="r")
+    n = rows.shape[0] // batch_size
+    while True:
+        for i in range(n):
+            yield torch.from_numpy(np.array(rows[i * batch_size : (i + 1) * batch_size]))  # a writable copy
+
+
+@torch.no_grad()
+def heldout_eval(sae, heldout: torch.Tensor, batch: int = 4096) -> dict:
+    sae.eval()
+    sq_err = l0 = 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for x in heldout.split(batch):
+        f = sae.encode(x)
+        f = f.to_dense() if f.is_sparse else f
+        x_hat = sae.decode(f)
+        sq_err += float((x - x_hat).double().pow(2).sum())
+        l0 += float((f > 0).sum())
+        fired |= (f > 0).any(0)
+    x64 = heldout.double()
+    total = float((x64 - x64.mean(0)).pow(2).sum())
+    n = heldout.shape[0]
+    return {"explained_variance": 1 - sq_err / total, "mse": sq_err / n, "l0": l0 / n,
+            "dead": int((~fired).sum()), "dead_fraction": float((~fired).float().mean()), "rows": n}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--train", type=Path, required=True)
+    p.add_argument("--heldout", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--expansion", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--steps", type=int, required=True, help="optimiser steps (batches of train.npy fed)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--decay-fraction", type=float, default=0.0, help="linear decay to 0 over this last fraction of steps")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--aux-coeff", type=float, default=None, help="default: SAELens' (1.0)")
+    p.add_argument("--dead-feature-window", type=int, default=None, help="steps; default: SAELens' (1000)")
+    p.add_argument("--decoder-init-norm", type=float, default=None, help="default: SAELens' (0.1); <= 0 disables")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+
+    import sae_lens
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    torch.manual_seed(args.seed)
+    d = int(np.load(args.train, mmap_mode="r").shape[1])
+    extra = {}
+    if args.aux_coeff is not None:
+        extra["aux_loss_coefficient"] = args.aux_coeff
+    if args.decoder_init_norm is not None:
+        extra["decoder_init_norm"] = args.decoder_init_norm if args.decoder_init_norm > 0 else None
+    sae_cfg = TopKTrainingSAEConfig(d_in=d, d_sae=args.expansion * d, k=args.k, device=args.device,
+                                    normalize_activations="none", **extra)
+    sae = TopKTrainingSAE(sae_cfg)
+    total_steps = args.steps
+    # SAETrainer loops while samples < total_training_samples; one step per batch.
+    trainer_kw = {}
+    if args.dead_feature_window is not None:
+        trainer_kw["dead_feature_window"] = args.dead_feature_window
+    tcfg = SAETrainerConfig(
+        total_training_samples=total_steps * args.batch_size, train_batch_size_samples=args.batch_size,
+        lr=args.lr, lr_end=args.lr, lr_scheduler_name="constant", lr_warm_up_steps=args.warmup_steps,
+        lr_decay_steps=int(round(args.decay_fraction * total_steps)), device=args.device, **trainer_kw,
+    )
+    trainer = SAETrainer(tcfg, sae, batches(args.train, args.batch_size))
+    t0 = time.perf_counter()
+    sae = trainer.fit()
+    wall = time.perf_counter() - t0
+    saelens_dead = int(trainer.dead_neurons.sum())
+
+    heldout = torch.from_numpy(np.load(args.heldout))
+    native = heldout_eval(sae, heldout)
+
+    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    sae.process_state_dict_for_saving_inference(state)  # folds the decoder norm (rescale_acts_by_decoder_norm)
+    np.savez(args.weights, W_enc=state["W_enc"].numpy(), b_enc=state["b_enc"].numpy(),
+             W_dec=state["W_dec"].numpy(), b_dec=state["b_dec"].numpy(), k=np.int64(args.k),
+             apply_b_dec_to_input=np.bool_(sae.cfg.apply_b_dec_to_input))
+    result = {
+        "version": sae_lens.__version__, "torch": torch.__version__, "steps": trainer.n_training_steps,
+        "tokens": trainer.n_training_samples, "wall_s": wall, "tokens_per_s": trainer.n_training_samples / wall,
+        "saelens_dead_latents": saelens_dead, "dead_feature_window": tcfg.dead_feature_window,
+        "sae_config": {k: v for k, v in sae_cfg.to_dict().items() if k != "metadata"},
+        "trainer_config": {k: getattr(tcfg, k) for k in ("lr", "lr_end", "lr_scheduler_name", "lr_warm_up_steps",
+                                                          "lr_decay_steps", "adam_beta1", "adam_beta2",
+                                                          "dead_feature_window", "total_training_samples",
+                                                          "train_batch_size_samples")},
+        "native_eval": native,
+    }
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps({k: result[k] for k in ("version", "tokens", "wall_s", "tokens_per_s", "native_eval")}))
+
+
+if __name__ == "__main__":
+    main()
