@@ -64,8 +64,8 @@ SKIP_LINE = "skipped: SAELens not installed (see pipelines/requirements-saelens.
 # jumprelu: threshold_init 0.5 and lr 2e-3, because log_threshold moves by about lr per Adam step: from
 # the default 0.001 it cannot reach a useful threshold in a few hundred steps (L0 stays in the thousands).
 VARIANT_DEFAULTS: dict[str, dict[str, object]] = {
-    "vanilla": {"l1_coeff": 2.0},
-    "jumprelu": {"l0_coeff": 1.0, "threshold_init": 0.5, "lr": 2e-3},
+    "vanilla": {"l1_coeff": 1.5},
+    "jumprelu": {"l0_coeff": 0.5, "threshold_init": 0.5, "lr": 2e-3},
 }
 
 
@@ -75,7 +75,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, object]] = {
 def our_config(args: argparse.Namespace, arch: str, out: Path, **extra):
     cfg = update_cfg(
         get_default_cfg(), store=str(args.cache), arch=arch, k=args.k, expansion=args.expansion,
-        batch_size=args.batch_size, tokens=args.tokens, heldout_shards=1, normalize=True, drop_bos=True,
+        batch_size=args.batch_size, tokens=args.tokens, heldout_shards=args.heldout_shards, normalize=True, drop_bos=True,
         lr=args.lr, lr_decay="linear", lr_decay_start=args.lr_decay_start, seed=args.seed, device=args.device,
         out=str(out), wandb_mode="disabled",
         checkpoint_every=max(args.tokens * 2, 1), log_every=10,
@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="run folder root (default: a temp dir, removed)")
     p.add_argument("--tokens", type=int, default=1_000_000, help="training token budget for every SAE")
     p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--heldout-shards", type=int, default=1, help="last shards of the cache held out (both trainers)")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--lr", type=float, default=4e-4, help="Adam lr for ours and (unless --saelens-lr) SAELens")

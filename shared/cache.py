@@ -478,7 +478,7 @@ class CacheWriter:
         the rest of the chunk is zero padding, removed by `seal`.
         """
         spec = self.spec
-        if shard in self.done_shards():
+        if self.layout.record(shard).exists():  # one stat, not a re-read of the whole ledger
             raise CacheError(f"shard {shard} of {self.layout.root} is already committed")
         start, stop = self.shard_bounds(shard)
         rows = len(tokens)
