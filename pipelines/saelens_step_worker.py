@@ -10,9 +10,12 @@ repository.
 --data holds [n, batch_size, d] float32 batches (already normalised: normalize_activations is
 "none"); they are loaded into memory first and fed to `SAETrainer.fit()` through a plain Python
 iterator that cycles over them, so data loading is not timed. The time of step i is the time
-between the iterator pulls for steps i and i + 1 (everything fit() does per step: forward,
-backward, clipping, Adam, scheduler, dead-latent bookkeeping, progress bar); the first --warmup
-steps are dropped. One extra step is run so that the last measured step has a closing pull.
+from the iterator's hand-over of batch i to the start of the pull for step i + 1 (everything
+fit() does per step: forward, backward, clipping, Adam, scheduler, dead-latent bookkeeping,
+progress bar); the first --warmup steps are dropped. One extra step is run so that the last
+measured step has a closing pull. Inside each pull after a measured step, before the next batch
+is handed over (so outside any step's time), one dense torch.mm([batch, d] x [d, d_sae]) is
+timed: the floor paired with that step.
 
 Architectures and SAELens defaults: vanilla = StandardTrainingSAE, topk = TopKTrainingSAE,
 batchtopk = BatchTopKTrainingSAE, jumprelu = JumpReLUTrainingSAE ("step" L0 loss); everything
@@ -26,8 +29,9 @@ Memory: resident set size (from /proc/self/statm) sampled every millisecond by a
 the measured steps; `rss_base` is the RSS after the batches are loaded and before the SAE is
 built, so peak - base is the memory the SAE, its optimiser and the step itself added.
 
-Writes JSON: step_s (list), median_step_s, tokens_per_s (batch_size / median step), floor_s (one
-dense [batch, d] x [d, d_sae] matmul, median), rss_base, rss_peak, versions.
+Writes JSON: step_s (list), median_step_s, tokens_per_s (batch_size / median step), floors_s
+and floor_s (their median), step_over_floor (median of step / its floor), rss_base, rss_peak,
+versions.
 """
 
 from __future__ import annotations
@@ -93,16 +97,6 @@ def build(arch: str, d: int, d_sae: int, k: int, device: str, sparse_topk: bool)
     raise SystemExit(f"unknown arch {arch!r}; use vanilla, topk, batchtopk or jumprelu")
 
 
-def time_floor(x: torch.Tensor, W: torch.Tensor, reps: int = 3) -> float:
-    torch.mm(x, W)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(x, W)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True, help=".npy of [n, batch_size, d] float32 batches")
@@ -140,7 +134,9 @@ def main() -> None:
     tcfg = SAETrainerConfig(total_training_samples=n_steps * args.batch_size,
                             train_batch_size_samples=args.batch_size, lr=4e-4, lr_end=4e-4,
                             device=args.device)
-    pulls: list[float] = []
+    pulls: list[float] = []  # when each step's batch was handed over
+    starts: list[float] = []  # when each pull began (the previous step ended)
+    floors: list[float] = []
     sampler = PeakRSS()
     n_dead = int(round(args.dead_fraction * d_sae))
     trainer: SAETrainer | None = None
@@ -153,7 +149,12 @@ def main() -> None:
         i = 0
         while True:
             sync()
+            starts.append(time.perf_counter())
+            if len(starts) > args.warmup:  # the floor, right after the step just finished (not timed as a step)
+                torch.mm(batches[0], sae.W_enc.detach())
+                sync()
             pulls.append(time.perf_counter())
+            floors.append(pulls[-1] - starts[-1])
             if len(pulls) == args.warmup + 1:
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
@@ -169,14 +170,15 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - t0
-    steps = [b - a for a, b in zip(pulls[args.warmup:], pulls[args.warmup + 1:])][: args.steps]
-    floor = time_floor(batches[0], sae.W_enc.detach())
+    steps = [b - a for a, b in zip(pulls[args.warmup:], starts[args.warmup + 1:])][: args.steps]
+    floors = floors[args.warmup + 1:][: args.steps]  # floors[i + 1] was measured right after step i
     med = statistics.median(steps)
     result = {
         "version": sae_lens.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "arch": args.arch, "sae_class": type(sae).__name__, "d_in": d, "d_sae": d_sae, "k": args.k,
         "batch_size": args.batch_size, "step_s": steps, "median_step_s": med, "mean_step_s": sum(steps) / len(steps),
-        "tokens_per_s": args.batch_size / med, "floor_s": floor, "wall_s": wall,
+        "tokens_per_s": args.batch_size / med, "floor_s": statistics.median(floors), "floors_s": floors,
+        "step_over_floor": statistics.median(t / f for t, f in zip(steps, floors)), "wall_s": wall,
         "rss_base": rss_base, "rss_peak": sampler.peak, "dead_forced": n_dead,
         "cuda_peak": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
     }
