@@ -198,6 +198,8 @@ def worker_ours(spec: dict) -> dict:
     cfg, sae, trainer = _make_trainer(spec, d)
     sae.init_b_dec(batches[0], method="mean")
     n_dead = int(round(spec["dead_fraction"] * sae.d_sae))
+    with torch.no_grad():  # latents that can never fire, so that they stay dead through the step's own update
+        sae.b_enc[:n_dead] = -1e4
 
     def step(i: int) -> None:
         if n_dead:
@@ -447,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="steps run before measuring")
     p.add_argument("--distinct-batches", type=int, default=4, help="pre-generated batches, cycled")
     p.add_argument("--dead-fraction", type=float, default=0.0,
-                   help="force this fraction of latents dead before every step, both sides (AuxK runs)")
+                   help="make this fraction of latents dead on both sides (encoder bias -1e4, so they never fire, "
+                        "and dead counters past the threshold before every step), so that AuxK runs")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads in every subprocess (0: torch's default)")
     p.add_argument("--thp", action=argparse.BooleanOptionalAction, default=True,

@@ -21,9 +21,10 @@ Architectures and SAELens defaults: vanilla = StandardTrainingSAE, topk = TopKTr
 batchtopk = BatchTopKTrainingSAE, jumprelu = JumpReLUTrainingSAE ("step" L0 loss); everything
 not set here is SAELens' default (wandb off, no checkpoints, no autocast).
 
---dead-fraction f marks the first f * d_sae latents dead before every step (SAELens' counter
-n_forward_passes_since_fired is set past dead_feature_window inside the iterator pull), so that
-its AuxK loss runs: the same dead set bench_train_step.py forces on our trainer.
+--dead-fraction f makes the first f * d_sae latents dead: their encoder bias is set to -1e4 (they
+never fire) and SAELens' counter n_forward_passes_since_fired is set past dead_feature_window
+inside every iterator pull, so that its AuxK loss runs: the same dead set bench_train_step.py
+makes in our trainer.
 
 Memory: resident set size (from /proc/self/statm) sampled every millisecond by a thread during
 the measured steps; `rss_base` is the RSS after the batches are loaded and before the SAE is
@@ -139,6 +140,8 @@ def main() -> None:
     floors: list[float] = []
     sampler = PeakRSS()
     n_dead = int(round(args.dead_fraction * d_sae))
+    with torch.no_grad():  # latents that can never fire (the same ones bench_train_step.py kills in ours)
+        sae.b_enc[:n_dead] = -1e4
     trainer: SAETrainer | None = None
 
     def sync() -> None:

@@ -24,9 +24,10 @@ non-zero. forward() updates it in training mode; a latent is dead once the count
 Cost of a training forward: the fast TopK/BatchTopK paths keep the batch's active latents as a
 sparse list (`Active`) and take the metrics, the dead-latent update and `SAEOutput.fired` from
 it, so beyond the encoder matmul and the selection only `latents` (a zero fill and a scatter)
-touches [B, m] memory. On the CPU, AuxK reads the number of dead latents on the host (there is
-no device to wait for): nothing is computed when none is dead, and only the dead columns are
-searched otherwise. On CUDA it stays sync-free (masking, as described above).
+touches [B, m] memory. On the CPU, AuxK reads the dead set on the host (there is no device to
+wait for): nothing is computed when no latent is dead, and otherwise the fast paths work on the
+dead latents' columns only, as small dense matmuls ([B, d] x [d, n_dead] and back). On CUDA it
+stays sync-free (masking, as described above).
 """
 import math
 from typing import NamedTuple
@@ -175,17 +176,20 @@ class BaseAutoencoder(nn.Module):
             return x.new_zeros(())
         dead = self.dead_mask()
         k_aux = min(self.aux_k, self.d_sae)
-        if dead.device.type == "cpu":  # a host read costs nothing here: skip or narrow the search
+        if dead.device.type == "cpu":  # a host read costs nothing here: skip, or work on the dead block only
             dead_idx = dead.nonzero().squeeze(1)
             if dead_idx.numel() == 0:
                 return x.new_zeros(())  # what the masked path computes, exactly, without computing it
-            if self.fast:  # top k_aux among the dead columns only
-                sub = pre.detach().index_select(1, dead_idx)
-                idx = dead_idx[sub.topk(min(k_aux, dead_idx.numel()), dim=1, sorted=False).indices]
-                vals = GatherEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, pre.detach(), idx)
+            if self.fast:  # the dead latents as a dense [B, n_dead] block: small matmuls instead of gathers
+                z = CenteredEncode.apply(x, self.b_dec, self.W_enc.index_select(1, dead_idx),
+                                         self.b_enc.index_select(0, dead_idx))
+                acts = z.relu()
+                if k_aux < dead_idx.numel():  # keep each token's k_aux largest
+                    top = z.detach().topk(k_aux, dim=1, sorted=False).indices
+                    acts = acts * torch.zeros_like(acts).scatter_(1, top, 1.0)
                 e = (x - x_hat).detach()
-                aux = (sparse_decode(vals, idx, self.W_dec) - e).pow(2).sum() / e.pow(2).sum().clamp_min(
-                    torch.finfo(e.dtype).tiny)
+                e_hat = acts @ self.W_dec.index_select(0, dead_idx)
+                aux = (e_hat - e).pow(2).sum() / e.pow(2).sum().clamp_min(torch.finfo(e.dtype).tiny)
                 return self.aux_coeff * aux
         masked = torch.where(dead, pre, -torch.inf)  # live latents can never be chosen (relu(-inf) = 0)
         if self.fast:
