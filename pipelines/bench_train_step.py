@@ -154,7 +154,7 @@ def _make_trainer(spec: dict, d: int):
 
     cfg = update_cfg(get_default_cfg(), arch=spec["arch"], expansion=spec["expansion"], k=spec["k"],
                      batch_size=spec["batch_size"], device=spec["device"], wandb_mode="disabled", seed=0,
-                     b_dec_init="mean")
+                     b_dec_init="mean", autocast=spec.get("autocast", "none"), compile=spec.get("compile", False))
     cfg = post_init_cfg(cfg, d, SITE)
     device = torch.device(spec["device"])
     sae = build_from_cfg(cfg, device)
@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="MALLOC_MMAP_MAX_=0 and a huge MALLOC_TRIM_THRESHOLD_ in every subprocess: freed tensors "
                         "are reused instead of unmapped, so large allocations stop page-faulting")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="our trainer's autocast setting (train config key autocast); SAELens runs as it defaults")
+    p.add_argument("--compile", action="store_true", help="our trainer with torch.compile (config key compile)")
     p.add_argument("--saelens-python", default=None,
                    help="interpreter with sae_lens (default: this one, else /opt/saelens-venv/bin/python)")
     p.add_argument("--no-saelens", action="store_true")
@@ -484,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Training-step benchmark: batch {args.batch_size}, k {args.k}, {args.steps} measured steps after "
               f"{args.warmup} warm-up (medians), threads {args.threads or 'default'}, THP "
               f"{'on' if args.thp else 'off'}, malloc cache {'on' if args.malloc_cache else 'off'}, device "
-              f"{args.device}, dead fraction forced {args.dead_fraction}")
+              f"{args.device}, dead fraction forced {args.dead_fraction}, ours: autocast {args.autocast}, compile "
+              f"{'on' if args.compile else 'off'}")
     print(header, flush=True)
     print("SAELens: " + (exe if exe else f"skipped: {why}"), flush=True)
     t_start = time.perf_counter()
@@ -501,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                     name = f"{v}_{d}_{e}x"
                     spec = {"arch": v, "expansion": e, "k": args.k, "batch_size": args.batch_size, "steps": args.steps,
                             "warmup": args.warmup, "threads": args.threads, "device": args.device,
-                            "dead_fraction": args.dead_fraction, "data": str(data[d])}
+                            "dead_fraction": args.dead_fraction, "data": str(data[d]), "autocast": args.autocast,
+                            "compile": args.compile}
                     ours = run_ours(args, "ours", spec, tmp, f"ours_{name}")
                     theirs = run_saelens(args, exe, data[d], v, e, tmp, f"saelens_{name}") if exe else why
                     results.append({"arch": v, "d_in": d, "expansion": e, "ours": ours, "saelens": theirs})

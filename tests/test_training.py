@@ -273,3 +273,41 @@ def test_eval_during_training_is_logged_and_changes_nothing(sparse_cache, refere
     assert all(r["eval/explained_variance"] <= 1 and r["eval/rows"] > 0 for r in evals), evals
     assert evals[-1]["eval/explained_variance"] > evals[0]["eval/explained_variance"]
     _assert_same(_final_weights(run_dir), _final_weights(reference_run))
+
+
+# --------------------------------------------------------------------------- mixed precision, compile
+
+
+@pytest.mark.parametrize("arch,extra", [("vanilla", {"l1_coeff": 0.5}), ("topk", {}), ("batchtopk", {}),
+                                        ("jumprelu", {"l0_coeff": 0.05, "threshold_init": 0.05})])
+def test_bf16_autocast_trains_with_float32_master_weights(sparse_cache, tmp_path, arch, extra):
+    """autocast=bf16: the matrix products run in bfloat16, everything kept is float32, and the run
+    learns about as well as in float32 (same data, same init)."""
+    runs = {}
+    for mode in ("none", "bf16"):
+        sae, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path / mode, arch=arch, autocast=mode, **extra),
+                                 progress=False)
+        runs[mode] = (sae, json.loads((run_dir / "done.json").read_text())["results"]["heldout"])
+    sae, held = runs["bf16"]
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    assert held["explained_variance"] > 0.5, held
+    assert abs(held["explained_variance"] - runs["none"][1]["explained_variance"]) < 0.1, (held, runs["none"][1])
+
+
+def test_autocast_is_part_of_the_run_identity(sparse_cache, tmp_path):
+    from train.config import config_hash
+    base = cfg_for(sparse_cache, tmp_path)
+    assert config_hash(base) != config_hash(update_cfg(base, autocast="bf16"))
+    assert config_hash(base) == config_hash(update_cfg(base, compile=True))  # same computation
+
+
+def test_compile_matches_eager(sparse_cache, tmp_path):
+    """compile=True gives the eager run's weights within float tolerance (vanilla: the quickest compile)."""
+    weights = {}
+    for flag in (False, True):
+        cfg = cfg_for(sparse_cache, tmp_path / str(flag), arch="vanilla", l1_coeff=0.5, tokens=256 * 6,
+                      checkpoint_every=256 * 6, compile=flag)
+        _, run_dir = train_sae(None, cfg, progress=False)
+        weights[flag] = _final_weights(run_dir)
+    for k in weights[False]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-4, atol=1e-5)

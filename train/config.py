@@ -94,6 +94,13 @@ class TrainConfig:
     """Seeds the SAE init and the data order."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:1 ..."""
+    autocast: str = "none"
+    """Mixed precision of the SAE's matrix products: none (float32) or bf16 (bfloat16 autocast;
+    weights, Adam state, the loss and the sparse gradients stay float32). Off by default: measured
+    slower on CPUs without bf16 matrix units (pipelines/bench_train_step.py --autocast bf16)."""
+    compile: bool = False
+    """torch.compile the SAE's forward (and so its backward). Off by default: the first steps pay
+    the compile time; measure with pipelines/bench_train_step.py --compile before switching it on."""
     # --- thresholds (batchtopk)
     threshold_kind: str = "global"
     """BatchTopK inference threshold: global or per_feature."""
@@ -224,6 +231,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("threshold_kind", cfg.threshold_kind, ("global", "per_feature"))
     _choice("jumprelu_sparsity", cfg.jumprelu_sparsity, ("l0", "tanh"))
     _choice("wandb_mode", cfg.wandb_mode, ("online", "offline", "disabled"))
+    _choice("autocast", cfg.autocast, ("none", "bf16"))
     positive = ["batch_size", "tokens", "window_shards", "expansion", "k", "checkpoint_every", "keep_checkpoints",
                 "log_every", "density_every", "threshold_batches", "dead_tokens_threshold"]
     for key in positive:
@@ -299,6 +307,9 @@ def config_hash(cfg: TrainConfig) -> str:
     skip = {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device", "eval_every",
             "eval_batches"}
     data = {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    if data.pop("autocast") != "none":  # keys added later enter the hash only when set, so older names stay valid
+        data["autocast"] = cfg.autocast
+    data.pop("compile")  # the same computation, compiled
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
 

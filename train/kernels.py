@@ -15,9 +15,22 @@ as a matvec instead of a [B, m] x [m, d] matmul. `batch_topk` selects BatchTopK'
 (on the CPU through a sampled threshold, since a top-k over the flattened batch is one long
 single-threaded selection).
 """
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def _autocast_state(x: Tensor) -> tuple[str, torch.dtype] | None:
+    """The autocast (device type, dtype) active in a forward, to replay in its backward (what
+    torch.amp.custom_bwd does, for any device type); None when autocast is off."""
+    dev = x.device.type
+    return (dev, torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
+
+
+def _replay_autocast(ctx):
+    return torch.autocast(*ctx.amp) if ctx.amp else nullcontext()
 
 
 def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
@@ -29,8 +42,9 @@ def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, offsets: Tensor | No
     """out[b] = sum_j vals[b, j] * W_dec[idx[b, j]] -> [B, d]; no bias.
 
     vals, idx: [B, k]; or flat [n] with offsets [B] (row-sorted). Differentiable in vals and W_dec.
+    Under autocast vals may be bfloat16: the sum is taken in W_dec's dtype.
     """
-    return F.embedding_bag(idx, W_dec, offsets, mode="sum", per_sample_weights=vals)
+    return F.embedding_bag(idx, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype))
 
 
 class CenteredEncode(torch.autograd.Function):
@@ -45,10 +59,16 @@ class CenteredEncode(torch.autograd.Function):
     def forward(ctx, x, b_dec, W_enc, b_enc):
         xc = x - b_dec
         ctx.save_for_backward(xc, W_enc)
+        ctx.amp = _autocast_state(x)
         return torch.addmm(b_enc, xc, W_enc)
 
     @staticmethod
     def backward(ctx, grad):
+        with _replay_autocast(ctx):
+            return CenteredEncode._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         xc, W_enc = ctx.saved_tensors
         need_x, need_bdec, need_W, need_b = ctx.needs_input_grad
         grad_x = grad_bdec = grad_W = grad_b = None

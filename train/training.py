@@ -127,6 +127,7 @@ class Trainer:
             self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.long, device=dev)
         self._bad = torch.zeros((), dtype=torch.bool, device=dev)
         self._micro = self.cfg.micro_batch_size or self.cfg.batch_size
+        self._forward = torch.compile(self.sae) if self.cfg.compile else self.sae
         self._t_log, self._tok_log = time.perf_counter(), self.tokens
 
     # ----- one step
@@ -142,7 +143,8 @@ class Trainer:
         parts: dict[str, torch.Tensor] = {}
         n = x.shape[0]
         for micro in x.split(self._micro):
-            out = sae(micro, sparsity_coeff_scale=scale)
+            with torch.autocast(micro.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+                out = self._forward(micro, sparsity_coeff_scale=scale)
             (out.loss * (micro.shape[0] / n)).backward()
             self.fire_counts += out.fired
             w = micro.shape[0] / n
