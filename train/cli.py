@@ -94,10 +94,11 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
     from train.sweep import is_sweep_dir, resume_sweep
     from train.training import load_run_config, resume_training
 
-    if is_sweep_dir(checkpoint):
+    if is_sweep_dir(checkpoint):  # under torchrun its unfinished SAEs are spread over the ranks again
         sweep_dir = _user_errors(resume_sweep, checkpoint, progress=not quiet)
-        _print_sweep(sweep_dir)
-        click.echo(str(sweep_dir))
+        if _is_rank0():
+            _print_sweep(sweep_dir)
+            click.echo(str(sweep_dir))
         return
 
     def build():
@@ -123,16 +124,27 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
 def sweep(spec, store, out, sets, quiet) -> None:
     """Train every SAE of a TOML sweep spec together, reading each batch once.
 
-    Resume an interrupted sweep with `train resume SWEEP_FOLDER`. The last line printed is the
-    sweep folder.
+    Under torchrun (`torchrun --nproc_per_node=R -m train sweep SPEC`) the SAEs are spread over
+    the ranks (spec key distribute = "sae", the default): rank r trains the SAEs with index
+    i % R == r, every rank reads the whole of every batch, and each SAE ends as in one process.
+    Sweeps are never data-parallel. Resume an interrupted sweep with `train resume SWEEP_FOLDER`,
+    on any number of ranks. The last line printed is the sweep folder.
     """
     from train.sweep import run_sweep
 
     overrides = {k: v for k, v in {"store": store, "out": out}.items() if v is not None}
     overrides.update(_user_errors(parse_set, list(sets)))
     sweep_dir = _user_errors(run_sweep, spec, overrides, progress=not quiet)
-    _print_sweep(sweep_dir)
-    click.echo(str(sweep_dir))
+    if _is_rank0():
+        _print_sweep(sweep_dir)
+        click.echo(str(sweep_dir))
+
+
+def _is_rank0() -> bool:
+    """Whether this process prints a sweep's results: rank 0 under torchrun, or a single process."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _print_sweep(sweep_dir) -> None:

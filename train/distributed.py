@@ -4,6 +4,10 @@ Each rank takes its slice of every global batch from the store; gradients are av
 all-reduce per parameter; the dead-latent counters are merged so every rank holds the state a
 single process would; rank 0 alone writes checkpoints, logs and the final evaluation. With
 `World.single()` every method is a no-op, so the loop is the same code with and without ranks.
+
+A sweep can instead spread its SAEs over the ranks (train.sweep): each rank reads whole batches
+and trains its own SAEs, each as a single process would (`SoloWorld`), and the ranks only meet at
+barriers (after every common checkpoint, and at the end).
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ class World:
         return cls()
 
     @classmethod
-    def from_env(cls) -> "World":
-        """The torchrun world (RANK / WORLD_SIZE), initialising the process group once."""
+    def from_env(cls, backend: str | None = None) -> "World":
+        """The torchrun world (RANK / WORLD_SIZE), initialising the process group once (backend:
+        nccl where CUDA is available, else gloo; a sweep spread over ranks only needs gloo)."""
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size == 1:
             return cls.single()
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
             dist.init_process_group(backend, timeout=timedelta(hours=2))
         return cls(dist.get_rank(), dist.get_world_size())
 
@@ -84,3 +89,29 @@ class World:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
+
+    def share(self, n: int) -> list[int]:
+        """The items of 0..n-1 this rank owns when n items are dealt round-robin: i % size == rank."""
+        return list(range(self.rank, n, self.size))
+
+    def subgroup(self, ranks: list[int]) -> Any:
+        """A process group of `ranks`; every rank must call this (it is a collective). None (the
+        default group) when `ranks` is every rank."""
+        if self.size == 1 or sorted(ranks) == list(range(self.size)):
+            return None
+        return dist.new_group(ranks=sorted(ranks), timeout=timedelta(hours=2))
+
+
+@dataclass(frozen=True)
+class SoloWorld(World):
+    """The world of a trainer whose SAE this rank trains alone, beside other ranks that train other
+    SAEs from the same batches (a sweep spread over ranks). To the training step it is a single
+    process (rank 0 of 1: whole batches, no all-reduce, writes its own files), but barrier() waits
+    for every rank of `group` (None: the default group), which keeps the ranks' checkpoints in step.
+    """
+
+    group: Any = None
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier(group=self.group)

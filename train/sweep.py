@@ -3,6 +3,7 @@
 A spec is a TOML file::
 
     name = "smollm2-l8-k"            # optional
+    distribute = "sae"               # optional; how torchrun ranks share the sweep (below)
     [base]                           # TrainConfig keys shared by every SAE
     store = "/data/acts"
     tokens = 1e6
@@ -14,6 +15,19 @@ Layout: `SWEEP/sweep.json` (the resolved configs, in order) and one run folder p
 SWEEP, each with its own checkpoints, metrics.jsonl and wandb run (group = sweep name). All SAEs
 checkpoint at the same steps; resuming restores every unfinished SAE to the newest step all of
 them committed, so the sweep resumes exactly as a whole.
+
+Ranks. Under torchrun (`torchrun --nproc_per_node=R -m train sweep SPEC.toml`) a sweep spreads its
+SAEs over the ranks, `distribute = "sae"` (the default and, for now, the only choice: a sweep is
+never data-parallel; train one SAE data-parallel with `torchrun -m train run`). Rank r trains the
+SAEs with index i % R == r; every rank reads the whole of every global batch from the store itself
+(same seed, same order: no data is communicated), and writes its own SAEs' run folders,
+checkpoints and metrics; rank 0 writes sweep.json. The ranks meet at a barrier after each common
+checkpoint and at the end, so no rank runs more than one checkpoint ahead. Each SAE ends
+bit-identical (on CPU) to the same SAE of a one-process sweep. `train resume SWEEP` works on any
+number of ranks (the unfinished SAEs are dealt round-robin again; each one's state is
+self-contained); ranks beyond the number of SAEs idle. The out folder must be on a filesystem all
+ranks share; the spec key `devices` (GPUs of a one-process sweep) is refused under torchrun, where
+each rank uses its own device (cuda:LOCAL_RANK).
 """
 
 from __future__ import annotations
@@ -21,7 +35,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +46,7 @@ import torch
 from shared.cache import write_atomic
 from train.checkpoints import CheckpointError, create_run_dir, list_checkpoints, read_checkpoint
 from train.config import ConfigError, TrainConfig, cfg_from_dict, get_default_cfg, post_init_cfg, update_cfg
+from train.distributed import SoloWorld, World
 from train.logs import RunLogger
 from train.training import (Trainer, build_from_cfg, finish_run, make_optimizer, open_store, resolve_device,
                             train_loop, _init_b_dec)
@@ -37,7 +54,8 @@ from train.training import (Trainer, build_from_cfg, finish_run, make_optimizer,
 # Keys that define the shared data stream and schedule: equal for every SAE of a sweep.
 SHARED_KEYS = ("store", "site", "batch_size", "tokens", "window_shards", "heldout_shards", "normalize", "drop_bos",
                "seed", "checkpoint_every", "out")
-SPEC_KEYS = {"name", "base", "grid", "devices"}
+SPEC_KEYS = {"name", "base", "grid", "devices", "distribute"}
+DISTRIBUTE = ("sae",)  # how torchrun ranks share a sweep: each rank trains some of its SAEs
 
 
 def load_spec(path: str | Path) -> dict[str, Any]:
@@ -50,7 +68,13 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"sweep spec {path} is not valid TOML: {e}") from None
     unknown = set(spec) - SPEC_KEYS
     if unknown:
-        raise ConfigError(f"sweep spec {path}: unknown top-level key(s) {sorted(unknown)}; use name, base, grid, devices")
+        raise ConfigError(f"sweep spec {path}: unknown top-level key(s) {sorted(unknown)}; "
+                          f"use name, base, grid, devices, distribute")
+    distribute = spec.get("distribute", "sae")
+    if distribute not in DISTRIBUTE:
+        raise ConfigError(f"sweep spec {path}: distribute = {distribute!r} is not supported; use \"sae\" (under "
+                          f"torchrun each rank trains some of the SAEs; sweeps are never data-parallel: train a "
+                          f"single SAE data-parallel with `torchrun -m train run`)")
     for key, values in spec.get("grid", {}).items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep spec {path}: grid.{key} must be a non-empty list")
@@ -82,43 +106,104 @@ def _devices(spec: dict[str, Any], n: int) -> list[torch.device]:
 
 
 def run_sweep(spec_path: str | Path, overrides: dict[str, Any] | None = None, progress: bool = True) -> Path:
-    """Train every SAE of a spec together; returns the sweep folder."""
+    """Train every SAE of a spec together; returns the sweep folder (on every rank).
+
+    Under torchrun the SAEs are spread over the ranks (see the module docstring)."""
     spec = load_spec(spec_path)
     configs = expand_spec(spec, overrides)
     lead = configs[0]
     if not lead.store:
         raise ConfigError("the sweep has no store: set base.store (or --store)")
-    if lead.keep_checkpoints < 2:
+    if lead.keep_checkpoints < 2:  # the newest step committed by every SAE must still be on disk
         configs = [update_cfg(c, keep_checkpoints=2) for c in configs]
-    device = resolve_device(lead.device)
-    store = open_store(lead, device)
+    if spec.get("devices") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("spec key devices places the SAEs of a one-process sweep on GPUs; under torchrun each "
+                          "rank trains its share of the SAEs on its own device (cuda:LOCAL_RANK): remove devices")
+    world = World.from_env(backend="gloo")
+    store = open_store(lead, _device(lead, world))  # every rank reads the whole of every batch
     try:
-        sweep_dir = create_run_dir(lead.out, sweep_name(spec, configs), checkpoints=False)
-        name = sweep_dir.name
-        devices = _devices(spec, len(configs))
-        trainers, records = [], []
-        for cfg, dev in zip(configs, devices):
-            cfg = post_init_cfg(update_cfg(cfg, out=str(sweep_dir), wandb_group=cfg.wandb_group or name),
-                                store.d_model, store.sites[0])
-            if dev is not None:
-                cfg = update_cfg(cfg, device=str(dev))
-            sae = build_from_cfg(cfg, resolve_device(cfg.device))
-            _init_b_dec(cfg, sae, store)
-            run_dir = create_run_dir(sweep_dir, cfg.run_name)
-            write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
-            records.append({"run_dir": run_dir.name, "config": cfg.to_dict()})
-            trainers.append(_trainer(cfg, sae, store, run_dir, progress))
-        write_atomic(sweep_dir / "sweep.json", json.dumps({"name": name, "runs": records}, indent=1).encode())
-        _train_and_finish(trainers, store, progress)
+        created = None
+        if world.is_main:
+            sweep_dir = create_run_dir(lead.out, sweep_name(spec, configs), checkpoints=False)
+            name = sweep_dir.name
+            records = []
+            for cfg, dev in zip(configs, _devices(spec, len(configs))):
+                cfg = post_init_cfg(update_cfg(cfg, out=str(sweep_dir), wandb_group=cfg.wandb_group or name),
+                                    store.d_model, store.sites[0])
+                if dev is not None:
+                    cfg = update_cfg(cfg, device=str(dev))
+                run_dir = create_run_dir(sweep_dir, cfg.run_name)
+                write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+                records.append({"run_dir": run_dir.name, "config": cfg.to_dict()})
+            write_atomic(sweep_dir / "sweep.json", json.dumps({"name": name, "runs": records}, indent=1).encode())
+            created = str(sweep_dir)
+        sweep_dir = Path(world.broadcast(created))
+        runs = _read_runs(sweep_dir, world)
+        _train_share(runs, store, world, progress, step=None)
     finally:
         store.close()
     return sweep_dir
 
 
-def _trainer(cfg: TrainConfig, sae, store, run_dir: Path, progress: bool, resume_step: int | None = None) -> Trainer:
+def _device(cfg: TrainConfig, world: World) -> torch.device:
+    """cfg.device; under torchrun a CUDA device becomes this rank's own GPU (cuda:LOCAL_RANK)."""
+    device = resolve_device(cfg.device)
+    return world.device(torch.device(device.type)) if world.size > 1 else device
+
+
+def _read_runs(sweep_dir: Path, world: World) -> list[tuple[Path, TrainConfig]]:
+    """(run folder, config) of every SAE of a sweep, in sweep.json's order."""
+    try:
+        record = json.loads((sweep_dir / "sweep.json").read_text())
+    except FileNotFoundError:
+        where = f" (rank {world.rank} of {world.size}: the out folder must be on a filesystem every rank shares)"
+        raise ConfigError(f"{sweep_dir / 'sweep.json'} does not exist{where if world.size > 1 else ''}") from None
+    return [(sweep_dir / r["run_dir"], cfg_from_dict(r["config"])) for r in record["runs"]]
+
+
+def _train_share(runs: list[tuple[Path, TrainConfig]], store, world: World, progress: bool,
+                 step: int | None, fresh: bool = True) -> None:
+    """Train this rank's share of `runs` (the j-th goes to rank j % world size) to the end.
+
+    step: the checkpoint step every SAE restarts from; None or 0 starts them from scratch (fresh:
+    new runs; else a resume that restarts them). The ranks that train SAEs meet at a barrier after
+    each common checkpoint, all ranks (idle ones too) at the end."""
+    mine = world.share(len(runs))
+    group = world.subgroup(list(range(min(world.size, len(runs)))))  # collective: before any early return
+    if not mine:
+        warnings.warn(f"rank {world.rank} has no SAE to train ({len(runs)} SAEs over {world.size} ranks); "
+                      f"it waits for the others")
+        world.barrier()
+        return
+    progress = progress and world.is_main
+    trainers = []
+    for j in mine:
+        run_dir, cfg = runs[j]
+        sae = build_from_cfg(cfg, _device(cfg, world))
+        # every SAE trains as in one process; the rank's last trainer checkpoints last, so its barrier
+        # comes after all of this rank's SAEs committed the step: no rank gets a checkpoint ahead
+        solo = SoloWorld(group=group) if world.size > 1 and j == mine[-1] else World.single()
+        if step:
+            tensors, trainer_state, state = read_checkpoint(run_dir / "checkpoints" / f"step-{step:09d}")
+            t = _trainer(cfg, sae, store, run_dir, progress, resume_step=step, world=solo)
+            t.restore({k: v.to(t.device) for k, v in tensors.items()}, trainer_state, state)
+        else:
+            store.seek(0)
+            _init_b_dec(cfg, sae, store)
+            t = _trainer(cfg, sae, store, run_dir, progress, resume_step=None if fresh else 0, world=solo)
+        trainers.append(t)
+    if not step:
+        store.seek(0)
+    _train_and_finish(trainers, store, progress)
+    world.barrier()
+
+
+def _trainer(cfg: TrainConfig, sae, store, run_dir: Path, progress: bool, resume_step: int | None = None,
+             world: World | None = None) -> Trainer:
     logger = RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
                        resume_step=resume_step)
-    return Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress)
+    return Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress,
+                   world=world or World.single())
 
 
 def _train_and_finish(trainers: list[Trainer], store, progress: bool) -> None:
@@ -135,35 +220,28 @@ def is_sweep_dir(path: str | Path) -> bool:
     return (Path(path) / "sweep.json").exists()
 
 
+def _resume_plan(runs: list[tuple[Path, TrainConfig]]) -> tuple[list[int], int]:
+    """(indices of the unfinished SAEs, newest step all of them committed; 0 when none)."""
+    pending = [i for i, (d, _) in enumerate(runs) if not (d / "done.json").exists()]
+    steps = [{int(p.name.split("-")[1]) for p in list_checkpoints(runs[i][0])} for i in pending]
+    common = set.intersection(*steps) if steps else set()
+    return pending, max(common, default=0)
+
+
 def resume_sweep(sweep_dir: str | Path, progress: bool = True) -> Path:
-    """Resume the unfinished SAEs of a sweep from the newest step all of them committed."""
+    """Resume the unfinished SAEs of a sweep from the newest step all of them committed, on any
+    number of ranks (rank 0 reads the run folders; each SAE's state is self-contained)."""
     sweep_dir = Path(sweep_dir)
-    record = json.loads((sweep_dir / "sweep.json").read_text())
-    runs = [(sweep_dir / r["run_dir"], cfg_from_dict(r["config"])) for r in record["runs"]]
-    pending = [(d, c) for d, c in runs if not (d / "done.json").exists()]
+    world = World.from_env(backend="gloo")
+    runs = _read_runs(sweep_dir, world)
+    pending, step = world.broadcast(_resume_plan(runs) if world.is_main else None)
     if not pending:
         return sweep_dir
-    steps = [{int(p.name.split("-")[1]) for p in list_checkpoints(d)} for d, _ in pending]
-    common = set.intersection(*steps) if steps else set()
-    lead = pending[0][1]
-    store = open_store(lead, resolve_device(lead.device))
+    runs = [runs[i] for i in pending]
+    lead = runs[0][1]
+    store = open_store(lead, _device(lead, world))
     try:
-        trainers = []
-        for run_dir, cfg in pending:
-            sae = build_from_cfg(cfg, resolve_device(cfg.device))
-            if common:
-                step = max(common)
-                tensors, trainer_state, state = read_checkpoint(run_dir / "checkpoints" / f"step-{step:09d}")
-                t = _trainer(cfg, sae, store, run_dir, progress, resume_step=step)
-                t.restore({k: v.to(t.device) for k, v in tensors.items()}, trainer_state, state)
-            else:  # killed before the first common checkpoint: start these SAEs again
-                store.seek(0)
-                _init_b_dec(cfg, sae, store)
-                t = _trainer(cfg, sae, store, run_dir, progress, resume_step=0)
-            trainers.append(t)
-        if not common:
-            store.seek(0)
-        _train_and_finish(trainers, store, progress)
+        _train_share(runs, store, world, progress, step=step, fresh=False)
     except CheckpointError as e:
         raise CheckpointError(f"sweep {sweep_dir}: {e}") from None
     finally:
