@@ -62,7 +62,7 @@ def main() -> None:
 @main.command()
 @click.option("--model", required=True, help="Hub id, local Hugging Face folder, or local .gguf file.")
 @click.option("--dataset", required=True, help="Hub id, or a local .txt / .jsonl / .parquet file (one document per line/row).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder (created, or resumed if it exists).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder or URL (s3://bucket/path, gs://...); created, or resumed if it exists.")
 @click.option("--layer", "layers", type=int, multiple=True, required=True, help="Layer index; repeat for several layers in one pass.")
 @click.option("--site", type=click.Choice(SITE_KINDS), default="resid_pre", show_default=True, help="Hook site in each layer.")
 @click.option("--tokens", type=COUNT, default="1M", show_default=True, help="Token budget (e.g. 200k, 50M), rounded up to whole contexts.")
@@ -76,6 +76,7 @@ def main() -> None:
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True, help="none keeps shards memory-mappable.")
 @click.option("--bos", type=click.Choice(BOS_POLICIES), default="context", show_default=True, help="context: each context starts with BOS.")
 @click.option("--autocast", type=click.Choice(["auto", "bfloat16", "none"]), default="auto", show_default=True, help="Compute dtype; auto = bf16 on CUDA, fp32 on CPU.")
+@click.option("--staging", type=click.Path(file_okay=False), help="Local staging folder when --out is a URL [default: $SAEFORGE_STAGING or ~/.cache/saeforge/staging, one per URL].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(quiet: bool, layers, **options) -> None:
     """Harvest activations (resumes an unfinished cache at --out).
@@ -110,11 +111,20 @@ def _distributed():
     return dist.get_rank(), world, dist.barrier
 
 
+def _cache_path(ctx, param, value: str) -> str:
+    """A cache folder that exists, or a URL (checked when opened)."""
+    from shared.remote import is_remote
+
+    if not is_remote(value) and not os.path.isdir(value):
+        raise click.BadParameter(f"{value!r} is not a folder or a URL (s3://..., gs://...)", ctx, param)
+    return value
+
+
 @main.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", callback=_cache_path)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info(path: str, as_json: bool) -> None:
-    """Summarise a cache: model, sites, tokens, shards done of planned, dtype, size on disk."""
+    """Summarise a cache (folder or URL): model, sites, tokens, shards done of planned, dtype, size."""
     from harvest.runner import cache_summary
 
     s = run_user_errors(cache_summary, path)
@@ -127,15 +137,17 @@ def info(path: str, as_json: bool) -> None:
     click.echo(f"sites        {', '.join(s['sites'])}  (d_model {s['d_model']})")
     click.echo(f"tokens       {s['rows']:,} of {s['planned_rows']:,} planned, context {s['context_length']}")
     click.echo(f"shards       {s['shards_done']} of {s['shards_planned']} done, {'sealed' if s['sealed'] else 'NOT sealed'}")
-    click.echo(f"storage      {s['dtype']}, compression {s['compression']}, {s['bytes_on_disk'] / 2**20:,.1f} MiB on disk")
+    click.echo(f"storage      {s['dtype']}, compression {s['compression']}, {s['bytes_on_disk'] / 2**20:,.1f} MiB {'stored' if '://' in s['path'] else 'on disk'}")
     for site, v in s["mean_sq_norm"].items():
         click.echo(f"E||x||^2     {site}: {v:.4g}")
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", callback=_cache_path)
 def verify(path: str) -> None:
-    """Re-check every shard against its ledger checksum; exit 1 naming each bad or missing shard."""
+    """Re-check every shard against its ledger checksum; exit 1 naming each bad or missing shard.
+
+    For a URL the objects on the store are checked."""
 
     def check():
         cache = Cache.open(path, allow_unsealed=True)

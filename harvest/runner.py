@@ -3,6 +3,9 @@
 Shard k always holds contexts [k * C, (k + 1) * C) of the deterministic token stream (C contexts
 per shard), so a run can resume from the ledger, and ranks can split shards (k mod R) and still
 produce the same cache as one process.
+
+`out` may be a URL (s3://, gs://, any fsspec URL): shards are staged in a local folder and
+published to the store one by one (shared.remote.RemoteCacheWriter); resume works the same.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord, numpy_storage_dtype, to_storage
 from shared.hook_sites import capture, resolve_sites
 from shared.models import load_model
+from shared.remote import RemoteCacheWriter, is_remote
 from shared.tokens import DatasetError, load_documents, pack_contexts, policy_record
 
 AUTOCAST_CHOICES = ("auto", "bfloat16", "none")
@@ -35,7 +39,7 @@ class HarvestConfig:
 
     model: str  # hub id, local HF folder or .gguf file (identity)
     dataset: str  # hub id or local .txt/.jsonl/.parquet (identity)
-    out: str
+    out: str  # a folder, or a URL (s3://bucket/path, gs://..., any fsspec URL)
     layers: list[int] = field(default_factory=lambda: [8])  # (identity)
     site: str = "resid_pre"  # (identity)
     tokens: int = 1_000_000  # budget, rounded up to whole contexts (identity)
@@ -51,6 +55,7 @@ class HarvestConfig:
     autocast: str = "auto"  # compute dtype: bf16 autocast on CUDA by default (identity)
     rank: int = 0
     world_size: int = 1
+    staging: str | None = None  # local staging folder when out is a URL (default: one per URL under ~/.cache)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -174,8 +179,8 @@ def _batches(contexts: Iterator[tuple[int, np.ndarray]], size: int) -> Iterator[
         yield batch
 
 
-def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None) -> Path:
-    """Harvest (or resume) a cache; returns its path. `barrier` synchronises ranks when distributed."""
+def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None) -> Path | str:
+    """Harvest (or resume) a cache; returns its path (or URL). `barrier` synchronises ranks when distributed."""
     device = resolve_device(cfg.device)
     compute = autocast_dtype(cfg, device)
     loaded = load_model(cfg.model, device=str(device))
@@ -183,26 +188,34 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None) -> Path
     sites = resolve_sites(model, cfg.layers, cfg.site)
     documents = load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
     spec = build_spec(cfg, info, sites, documents, tokenizer, compute)
-    root = Path(cfg.out)
     _check_corpus_fills_a_context(cfg, documents, tokenizer)
 
-    if cfg.rank == 0:
-        writer = CacheWriter.create_or_open(root, spec)
-    if barrier:
-        barrier()
-    if cfg.rank != 0:
-        writer = CacheWriter.create_or_open(root, spec)
-    spec = writer.spec
-    if (root / "seal.json").exists():
-        return root
+    if is_remote(cfg.out):
+        # The staging folder is locked before the store's state is pulled into it.
+        out, staging = cfg.out, RemoteCacheWriter.claim_staging(cfg.out, cfg.staging)
+        open_lock = writer_lock(staging, cfg.rank)
+        open_writer = lambda: RemoteCacheWriter.create_or_open(cfg.out, spec, staging, rank=cfg.rank)  # noqa: E731
+    else:
+        out, open_lock = Path(cfg.out), nullcontext()
+        open_writer = lambda: CacheWriter.create_or_open(out, spec)  # noqa: E731
 
-    with writer_lock(root, cfg.rank):
-        n_data_shards = _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, device, compute, progress)
+    with open_lock:
+        if cfg.rank == 0:
+            writer = open_writer()
         if barrier:
             barrier()
-        if cfg.rank == 0:
-            writer.seal(n_data_shards)
-    return root
+        if cfg.rank != 0:
+            writer = open_writer()
+        if writer.layout.seal.exists():
+            return out
+        # a local cache is locked once it exists
+        with nullcontext() if is_remote(cfg.out) else writer_lock(out, cfg.rank):
+            n_data_shards = _harvest_shards(cfg, writer.spec, writer, model, tokenizer, documents, sites, device, compute, progress)
+            if barrier:
+                barrier()
+            if cfg.rank == 0:
+                writer.seal(n_data_shards)
+    return out
 
 
 def _check_corpus_fills_a_context(cfg: HarvestConfig, documents, tokenizer) -> None:
@@ -275,11 +288,11 @@ def _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, devic
 
 
 def cache_summary(path: str | os.PathLike) -> dict:
-    """Facts for `harvest info`: model, sites, rows, shards done of planned, dtype, bytes on disk."""
+    """Facts for `harvest info`: model, sites, rows, shards done of planned, dtype, bytes on disk (or on the store)."""
     cache = Cache.open(path, allow_unsealed=True)
     spec = cache.spec
     return {
-        "path": str(Path(path).resolve()),
+        "path": str(path) if is_remote(path) else str(Path(path).resolve()),
         "model": spec.model.get("id"),
         "architecture": spec.model.get("architecture"),
         "sites": spec.site_names,

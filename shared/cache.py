@@ -12,6 +12,10 @@ A cache is a Zarr v3 group::
 A shard is done only when its ledger record exists. Chunk files are written by zarr (temp file +
 rename), then fsynced, checksummed and recorded. A chunk zarr never wrote reads as zeros, so every
 reader here goes through the ledger and checks file sizes; nothing missing ever becomes zeros.
+
+A cache may also live at a URL (s3://, gs://, any fsspec URL): `shared.remote` keeps a local
+folder in step with it (a staging folder for harvest, a read-through mirror for readers), and
+the code here works on that folder.
 """
 
 from __future__ import annotations
@@ -301,10 +305,18 @@ def merge_statistics(parts: Iterable[dict[str, Any]], d_model: int) -> dict[str,
 
 
 class Layout:
-    """Paths inside one cache folder; the only place that knows file names."""
+    """Paths inside one cache folder; the only place that knows file names.
 
-    def __init__(self, root: str | os.PathLike):
+    where: how messages name the cache (its URL when the folder is a local copy of one).
+    """
+
+    def __init__(self, root: str | os.PathLike, where: str | None = None):
         self.root = Path(root)
+        self.where = where or str(self.root)
+
+    def key(self, path: Path) -> str:
+        """A file's key relative to the cache root ('ledger/shard-000001.json'): its object name on a store."""
+        return Path(path).relative_to(self.root).as_posix()
 
     def acts(self, site: str) -> Path:
         return self.root / "acts" / site
@@ -330,6 +342,11 @@ class Layout:
     def group_meta(self) -> Path:
         return self.root / "zarr.json"
 
+    def array_meta_files(self, site_names: list[str]) -> list[Path]:
+        """The zarr.json of every array and inner group (all metadata but the root group's)."""
+        return [self.root / "acts" / "zarr.json", *(self.acts(s) / "zarr.json" for s in site_names),
+                self.root / "tokens" / "zarr.json", self.root / "positions" / "zarr.json"]
+
     def chunk_files(self, site_names: list[str], shard: int) -> dict[str, Path]:
         """Every chunk file of one shard, keyed by array name ('acts/<site>', 'tokens', 'positions')."""
         files = {f"acts/{s}": self.acts_chunk(s, shard) for s in site_names}
@@ -346,21 +363,41 @@ def _compressors(compression: str):
     return None
 
 
-def read_group_spec(root: str | os.PathLike) -> tuple[CacheSpec, dict[str, Any]]:
+def read_group_spec(root: str | os.PathLike, where: str | None = None) -> tuple[CacheSpec, dict[str, Any]]:
     """(spec, attributes) read from a cache's group metadata; CacheError if not a cache."""
-    layout = Layout(root)
+    layout = Layout(root, where)
     if not layout.group_meta.exists():
-        raise CacheError(f"{layout.root} is not an activation cache (no zarr.json); harvest one first")
+        raise CacheError(f"{layout.where} is not an activation cache (no zarr.json); harvest one first")
+    return parse_group_meta(layout.group_meta.read_bytes(), layout.where)
+
+
+def parse_group_meta(data: bytes, where: str) -> tuple[CacheSpec, dict[str, Any]]:
+    """(spec, attributes) from the bytes of a cache's root zarr.json; `where` names it in errors."""
     try:
-        attrs = json.loads(layout.group_meta.read_text())["attributes"]["saeforge"]
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CacheError(f"{layout.group_meta} has no readable saeforge attributes ({e})") from None
+        attrs = json.loads(data)["attributes"]["saeforge"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheError(f"{where}/zarr.json has no readable saeforge attributes ({e})") from None
     if attrs.get("format_version") != FORMAT_VERSION:
         raise CacheError(
-            f"{layout.root}: cache format version {attrs.get('format_version')} is not supported "
+            f"{where}: cache format version {attrs.get('format_version')} is not supported "
             f"(this software reads version {FORMAT_VERSION})"
         )
     return CacheSpec.from_dict(attrs["spec"]), attrs
+
+
+def check_same_spec(existing: CacheSpec, requested: CacheSpec, where: str) -> None:
+    """CacheError naming every field (up to 4) where a run's spec differs from its cache's."""
+    diffs = spec_differences(existing, requested)
+    if diffs:
+        detail = "; ".join(
+            f"{k}: cache has {_flatten(existing.to_dict()).get(k)!r}, "
+            f"this run asks {_flatten(requested.to_dict()).get(k)!r}"
+            for k in diffs[:4]
+        )
+        raise CacheError(
+            f"{where} was harvested with different settings ({detail}); "
+            "use a new --out or rerun with the original settings"
+        )
 
 
 # --------------------------------------------------------------------------- writer
@@ -373,37 +410,28 @@ class CacheWriter:
     after every chunk file of the shard is fsynced and checksummed.
     """
 
-    def __init__(self, root: str | os.PathLike, spec: CacheSpec):
-        self.layout = Layout(root)
+    def __init__(self, root: str | os.PathLike, spec: CacheSpec, where: str | None = None):
+        self.layout = Layout(root, where)
         self.spec = spec
         self._arrays: dict[str, zarr.Array] = {}
 
     @classmethod
-    def create_or_open(cls, root: str | os.PathLike, spec: CacheSpec) -> "CacheWriter":
+    def create_or_open(cls, root: str | os.PathLike, spec: CacheSpec, where: str | None = None) -> "CacheWriter":
         """Create the cache, or reopen an existing one whose spec matches exactly.
 
         Raises CacheError naming every differing field otherwise; nothing on disk is touched.
+        where: how messages name the cache (default: the folder).
         """
-        layout = Layout(root)
+        layout = Layout(root, where)
         if layout.group_meta.exists():
-            existing, _ = read_group_spec(root)
-            diffs = spec_differences(existing, spec)
-            if diffs:
-                detail = "; ".join(
-                    f"{k}: cache has {_flatten(existing.to_dict()).get(k)!r}, "
-                    f"this run asks {_flatten(spec.to_dict()).get(k)!r}"
-                    for k in diffs[:4]
-                )
-                raise CacheError(
-                    f"{layout.root} was harvested with different settings ({detail}); "
-                    "use a new --out or rerun with the original settings"
-                )
-            writer = cls(root, existing)
+            existing, _ = read_group_spec(root, layout.where)
+            check_same_spec(existing, spec, layout.where)
+            writer = cls(root, existing, where)
             writer._open_arrays()
             return writer
         if layout.root.exists() and any(layout.root.iterdir()):
-            raise CacheError(f"{layout.root} exists and is not an activation cache; choose an empty --out")
-        writer = cls(root, spec)
+            raise CacheError(f"{layout.where} exists and is not an activation cache; choose an empty --out")
+        writer = cls(root, spec, where)
         writer._create()
         return writer
 
@@ -479,7 +507,7 @@ class CacheWriter:
         """
         spec = self.spec
         if self.layout.record(shard).exists():  # one stat, not a re-read of the whole ledger
-            raise CacheError(f"shard {shard} of {self.layout.root} is already committed")
+            raise CacheError(f"shard {shard} of {self.layout.where} is already committed")
         start, stop = self.shard_bounds(shard)
         rows = len(tokens)
         if not 0 < rows <= stop - start or len(positions) != rows:
@@ -518,12 +546,12 @@ class CacheWriter:
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise CacheError(
-                    f"disk full while writing shard {shard} of {self.layout.root}; free space and "
+                    f"disk full while writing shard {shard} of {self.layout.where}; free space and "
                     "rerun the same command: committed shards are kept, this one is redone"
                 ) from None
             if isinstance(e, FileExistsError):
                 raise CacheError(
-                    f"shard {shard} of {self.layout.root} was committed by another process meanwhile"
+                    f"shard {shard} of {self.layout.where} was committed by another process meanwhile"
                 ) from None
             raise
         return record
@@ -539,12 +567,12 @@ class CacheWriter:
         missing = [k for k in range(n) if k not in ledger]
         if missing or n == 0:
             raise CacheError(
-                f"{self.layout.root}: cannot seal, shards {missing[:5]} are not committed; "
+                f"{self.layout.where}: cannot seal, shards {missing[:5]} are not committed; "
                 "rerun the harvest command to finish them"
             )
         short = [k for k in range(n - 1) if ledger[k]["rows"] != self.spec.rows_per_shard]
         if short:
-            raise CacheError(f"{self.layout.root}: cannot seal, shards {short[:5]} are short but not last")
+            raise CacheError(f"{self.layout.where}: cannot seal, shards {short[:5]} are short but not last")
         n_rows = sum(ledger[k]["rows"] for k in range(n))
         if n_rows != self.spec.planned_rows:
             for name in self._arrays:
@@ -599,7 +627,11 @@ def read_ledger(root: str | os.PathLike) -> dict[int, dict[str, Any]]:
 
 @dataclass
 class Cache:
-    """A cache opened for reading. Use `Cache.open(path)`."""
+    """A cache opened for reading. Use `Cache.open(path or URL)`.
+
+    For a URL, `root` is the local read-through mirror and `remote` (a shared.remote.RemoteCache)
+    fetches each chunk file into it when first read.
+    """
 
     root: Path
     spec: CacheSpec
@@ -607,20 +639,48 @@ class Cache:
     ledger: dict[int, dict[str, Any]]
     seal: dict[str, Any] | None
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
+    remote: Any = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, root: str | os.PathLike, allow_unsealed: bool = False) -> "Cache":
-        """Open a cache. Unsealed caches are refused unless allow_unsealed (completed shards only)."""
-        root = Path(root)
-        spec, attrs = read_group_spec(root)
-        layout = Layout(root)
+    def open(
+        cls,
+        root: str | os.PathLike,
+        allow_unsealed: bool = False,
+        mirror: str | os.PathLike | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> "Cache":
+        """Open a cache. Unsealed caches are refused unless allow_unsealed (completed shards only).
+
+        root: a folder, or a URL (s3://bucket/path, gs://..., any fsspec URL). A URL's metadata,
+        ledger and seal are copied into a local mirror folder (`mirror`, default
+        $SAEFORGE_MIRROR or ~/.cache/saeforge/mirror, one subfolder per URL) and its chunk files
+        are fetched there, checksum-checked, when first read. storage_options: fsspec options
+        (merged over $SAEFORGE_STORAGE_OPTIONS).
+        """
+        from shared.remote import RemoteCache, is_remote
+
+        if is_remote(root):
+            remote = RemoteCache.mirror(str(root), mirror, storage_options)
+            remote.pull()
+            root = remote.layout.root
+        else:
+            root = Path(root)
+            remote = RemoteCache.of_local_copy(root, storage_options)  # a mirror folder opened by path
+        where = remote.url if remote else None
+        spec, attrs = read_group_spec(root, where)
+        layout = Layout(root, where)
         seal = json.loads(layout.seal.read_text()) if layout.seal.exists() else None
         if seal is None and not allow_unsealed:
             raise CacheError(
-                f"{root} is not sealed (harvest unfinished); finish it with the same harvest command, "
+                f"{layout.where} is not sealed (harvest unfinished); finish it with the same harvest command, "
                 "or ask for the completed shards only (allow_unsealed / --allow-unsealed)"
             )
-        return cls(root, spec, attrs, read_ledger(root), seal)
+        return cls(root, spec, attrs, read_ledger(root), seal, remote=remote)
+
+    @property
+    def where(self) -> str:
+        """How messages name this cache: its URL, or its folder."""
+        return self.remote.url if self.remote else str(self.root)
 
     @property
     def sealed(self) -> bool:
@@ -642,7 +702,7 @@ class Cache:
 
     def _record(self, shard: int) -> dict[str, Any]:
         if shard not in self.ledger:
-            raise CacheError(f"{self.root}: shard {shard} is not committed (no ledger record)")
+            raise CacheError(f"{self.where}: shard {shard} is not committed (no ledger record)")
         return self.ledger[shard]
 
     def stats(self, site: str) -> dict[str, Any]:
@@ -654,7 +714,7 @@ class Cache:
 
     def check_site(self, site: str) -> None:
         if site not in self.spec.site_names:
-            raise CacheError(f"{self.root} has no site {site!r}; it holds {', '.join(self.spec.site_names)}")
+            raise CacheError(f"{self.where} has no site {site!r}; it holds {', '.join(self.spec.site_names)}")
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -664,13 +724,16 @@ class Cache:
     def _checked_file(self, name: str, shard: int) -> Path:
         path = Layout(self.root).chunk_files(self.spec.site_names, shard)[name]
         rec = self._record(shard)
+        if self.remote is not None and not path.exists():
+            # read-through: download, check size and checksum against the ledger, rename into place
+            self.remote.fetch(path, rec["sizes"][name], rec["checksums"][name], f"shard {shard} ({name})")
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise CacheError(f"{self.root}: shard {shard} file {path} is missing; re-harvest that shard") from None
+            raise CacheError(f"{self.where}: shard {shard} file {path} is missing; re-harvest that shard") from None
         if size != rec["sizes"][name]:
             raise CacheError(
-                f"{self.root}: shard {shard} file {path} is {size} bytes, ledger says {rec['sizes'][name]} "
+                f"{self.where}: shard {shard} file {path} is {size} bytes, ledger says {rec['sizes'][name]} "
                 "(truncated or replaced); re-harvest that shard"
             )
         return path
@@ -700,7 +763,10 @@ class Cache:
         return self._array(name)[start : start + rows]
 
     def verify(self) -> list[str]:
-        """Re-check every planned shard's files against the ledger; returns one problem per line."""
+        """Re-check every planned shard's files against the ledger; returns one problem per line.
+
+        For a URL the objects on the store are checked (streamed, not copied into the mirror).
+        """
         problems = []
         n = self.seal["n_shards"] if self.seal else self.spec.n_shards
         layout = Layout(self.root)
@@ -710,11 +776,20 @@ class Cache:
                 problems.append(f"shard {k}: missing (no ledger record)")
                 continue
             for name, path in layout.chunk_files(self.spec.site_names, k).items():
-                if not path.exists():
-                    problems.append(f"shard {k}: {name} file {path} is missing")
-                elif file_checksum(path) != rec["checksums"][name]:
-                    problems.append(f"shard {k}: {name} file {path} fails its checksum")
+                if self.remote is not None:
+                    where = f"object {self.remote.url}/{layout.key(path)}"
+                    digest = self.remote.checksum(path)  # None when the object is missing
+                else:
+                    where = f"file {path}"
+                    digest = file_checksum(path) if path.exists() else None
+                if digest is None:
+                    problems.append(f"shard {k}: {name} {where} is missing")
+                elif digest != rec["checksums"][name]:
+                    problems.append(f"shard {k}: {name} {where} fails its checksum")
         return problems
 
     def disk_bytes(self) -> int:
+        """Bytes of the cache: of its objects on the store for a URL, else of its folder."""
+        if self.remote is not None:
+            return self.remote.total_bytes()
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from shared.cache import Cache, write_atomic
+from shared.remote import is_remote
 from train.activation_store import ActivationStore, cache_identity
 from train.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
 from train.config import TrainConfig, update_cfg
@@ -108,7 +109,7 @@ def load_sae_checkpoint(path: str | os.PathLike, device: str | torch.device = "c
 def open_cache_checked(cfg: TrainConfig, state: dict[str, Any], store_path: str | None = None) -> Cache:
     """The run's cache (or store_path), refused if it is not the cache the run was trained on."""
     path = store_path or cfg.store
-    if not path or not Path(path).exists():
+    if not path or (not is_remote(path) and not Path(path).exists()):
         raise EvalError(f"the run's activation cache {path!r} does not exist; pass --store PATH to the cache it was trained on")
     cache = Cache.open(path)
     want = (state.get("store") or {}).get("cache_id")
