@@ -10,11 +10,12 @@ from datetime import timedelta
 import click
 
 from shared.cache import COMPRESSIONS, STORAGE_DTYPES, Cache, CacheError
+from shared.devices import DeviceError
 from shared.hook_sites import SITE_KINDS, HookSiteError
 from shared.models import ModelLoadError
 from shared.tokens import BOS_POLICIES, DatasetError
 
-USER_ERRORS = (CacheError, HookSiteError, ModelLoadError, DatasetError)
+USER_ERRORS = (CacheError, HookSiteError, ModelLoadError, DatasetError, DeviceError)
 
 
 class Count(click.ParamType):
@@ -144,10 +145,21 @@ def info(path: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("path", callback=_cache_path)
-def verify(path: str) -> None:
+@click.option("--repair", is_flag=True,
+              help="Move bad shards' ledger records and the seal aside (into ledger/quarantine/, nothing is deleted) "
+                   "and print the harvest command that redoes exactly those shards. Exit 0: nothing was wrong; "
+                   "1: repaired, rerun the printed command.")
+def verify(path: str, repair: bool) -> None:
     """Re-check every shard against its ledger checksum; exit 1 naming each bad or missing shard.
 
     For a URL the objects on the store are checked."""
+    if repair:
+        from harvest.repair import repair_cache
+
+        report = run_user_errors(repair_cache, path)
+        for line in report.lines():
+            click.echo(line)
+        sys.exit(report.exit_code)
 
     def check():
         cache = Cache.open(path, allow_unsealed=True)
@@ -157,7 +169,7 @@ def verify(path: str) -> None:
     for p in problems:
         click.echo(p)
     if problems:
-        click.echo(f"{len(problems)} problem(s) in {path}; re-harvest: delete the bad shards' ledger records and rerun harvest", err=True)
+        click.echo(f"{len(problems)} problem(s) in {path}; to redo those shards: harvest verify --repair {path}", err=True)
         sys.exit(1)
     click.echo(f"ok: {len(cache.ledger)} shards verified{'' if cache.sealed else ' (cache not sealed yet)'}")
 

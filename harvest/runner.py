@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from shared.devices import resolve_device as resolve_any_device
 from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord, numpy_storage_dtype, to_storage
 from shared.hook_sites import capture, resolve_sites
 from shared.models import load_model
@@ -59,9 +60,7 @@ class HarvestConfig:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return resolve_any_device(device, "--device")
 
 
 def autocast_dtype(cfg: HarvestConfig, device: torch.device) -> torch.dtype | None:

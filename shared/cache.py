@@ -617,7 +617,8 @@ def read_ledger(root: str | os.PathLike) -> dict[int, dict[str, Any]]:
             out[int(rec["shard"])] = rec
         except (ValueError, KeyError, TypeError) as e:
             raise CacheError(
-                f"ledger record {p} is corrupt ({e}); delete it and rerun harvest to redo that shard"
+                f"ledger record {p} is corrupt ({e}); `harvest verify --repair {p.parent.parent}` moves it aside and "
+                "prints the harvest command that redoes that shard"
             ) from None
     return out
 
@@ -669,11 +670,15 @@ class Cache:
         where = remote.url if remote else None
         spec, attrs = read_group_spec(root, where)
         layout = Layout(root, where)
-        seal = json.loads(layout.seal.read_text()) if layout.seal.exists() else None
+        try:
+            seal = json.loads(layout.seal.read_text()) if layout.seal.exists() else None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CacheError(f"{layout.where}: seal.json is corrupt ({e}); `harvest verify --repair {layout.where}` "
+                             "moves it aside, then rerun the harvest command to seal again") from None
         if seal is None and not allow_unsealed:
             raise CacheError(
                 f"{layout.where} is not sealed (harvest unfinished); finish it with the same harvest command, "
-                "or ask for the completed shards only (allow_unsealed / --allow-unsealed)"
+                "or train on the completed shards only (train run --allow-unsealed; allow_unsealed=True in Python)"
             )
         return cls(root, spec, attrs, read_ledger(root), seal, remote=remote)
 

@@ -16,6 +16,7 @@ checkpoint when the newest is damaged.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -67,6 +68,45 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     ckpts = Path(run_dir) / "checkpoints"
     final = ckpts / f"step-{step:09d}"
     tmp = ckpts / f".tmp-step-{step:09d}"
+    try:
+        _write_checkpoint_dir(tmp, tensors, trainer, state, step)
+    except Exception as e:  # torch.save / safetensors may report a full disk as their own errors
+        if not _disk_full(e, ckpts):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give back the space of the partial checkpoint
+        previous = list_checkpoints(run_dir)
+        kept = (f"the previous checkpoint {previous[-1].name} is intact" if previous
+                else "no checkpoint is committed yet")
+        sweep = Path(run_dir).parent
+        target = sweep if (sweep / "sweep.json").exists() else Path(run_dir)  # a sweep resumes as a whole
+        raise CheckpointError(
+            f"disk full (no space left on device) while writing checkpoint {final}; {kept}. Free space, then "
+            f"continue with `train resume {target}`"
+        ) from None
+    if final.exists():  # same step written again after a resume: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpts)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _disk_full(e: BaseException, where: Path) -> bool:
+    """Whether a failed write was a full disk (or quota): by errno, by message, or by free space."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(where).free < 2**20
+    except OSError:
+        return False
+
+
+def _write_checkpoint_dir(tmp: Path, tensors: dict[str, torch.Tensor], trainer: dict[str, Any],
+                          state: dict[str, Any], step: int) -> None:
+    """Write and fsync every file of a checkpoint into the (uncommitted) folder `tmp`."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -81,13 +121,6 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     state = {**state, "step": step, "checkpoint_format": CHECKPOINT_FORMAT, "checksums": sums}
     write_atomic(tmp / "state.json", json.dumps(state, indent=1).encode())
     _fsync_dir(tmp)
-    if final.exists():  # same step written again after a resume: replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(ckpts)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -23,12 +23,16 @@ def _user_errors(fn, *args, **kwargs):
         sys.exit(2)
 
 
-def _count(text: str | None):
+def _count(text: str | None, option: str):
+    """A token count such as 50M or 1e6; a bad one is a usage error naming `option`."""
     if text is None:
         return None
     from harvest.cli import COUNT
 
-    return COUNT.convert(text, None, None)
+    try:
+        return COUNT.convert(text, None, None)
+    except click.BadParameter as e:
+        raise click.BadParameter(e.message, param_hint=f"'{option}'") from None
 
 
 HELP = field_help()
@@ -54,6 +58,7 @@ def main() -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key; repeatable (see `train config`).")
 @click.option("--out", help=HELP["out"] + " [default: runs]")
 @click.option("--checkpoint-every", help=HELP["checkpoint_every"] + " Accepts 5M.")
+@click.option("--allow-unsealed", is_flag=True, default=None, help=HELP["allow_unsealed"])
 @click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]), help=HELP["wandb_mode"])
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(config_file, sets, quiet, **options) -> None:
@@ -70,7 +75,7 @@ def run(config_file, sets, quiet, **options) -> None:
         given = {k: v for k, v in options.items() if v is not None}
         for key in ("tokens", "checkpoint_every"):
             if key in given:
-                given[key] = _count(given[key])
+                given[key] = _count(given[key], "--" + key.replace("_", "-"))
         cfg = update_cfg(cfg, **given)
         return update_cfg(cfg, **parse_set(list(sets)))
 
@@ -106,7 +111,7 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
 
         run_dir = latest_checkpoint(checkpoint)[0]
         cfg = load_run_config(run_dir)
-        changes = {"tokens": _count(tokens), "wandb_mode": wandb_mode}
+        changes = {"tokens": _count(tokens, "--tokens"), "wandb_mode": wandb_mode}
         return update_cfg(cfg, **{k: v for k, v in changes.items() if v is not None})
 
     cfg = _user_errors(build)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from shared.devices import DeviceError, parse_device
+
 ARCHS = ("vanilla", "topk", "batchtopk", "jumprelu")
 
 
@@ -29,7 +31,11 @@ class ConfigError(ValueError):
 class TrainConfig:
     # --- data
     store: str = ""
-    """Path of a sealed activation cache (made by `harvest run`)."""
+    """Path or URL of a sealed activation cache (made by `harvest run`)."""
+    allow_unsealed: bool = False
+    """Train on the shards an unfinished harvest has committed so far (their statistics; the last
+    of them held out). A resume then needs the same committed shards: finish the harvest first and
+    start a new run to use them all."""
     site: str | None = None
     """Hook site to train on (TransformerLens name); default: the cache's first site."""
     batch_size: int = 4096
@@ -232,6 +238,10 @@ def validate(cfg: TrainConfig) -> None:
     _choice("jumprelu_sparsity", cfg.jumprelu_sparsity, ("l0", "tanh"))
     _choice("wandb_mode", cfg.wandb_mode, ("online", "offline", "disabled"))
     _choice("autocast", cfg.autocast, ("none", "bf16"))
+    try:
+        parse_device(cfg.device)
+    except DeviceError:
+        raise ConfigError(f"device={cfg.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     positive = ["batch_size", "tokens", "window_shards", "expansion", "k", "checkpoint_every", "keep_checkpoints",
                 "log_every", "density_every", "threshold_batches", "dead_tokens_threshold"]
     for key in positive:
@@ -310,6 +320,8 @@ def config_hash(cfg: TrainConfig) -> str:
     if data.pop("autocast") != "none":  # keys added later enter the hash only when set, so older names stay valid
         data["autocast"] = cfg.autocast
     data.pop("compile")  # the same computation, compiled
+    if data.pop("allow_unsealed"):
+        data["allow_unsealed"] = True
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
 

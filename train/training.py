@@ -25,6 +25,7 @@ from train.config import TrainConfig, cfg_from_dict, post_init_cfg, update_cfg
 from train.distributed import World
 from train.logs import RunLogger, density_histogram
 from train.sae import BaseAutoencoder, build_sae, explained_variance
+from shared.devices import DeviceError, resolve_device as resolve_any_device
 from shared.cache import write_atomic
 from shared.faults import fault_point
 
@@ -34,9 +35,10 @@ class TrainingError(Exception):
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return resolve_any_device(device, "config key device:")
+    except DeviceError as e:
+        raise TrainingError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- construction
@@ -49,6 +51,7 @@ def open_store(cfg: TrainConfig, device: torch.device, world: World = World()) -
         cfg.store, sites=cfg.site, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
         seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos,
         normalize=cfg.normalize, device=device, rank=world.rank, world_size=world.size,
+        allow_unsealed=cfg.allow_unsealed,
     )
 
 
