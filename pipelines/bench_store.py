@@ -77,7 +77,8 @@ def time_store(path: Path, args: argparse.Namespace) -> dict[str, float]:
     from train.activation_store import ActivationStore
 
     out_dtype = getattr(torch, args.out_dtype)
-    with ActivationStore(path, batch_size=args.batch_size, window_shards=args.window_shards, seed=1, dtype=out_dtype) as store:
+    with ActivationStore(path, batch_size=args.batch_size, window_shards=args.window_shards, seed=1, dtype=out_dtype,
+                         threads=args.store_threads) as store:
         n_batches = store.rows_per_epoch // args.batch_size
         store.next_batch()  # first window: start-up latency, not throughput
         out = {}
@@ -192,8 +193,10 @@ def main() -> None:
     ap.add_argument("--rss-window-shards", type=int, default=2, help="store window for the memory run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads of the main thread (baselines); the store's two background "
-                         "threads always use one each")
+                    help="torch intra-op threads of the main thread (baselines)")
+    ap.add_argument("--store-threads", type=int, default=1,
+                    help="torch intra-op threads of each of the store's two background threads (ActivationStore "
+                         "threads=; default 1, what training uses so as not to compete with the step)")
     ap.add_argument("--dir", type=Path, default=None, help="build the cache here (default: a temp dir)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -214,7 +217,7 @@ def main() -> None:
         print(f"cache: {args.shards} shards x {args.rows_per_shard} rows x d={args.d_model} {args.dtype} "
               f"= {cache_bytes / 1e9:.2f} GB (built in {time.perf_counter() - t0:.0f} s); "
               f"batch {args.batch_size} rows = {batch_bytes / 1e6:.1f} MB; window {args.window_shards} shards; "
-              f"served as {args.out_dtype}; torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
+              f"served as {args.out_dtype}; torch threads {torch.get_num_threads()}, store threads {args.store_threads}; load average {os.getloadavg()[0]:.1f}")
         warm_page_cache(path)
         arr = np.concatenate([np.asarray(cache.read_acts(SITE, k)) for k in cache.shards])
         dst = np.empty((args.batch_size, args.d_model), dtype=arr.dtype)
