@@ -225,6 +225,15 @@ def file_checksum(path: Path) -> str:
     return h.hexdigest()
 
 
+def _chunk_checksum(path: Path, chunk: np.ndarray, size: int, compression: str) -> str:
+    """Checksum of a chunk file just written from `chunk`. Uncompressed, the file is the array's
+    little-endian bytes, so they are hashed from memory (no re-read); otherwise, or if the size
+    says the file is not exactly those bytes, the file is read."""
+    if compression == "none" and np.little_endian and chunk.flags.c_contiguous and size == chunk.nbytes:
+        return xxhash.xxh3_128_hexdigest(memoryview(chunk).cast("B"))
+    return file_checksum(path)
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -527,16 +536,19 @@ class CacheWriter:
             # fsyncs run together (one journal commit rather than one per file and directory).
             with ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-commit") as pool:
                 stats_done = pool.submit(lambda: {site: shard_statistics(a) for site, a in acts.items()})
+                chunks: dict[str, np.ndarray] = {}  # what each chunk file holds, padded
                 for site, a in acts.items():
                     data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
-                    self._arrays[f"acts/{site}"][start:stop] = _pad(data, stop - start)
+                    chunks[f"acts/{site}"] = self._arrays[f"acts/{site}"][start:stop] = _pad(data, stop - start)
                 fault_point("shard_mid_write")
-                self._arrays["tokens"][start:stop] = _pad(np.asarray(tokens, np.int32), stop - start)
-                self._arrays["positions"][start:stop] = _pad(np.asarray(positions, np.int32), stop - start)
+                chunks["tokens"] = self._arrays["tokens"][start:stop] = _pad(np.asarray(tokens, np.int32), stop - start)
+                chunks["positions"] = self._arrays["positions"][start:stop] = _pad(
+                    np.asarray(positions, np.int32), stop - start)
                 files = self.layout.chunk_files(spec.site_names, shard)
                 synced = [pool.submit(_fsync_path, p) for p in {*files.values(), *(f.parent for f in files.values())}]
-                checksums = {name: file_checksum(path) for name, path in files.items()}
                 sizes = {name: path.stat().st_size for name, path in files.items()}
+                checksums = {name: _chunk_checksum(path, chunks[name], sizes[name], spec.compression)
+                             for name, path in files.items()}
                 for done in synced:
                     done.result()
                 stats = stats_done.result()
