@@ -1,0 +1,41 @@
+"""The benchmark/comparison scripts in pipelines/ run end to end on tiny inputs and skip the SAELens
+columns cleanly when SAELens is not available (the interpreter given does not exist)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_training import sparse_cache  # noqa: F401 - fixture reuse
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path):
+    r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "disabled",
+                            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_compare_saelens_skips_cleanly_and_reports_ours(sparse_cache, tmp_path):  # noqa: F811
+    report = tmp_path / "report.json"
+    out = _run(["pipelines/compare_saelens.py", str(sparse_cache), "--tokens", "2048", "--batch-size", "256",
+                "--expansion", "2", "--k", "4", "--archs", "topk,vanilla", "--saelens-python", str(tmp_path / "none"),
+                "--out", str(tmp_path / "runs"), "--json", str(report), "--quiet"], tmp_path)
+    assert "skipped: SAELens not installed" in out
+    data = json.loads(report.read_text())
+    assert set(data["ours"]) == {"topk", "vanilla"} and "saelens" not in data
+    topk = data["ours"]["topk"]["eval"]
+    assert topk["l0"] == 4 and 0 < topk["explained_variance"] <= 1 and topk["rows"] == data["data"]["heldout_rows"] > 0
+
+
+def test_bench_train_step_prints_a_table_without_saelens(tmp_path):
+    md = tmp_path / "bench.md"
+    out = _run(["pipelines/bench_train_step.py", "--variants", "topk,jumprelu", "--d-in", "32", "--expansions", "2",
+                "--batch-size", "128", "--k", "4", "--steps", "2", "--warmup", "1", "--data-wait-steps", "2",
+                "--saelens-python", str(tmp_path / "none"), "--markdown", str(md)], tmp_path)
+    assert "SAELens: skipped" in out and "Data wait" in out
+    table = md.read_text()
+    assert "| topk | 32 |" in table and "| jumprelu | 32 |" in table and "SAELens columns skipped" in table
