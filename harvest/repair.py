@@ -18,7 +18,6 @@ with the same --batch-size (the cache records neither; the command uses the defa
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shlex
@@ -28,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from shared.cache import CacheError, CacheSpec, Layout, _set_rows, file_checksum, read_group_spec
+from harvest.runner import writer_lock
+from shared.cache import CacheError, CacheSpec, Layout, file_problem, read_group_spec, set_array_rows
 
 QUARANTINE = "quarantine"
 
@@ -167,16 +167,15 @@ def harvest_command(root: str | os.PathLike, spec: CacheSpec) -> str | None:
 @contextmanager
 def _no_writer(root: Path) -> Iterator[None]:
     """Hold every harvest writer lock of `root` (rank 0's at least): refuse while a harvest runs."""
-    paths = {root / ".writer-rank0.lock", *root.glob(".writer-rank*.lock")}
+    ranks = {0, *(int(p.name.removeprefix(".writer-rank").removesuffix(".lock"))
+                  for p in root.glob(".writer-rank*.lock"))}
     with ExitStack() as stack:
-        for p in sorted(paths):
-            fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
-            stack.callback(os.close, fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise CacheError(f"a harvest process is writing {root} right now; let it finish (or stop it) "
-                                 "before repairing") from None
+        try:
+            for rank in sorted(ranks):
+                stack.enter_context(writer_lock(root, rank))
+        except CacheError:
+            raise CacheError(f"a harvest process is writing {root} right now; let it finish (or stop it) "
+                             "before repairing") from None
         yield
 
 
@@ -227,14 +226,11 @@ def _check_shard(layout: Layout, spec: CacheSpec, k: int, record_path: Path) -> 
         return [f"shard {k}: ledger record {record_path} is corrupt ({type(e).__name__}: {e})"], []
     problems, failed = [], []
     for name, path in files.items():
-        if not path.exists():
-            problems.append(f"shard {k}: {name} file {path} is missing")
-        elif path.stat().st_size != sizes[name]:
-            problems.append(f"shard {k}: {name} file {path} is {path.stat().st_size} bytes, ledger says {sizes[name]}")
-            failed.append(path)
-        elif file_checksum(path) != checksums[name]:
-            problems.append(f"shard {k}: {name} file {path} fails its checksum")
-            failed.append(path)
+        problem = file_problem(path, sizes[name], checksums[name])
+        if problem:
+            problems.append(f"shard {k}: {name} file {path} {problem}")
+            if path.exists():
+                failed.append(path)
     return (problems or None), failed
 
 
@@ -251,7 +247,7 @@ def _restore_planned_rows(root: Path, spec: CacheSpec) -> None:
     for name in [f"acts/{s}" for s in spec.site_names] + ["tokens", "positions"]:
         meta = json.loads((layout.root / name / "zarr.json").read_text())
         if meta["shape"][0] != spec.planned_rows:
-            _set_rows(layout.root / name, spec.planned_rows)
+            set_array_rows(layout.root / name, spec.planned_rows)
 
 
 def _ranges(ks: list[int]) -> str:

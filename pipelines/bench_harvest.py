@@ -63,7 +63,7 @@ import torch  # noqa: E402
 import harvest.runner as runner  # noqa: E402
 from harvest.runner import HarvestConfig, autocast_dtype, run_harvest  # noqa: E402
 from pipelines.offline_assets import kjv_jsonl, smollm2_hf_folder  # noqa: E402
-from shared.cache import Cache, CacheSpec, CacheWriter, SiteRecord, numpy_storage_dtype, shard_statistics  # noqa: E402
+from shared.cache import Cache, CacheSpec, CacheWriter, SiteRecord, fsync_path, numpy_storage_dtype, shard_statistics  # noqa: E402
 from shared.hook_sites import capture, resolve_sites  # noqa: E402
 from shared.models import load_model  # noqa: E402
 from shared.tokens import load_documents, pack_contexts  # noqa: E402
@@ -181,27 +181,27 @@ def bench_harvest(device: torch.device, cfg: HarvestConfig, repeats: int, work: 
         ratios.append(hv[-1] / fwd[-1])
         print(f"{r + 1:5d} {fwd[-1]:14,.0f} {hv[-1]:14,.0f} {ratios[-1]:6.3f}   "
               f"{n_tokens / h['capture']:24,.0f} {in_run[-1]:12.3f} {h['setup']:8.1f}")
-    ratio = max(hv) / max(fwd)
-    verdict = "meets" if ratio >= HARVEST_TARGET else "MISSES"
-    print(f"best: forward-only {max(fwd):,.0f} tok/s, harvest {max(hv):,.0f} tok/s -> ratio {ratio:.3f} "
-          f"(median per-round ratio {statistics.median(ratios):.3f}); {verdict} the target {HARVEST_TARGET}")
+    ratio = best_of_rounds("forward-only", fwd, "harvest", hv, ratios, HARVEST_TARGET, "{:,.0f} tok/s")
     print(f"in-run ratio (time inside capture() / harvest window, same run, so immune to load drifting "
           f"between runs; blind to the forward itself being slowed by the writer): best {max(in_run):.3f}, "
           f"median {statistics.median(in_run):.3f}")
     return ratio, statistics.median(in_run)
 
 
+def best_of_rounds(base_name: str, base: list[float], name: str, rates: list[float], ratios: list[float],
+                   target: float, unit: str) -> float:
+    """Print and return the ratio of the best rounds (max rate over max baseline rate), with the median
+    per-round ratio and the verdict against target; unit formats a rate, e.g. "{:.3f} GB/s"."""
+    ratio = max(rates) / max(base)
+    verdict = "meets" if ratio >= target else "MISSES"
+    print(f"best: {base_name} {unit.format(max(base))}, {name} {unit.format(max(rates))} -> ratio {ratio:.3f} "
+          f"(median per-round ratio {statistics.median(ratios):.3f}); {verdict} the target {target}")
+    return ratio
+
+
 # --------------------------------------------------------------------------- cache vs raw writes
 
 SITE = "blocks.8.hook_resid_pre"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_round(work: Path, acts: list[np.ndarray], n_shards: int, tokens, positions) -> dict[str, float]:
@@ -238,7 +238,7 @@ def write_round(work: Path, acts: list[np.ndarray], n_shards: int, tokens, posit
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(raw, ignore_errors=True)
-        _fsync_dir(work)
+        fsync_path(work)
 
 
 def bench_writes(args: argparse.Namespace, work: Path) -> float:
@@ -262,11 +262,7 @@ def bench_writes(args: argparse.Namespace, work: Path) -> float:
         ratios.append(cache[-1] / raw[-1])
         print(f"{r + 1:5d} {raw[-1]:9.3f} {cache[-1]:11.3f} {ratios[-1]:6.3f}   "
               f"{t['raw_cpu'] / n * 1e3:16.0f} {t['cache_cpu'] / n * 1e3:18.0f}")
-    ratio = max(cache) / max(raw)
-    verdict = "meets" if ratio >= WRITE_TARGET else "MISSES"
-    print(f"best: raw {max(raw):.3f} GB/s, cache {max(cache):.3f} GB/s -> ratio {ratio:.3f} "
-          f"(median per-round ratio {statistics.median(ratios):.3f}); {verdict} the target {WRITE_TARGET}")
-    return ratio
+    return best_of_rounds("raw", raw, "cache", cache, ratios, WRITE_TARGET, "{:.3f} GB/s")
 
 
 # --------------------------------------------------------------------------- main

@@ -66,7 +66,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -75,13 +74,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipelines.measure import PeakRSS, rss_bytes  # noqa: E402
+
 SAELENS_WORKER = Path(__file__).resolve().with_name("saelens_step_worker.py")
 VARIANTS = ("topk", "batchtopk", "vanilla", "jumprelu")
 TARGET_SPEEDUP = {"topk": 2.0, "batchtopk": 2.0, "vanilla": 1.2, "jumprelu": 1.2}
 TARGET_FLOOR = {"topk": 2.0, "batchtopk": 2.0}
 TARGET_WAIT = 0.05
 SITE = "blocks.8.hook_resid_pre"
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # --------------------------------------------------------------------------- activations
@@ -114,36 +114,6 @@ def make_activations(n_rows: int, d: int, seed: int = 0) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- helpers (workers)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE
-
-
-class PeakRSS:
-    """Samples RSS every `interval` seconds in a daemon thread between start() and stop()."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.peak = rss_bytes()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-        return self.peak
 
 
 def _make_trainer(spec: dict, d: int):

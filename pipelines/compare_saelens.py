@@ -51,6 +51,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipelines.measure import heldout_metrics  # noqa: E402
 from train.activation_store import ActivationStore  # noqa: E402
 from train.config import get_default_cfg, update_cfg  # noqa: E402
 from train.training import train_sae  # noqa: E402
@@ -130,29 +131,9 @@ def export_rows(cache: Path, cfg, n_batches: int, dest: Path) -> dict:
 # --------------------------------------------------------------------------- one evaluation for both
 
 
-@torch.no_grad()
-def evaluate(encode, decode, heldout: torch.Tensor, d_sae: int, batch: int = 4096) -> dict:
-    """Held-out explained variance 1 - sum||x - x_hat||^2 / sum||x - mean||^2, mean L0, and the
-    latents that never fired on these rows (count and fraction). float64 accumulation."""
-    sq_err = 0.0
-    l0 = 0.0
-    fired = torch.zeros(d_sae, dtype=torch.bool)
-    for x in heldout.split(batch):
-        f = encode(x)
-        x_hat = decode(f)
-        sq_err += float((x - x_hat).double().pow(2).sum())
-        l0 += float((f > 0).sum())
-        fired |= (f > 0).any(0)
-    x64 = heldout.double()
-    total = float((x64 - x64.mean(0)).pow(2).sum())
-    n = heldout.shape[0]
-    return {"explained_variance": 1 - sq_err / total, "mse": sq_err / n, "l0": l0 / n,
-            "dead": int((~fired).sum()), "dead_fraction": float((~fired).float().mean()), "rows": n}
-
-
 def evaluate_ours(sae, heldout: torch.Tensor) -> dict:
     sae.eval()
-    return evaluate(sae.encode, sae.decode, heldout, sae.d_sae)
+    return heldout_metrics(sae.encode, sae.decode, heldout, sae.d_sae)
 
 
 def evaluate_saelens_weights(path: Path, heldout: torch.Tensor) -> dict:
@@ -166,7 +147,7 @@ def evaluate_saelens_weights(path: Path, heldout: torch.Tensor) -> dict:
         top, idx = pre.topk(k, dim=1, sorted=False)
         return torch.zeros_like(pre).scatter_(1, idx, top.relu())
 
-    return evaluate(encode, lambda f: f @ W_dec + b_dec, heldout, W_enc.shape[1])
+    return heldout_metrics(encode, lambda f: f @ W_dec + b_dec, heldout, W_enc.shape[1])
 
 
 # --------------------------------------------------------------------------- SAELens

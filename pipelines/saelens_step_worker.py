@@ -39,46 +39,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import threading
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs under SAELens' interpreter, as a script
+from pipelines.measure import PeakRSS, rss_bytes  # noqa: E402
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE
-
-
-class PeakRSS:
-    """Samples RSS every `interval` seconds in a daemon thread between start() and stop()."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.peak = rss_bytes()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-        return self.peak
 
 
 def build(arch: str, d: int, d_sae: int, k: int, device: str, sparse_topk: bool):

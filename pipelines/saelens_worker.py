@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs under SAELens' interpreter, as a script
+from pipelines.measure import heldout_metrics  # noqa: E402
 
 
 def batches(path: Path, batch_size: int):
@@ -42,23 +46,15 @@ def batches(path: Path, batch_size: int):
             yield torch.from_numpy(np.array(rows[i * batch_size : (i + 1) * batch_size]))  # a writable copy
 
 
-@torch.no_grad()
-def heldout_eval(sae, heldout: torch.Tensor, batch: int = 4096) -> dict:
+def heldout_eval(sae, heldout: torch.Tensor) -> dict:
+    """The caller's metrics, through SAELens' own encode/decode."""
     sae.eval()
-    sq_err = l0 = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    for x in heldout.split(batch):
+
+    def encode(x):
         f = sae.encode(x)
-        f = f.to_dense() if f.is_sparse else f
-        x_hat = sae.decode(f)
-        sq_err += float((x - x_hat).double().pow(2).sum())
-        l0 += float((f > 0).sum())
-        fired |= (f > 0).any(0)
-    x64 = heldout.double()
-    total = float((x64 - x64.mean(0)).pow(2).sum())
-    n = heldout.shape[0]
-    return {"explained_variance": 1 - sq_err / total, "mse": sq_err / n, "l0": l0 / n,
-            "dead": int((~fired).sum()), "dead_fraction": float((~fired).float().mean()), "rows": n}
+        return f.to_dense() if f.is_sparse else f
+
+    return heldout_metrics(encode, sae.decode, heldout, sae.cfg.d_sae)
 
 
 def main() -> None:

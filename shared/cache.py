@@ -185,7 +185,8 @@ def to_storage(x: "Any", dtype: str, where: str) -> np.ndarray:
 # --------------------------------------------------------------------------- file helpers
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that its entries, e.g. a rename, are durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -211,7 +212,7 @@ def write_atomic(path: Path, data: bytes, exclusive: bool = False) -> None:
             os.unlink(tmp)
     else:
         os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def file_checksum(path: Path) -> str:
@@ -232,6 +233,17 @@ def _chunk_checksum(path: Path, chunk: np.ndarray, size: int, compression: str) 
     if compression == "none" and np.little_endian and chunk.flags.c_contiguous and size == chunk.nbytes:
         return xxhash.xxh3_128_hexdigest(memoryview(chunk).cast("B"))
     return file_checksum(path)
+
+
+def file_problem(path: Path, size: int, checksum: str) -> str | None:
+    """What is wrong with a committed file against its ledger entry ("is missing", "is N bytes,
+    ledger says M", "fails its checksum"), or None when it matches."""
+    if not path.exists():
+        return "is missing"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"is {actual} bytes, ledger says {size}"
+    return "fails its checksum" if file_checksum(path) != checksum else None
 
 
 # --------------------------------------------------------------------------- statistics
@@ -483,12 +495,12 @@ class CacheWriter:
         (tmp / "ledger").mkdir()
         for dirpath, _, files in os.walk(tmp):
             for f in files:
-                _fsync_path(Path(dirpath) / f)
-            _fsync_path(Path(dirpath))
+                fsync_path(Path(dirpath) / f)
+            fsync_path(Path(dirpath))
         if self.layout.root.exists():
             self.layout.root.rmdir()  # empty, checked by the caller
         os.rename(tmp, self.layout.root)
-        _fsync_path(self.layout.root.parent)
+        fsync_path(self.layout.root.parent)
         self._open_arrays()
 
     def _open_arrays(self) -> None:
@@ -545,7 +557,7 @@ class CacheWriter:
                 chunks["positions"] = self._arrays["positions"][start:stop] = _pad(
                     np.asarray(positions, np.int32), stop - start)
                 files = self.layout.chunk_files(spec.site_names, shard)
-                synced = [pool.submit(_fsync_path, p) for p in {*files.values(), *(f.parent for f in files.values())}]
+                synced = [pool.submit(fsync_path, p) for p in {*files.values(), *(f.parent for f in files.values())}]
                 sizes = {name: path.stat().st_size for name, path in files.items()}
                 checksums = {name: _chunk_checksum(path, chunks[name], sizes[name], spec.compression)
                              for name, path in files.items()}
@@ -588,7 +600,7 @@ class CacheWriter:
         n_rows = sum(ledger[k]["rows"] for k in range(n))
         if n_rows != self.spec.planned_rows:
             for name in self._arrays:
-                _set_rows(self.layout.root / name, n_rows)
+                set_array_rows(self.layout.root / name, n_rows)
         stats = {
             s: merge_statistics((ledger[k]["stats"][s] for k in range(n)), self.spec.d_model)
             for s in self.spec.site_names
@@ -599,7 +611,7 @@ class CacheWriter:
         return seal
 
 
-def _set_rows(array_dir: Path, n_rows: int) -> None:
+def set_array_rows(array_dir: Path, n_rows: int) -> None:
     """Shrink an array's first dimension in its zarr.json. Unlike zarr's resize this does not
     visit the (never written) chunks past the end, which for a large budget on a short corpus
     would be hundreds of thousands of deletions."""
@@ -796,13 +808,13 @@ class Cache:
                 if self.remote is not None:
                     where = f"object {self.remote.url}/{layout.key(path)}"
                     digest = self.remote.checksum(path)  # None when the object is missing
+                    problem = ("is missing" if digest is None else
+                               "fails its checksum" if digest != rec["checksums"][name] else None)
                 else:
                     where = f"file {path}"
-                    digest = file_checksum(path) if path.exists() else None
-                if digest is None:
-                    problems.append(f"shard {k}: {name} {where} is missing")
-                elif digest != rec["checksums"][name]:
-                    problems.append(f"shard {k}: {name} {where} fails its checksum")
+                    problem = file_problem(path, rec["sizes"][name], rec["checksums"][name])
+                if problem:
+                    problems.append(f"shard {k}: {name} {where} {problem}")
         return problems
 
     def disk_bytes(self) -> int:

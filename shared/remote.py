@@ -53,7 +53,7 @@ from shared.cache import (
     CacheSpec,
     CacheWriter,
     Layout,
-    _fsync_path,
+    fsync_path,
     check_same_spec,
     file_checksum,
     parse_group_meta,
@@ -206,7 +206,7 @@ class RemoteStore:
                     dest = self._local_path(key)
                     tmp = dest.with_name(f".{dest.name}.tmp.{os.getpid()}")
                     shutil.copyfile(src, tmp)
-                    _fsync_path(tmp)
+                    fsync_path(tmp)
                     os.replace(tmp, dest)
             else:
                 self.fs.put([str(files[k]) for k in keys], [self.path(k) for k in keys])
@@ -444,7 +444,7 @@ class RemoteCache:
                         f"{self.url}: {what} object {name} fails its ledger checksum (corrupt or replaced); "
                         "re-harvest that shard"
                     )
-                _fsync_path(tmp)
+                fsync_path(tmp)
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 SUBJECTS = ["the old sailor", "a young farmer", "my sister", "the tired teacher", "our neighbour",
@@ -29,3 +30,18 @@ def make_lines(n_lines: int, seed: int = 0) -> list[str]:
     """n_lines documents of 1-4 sentences each, a pure function of (n_lines, seed)."""
     rng = random.Random(seed)
     return [" ".join(sentence(rng) for _ in range(rng.randint(1, 4))) for _ in range(n_lines)]
+
+
+# Base keys of the tiny sweeps in the tests (the settings of tests/test_training.py's cfg_for).
+SWEEP_BASE = {"batch_size": 256, "tokens": 10240, "expansion": 4, "checkpoint_every": 2560, "log_every": 5,
+              "density_every": 10, "wandb_mode": "disabled", "lr": 3e-3, "dead_tokens_threshold": 2048,
+              "threshold_batches": 4, "b_dec_init": "mean"}
+
+
+def write_sweep_spec(path, store, out, grid: str, name: str = "t", top: str = "", **base):
+    """A sweep spec TOML at `path`: SWEEP_BASE updated by `base`, store and out, the `grid` table body
+    as given, and `top` (extra top-level lines). Returns path."""
+    keys = {"store": str(store), "out": str(out), **SWEEP_BASE, **base}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in keys.items()]  # JSON scalars are valid TOML
+    path.write_text(f'name = "{name}"\n{top}\n[base]\n' + "\n".join(lines) + f"\n[grid]\n{grid}\n")
+    return path

@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 from harvest.cli import main as harvest_cli
 from harvest.runner import run_harvest
 from shared.cache import Cache
+from tests.helpers import write_sweep_spec
 from tests.test_harvest import CTX, cli_args, config
 from tests.test_training import cfg_for, sparse_cache  # noqa: F401 - fixture reuse
 from train.checkpoints import list_checkpoints, read_checkpoint
@@ -339,26 +340,8 @@ def test_training_survives_random_kills(sparse_cache, tmp_path):  # noqa: F811
 
 
 def sweep_spec(path: Path, store: Path, out: Path) -> Path:
-    path.write_text(f'''name = "soak"
-[base]
-store = "{store}"
-out = "{out}"
-batch_size = 256
-tokens = {256 * STEPS}
-expansion = 4
-checkpoint_every = {256 * 25}
-log_every = 5
-density_every = 10
-wandb_mode = "disabled"
-lr = 3e-3
-dead_tokens_threshold = 2048
-threshold_batches = 4
-b_dec_init = "mean"
-[grid]
-arch = ["topk", "batchtopk"]
-k = [4]
-''')
-    return path
+    return write_sweep_spec(path, store, out, 'arch = ["topk", "batchtopk"]\nk = [4]', name="soak",
+                            tokens=256 * STEPS, checkpoint_every=256 * 25)
 
 
 def test_sweep_survives_random_kills(sparse_cache, tmp_path):  # noqa: F811

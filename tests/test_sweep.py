@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import write_sweep_spec
 from tests.test_training import cfg_for, sparse_cache  # noqa: F401 - fixture reuse
 from train.checkpoints import list_checkpoints
 from train.config import ConfigError
@@ -19,25 +20,7 @@ from train.training import train_sae
 
 
 def write_spec(path, store, out, grid='arch = ["topk", "batchtopk"]\nk = [2, 4]'):
-    path.write_text(f'''name = "t"
-[base]
-store = "{store}"
-out = "{out}"
-batch_size = 256
-tokens = 10240
-expansion = 4
-checkpoint_every = 2560
-log_every = 5
-density_every = 10
-wandb_mode = "disabled"
-lr = 3e-3
-dead_tokens_threshold = 2048
-threshold_batches = 4
-b_dec_init = "mean"
-[grid]
-{grid}
-''')
-    return path
+    return write_sweep_spec(path, store, out, grid)
 
 
 def weights(run_dir):

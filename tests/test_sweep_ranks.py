@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from tests.helpers import write_sweep_spec
 from tests.test_training import sparse_cache  # noqa: F401 - fixture reuse
 from train.checkpoints import list_checkpoints
 from train.config import ConfigError
@@ -25,27 +26,8 @@ LAST_TWO = [f"step-{STEPS - EVERY:09d}", f"step-{STEPS:09d}"]  # what keep_check
 
 
 def write_spec(path, store, out, top=""):
-    path.write_text(f'''name = "ranks"
-{top}
-[base]
-store = "{store}"
-out = "{out}"
-batch_size = 256
-tokens = {256 * STEPS}
-checkpoint_every = {256 * EVERY}
-expansion = 4
-k = 4
-log_every = 5
-density_every = 10
-wandb_mode = "disabled"
-lr = 3e-3
-dead_tokens_threshold = 2048
-threshold_batches = 4
-b_dec_init = "mean"
-[grid]
-arch = ["topk", "batchtopk", "jumprelu"]
-''')
-    return path
+    return write_sweep_spec(path, store, out, 'arch = ["topk", "batchtopk", "jumprelu"]', name="ranks", top=top,
+                            tokens=256 * STEPS, checkpoint_every=256 * EVERY, k=4)
 
 
 def final_weights(run_dir):

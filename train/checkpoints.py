@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.cache import file_checksum, write_atomic
+from shared.cache import file_checksum, fsync_path, write_atomic
 from shared.faults import fault_point
 
 CHECKPOINT_FORMAT = 1
@@ -35,14 +35,6 @@ CHECKPOINT_FORMAT = 1
 
 class CheckpointError(Exception):
     """No loadable checkpoint, or a damaged one; the message names the folder."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def create_run_dir(parent: str | os.PathLike, name: str, checkpoints: bool = True) -> Path:
@@ -57,7 +49,7 @@ def create_run_dir(parent: str | os.PathLike, name: str, checkpoints: bool = Tru
             continue
         if checkpoints:
             (path / "checkpoints").mkdir()
-        _fsync_dir(parent)
+        fsync_path(parent)
         return path
     raise CheckpointError(f"too many runs named {name!r} under {parent}")
 
@@ -86,7 +78,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     if final.exists():  # same step written again after a resume: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(ckpts)
+    fsync_path(ckpts)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -120,7 +112,7 @@ def _write_checkpoint_dir(tmp: Path, tensors: dict[str, torch.Tensor], trainer: 
         sums[name] = file_checksum(tmp / name)
     state = {**state, "step": step, "checkpoint_format": CHECKPOINT_FORMAT, "checksums": sums}
     write_atomic(tmp / "state.json", json.dumps(state, indent=1).encode())
-    _fsync_dir(tmp)
+    fsync_path(tmp)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
