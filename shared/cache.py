@@ -542,6 +542,11 @@ class CacheWriter:
                     f"shard {shard} site {site}: got {a.shape} {a.dtype}, "
                     f"expected ({rows}, {spec.d_model}) {storage}"
                 )
+        for path in self.layout.chunk_files(spec.site_names, shard).values():
+            # zarr writes a chunk to `<name>.<uuid>.partial` and renames it: a kill in between leaves
+            # that temporary behind. This writer alone writes this shard, so any such file is debris.
+            for stray in path.parent.glob(f"{path.name}.*.partial"):
+                stray.unlink(missing_ok=True)
         try:
             fault_point("shard_write")
             # The statistics (CPU) run while the chunks are written and fsynced (I/O), and the

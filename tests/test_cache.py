@@ -214,3 +214,19 @@ def test_zarr_readable(tmp_path):
     g = zarr.open_group(str(tmp_path / "c"), mode="r")
     assert g["acts/blocks.1.hook_resid_pre"].shape == (20, D)
     assert g.attrs["saeforge"]["spec"]["context_length"] == 4
+
+
+def test_rewriting_a_shard_removes_zarr_temporaries_left_by_a_kill(tmp_path):
+    """A kill between zarr's write of `<chunk>.<uuid>.partial` and its rename leaves that file; the
+    resumed writer of the shard removes it, so the finished cache holds exactly its own files."""
+    spec = make_spec()
+    fill(tmp_path / "c", spec, shards=[0])
+    strays = [tmp_path / "c/acts/blocks.1.hook_resid_pre/c/1/0.0123abcd.partial", tmp_path / "c/tokens/c/1.4567ef.partial"]
+    for p in strays:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+    keep = tmp_path / "c/tokens/c/2.89ab.partial"  # another shard's: not this writer's business
+    keep.write_bytes(b"")
+    w = CacheWriter.create_or_open(tmp_path / "c", spec)
+    w.write_shard(1, *shard_data(spec, 1))
+    assert not any(p.exists() for p in strays) and keep.exists()
