@@ -15,7 +15,7 @@ import math
 import os
 import queue
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from shared.devices import resolve_device as resolve_any_device
-from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord, numpy_storage_dtype, to_storage
+from harvest.pipeline import DeviceToHost, background
+from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord, numpy_storage_dtype
 from shared.hook_sites import capture, resolve_sites
 from shared.models import load_model
 from shared.remote import RemoteCacheWriter, is_remote
@@ -240,9 +241,9 @@ def _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, devic
         disable=not progress,
         desc=f"harvest rank {cfg.rank}" if cfg.world_size > 1 else "harvest",
     )
-    storage = spec.dtype
-    np_storage = numpy_storage_dtype(storage)
+    np_storage = numpy_storage_dtype(spec.dtype)
     writer_thread = ShardWriterThread(writer)
+    transfer = DeviceToHost(spec.dtype, device, {s.name: f"layer {s.layer} site {s.name}" for s in sites})
     buffer: ShardBuffer | None = None
     n_contexts = 0
 
@@ -255,29 +256,38 @@ def _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, devic
             if i // per_shard in pending:
                 yield i, tokens
 
+    def token_batches() -> Iterator[tuple[list[tuple[int, np.ndarray]], torch.Tensor]]:
+        """(contexts, input ids [B, T] int64, pinned for CUDA): made in a thread, ahead of the forward."""
+        for batch in _batches(wanted(), cfg.batch_size):
+            ids = torch.from_numpy(np.stack([t for _, t in batch]).astype(np.int64))
+            yield batch, ids.pin_memory() if device.type == "cuda" else ids
+
+    def store(batch: list[tuple[int, np.ndarray]], host: dict[str, np.ndarray]) -> None:
+        """Rows of a batch into shard buffers; full shards to the writer. A batch's contexts may span two shards."""
+        nonlocal buffer
+        for j, (i, tokens) in enumerate(batch):
+            shard = i // per_shard
+            if buffer is None or buffer.shard != shard:
+                if buffer is not None:
+                    writer_thread.submit(*buffer.contents(ctx))
+                buffer = ShardBuffer(shard, spec, np_storage)
+            rows = slice(j * ctx, (j + 1) * ctx)
+            buffer.add({name: a[rows] for name, a in host.items()}, tokens)
+            if buffer.rows == per_shard * ctx:
+                writer_thread.submit(*buffer.contents(ctx))
+                buffer = None
+        bar.update(len(batch) * ctx)
+
     autocast = torch.autocast(device.type, dtype=compute) if compute else nullcontext()
     try:
-        for batch in _batches(wanted(), cfg.batch_size):
-            ids = torch.from_numpy(np.stack([t for _, t in batch]).astype(np.int64)).to(device)
-            with torch.inference_mode(), autocast:
-                captured = capture(model, sites, ids)
-            host = {
-                s.name: to_storage(captured[s.name].reshape(-1, spec.d_model), storage, f"layer {s.layer} site {s.name}")
-                for s in sites
-            }
-            # contexts of one batch may span two shards: split rows by shard
-            for j, (i, tokens) in enumerate(batch):
-                shard = i // per_shard
-                if buffer is None or buffer.shard != shard:
-                    if buffer is not None:
-                        writer_thread.submit(*buffer.contents(ctx))
-                    buffer = ShardBuffer(shard, spec, np_storage)
-                rows = slice(j * ctx, (j + 1) * ctx)
-                buffer.add({name: a[rows] for name, a in host.items()}, tokens)
-                if buffer.rows == per_shard * ctx:
-                    writer_thread.submit(*buffer.contents(ctx))
-                    buffer = None
-            bar.update(len(batch) * ctx)
+        with closing(background(token_batches(), depth=4)) as batches:
+            for batch, ids in batches:
+                with torch.inference_mode(), autocast:
+                    captured = capture(model, sites, ids.to(device, non_blocking=True))
+                for done in transfer.submit(batch, captured):
+                    store(*done)
+        for done in transfer.drain():
+            store(*done)
         if buffer is not None:
             writer_thread.submit(*buffer.contents(ctx))  # short last shard of a short corpus
     finally:

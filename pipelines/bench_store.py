@@ -5,7 +5,7 @@
 
 Builds a synthetic cache in a temporary folder (or --dir), warms the page cache, then prints:
 
-* store: rows served by ActivationStore.next_batch() ([batch, d] of --out-dtype on CPU, prefetch on) over
+* store: rows served by ActivationStore.next_batch() ([batch, d] of --out-dtype on --device, prefetch on) over
   one full epoch after a warm-up batch; the first epoch also verifies checksums, the second
   (reported as steady state) does not. GB/s counts the cache's storage bytes of the rows served.
 * contiguous copy, page cache: np.copyto of consecutive batch-sized slices of each shard's
@@ -77,15 +77,20 @@ def time_store(path: Path, args: argparse.Namespace) -> dict[str, float]:
     from train.activation_store import ActivationStore
 
     out_dtype = getattr(torch, args.out_dtype)
+    cuda = args.device.startswith("cuda")
     with ActivationStore(path, batch_size=args.batch_size, window_shards=args.window_shards, seed=1, dtype=out_dtype,
-                         threads=args.store_threads) as store:
+                         threads=args.store_threads, device=args.device) as store:
         n_batches = store.rows_per_epoch // args.batch_size
         store.next_batch()  # first window: start-up latency, not throughput
         out = {}
         for name in ("epoch1", "epoch2"):
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(n_batches):
                 x = store.next_batch()
+            if cuda:
+                torch.cuda.synchronize()  # the last batch has landed on the device
             out[name] = time.perf_counter() - t0
         assert x.dtype == out_dtype and x.shape == (args.batch_size, args.d_model)
     return {k: v / n_batches for k, v in out.items()}  # seconds per batch
@@ -197,6 +202,9 @@ def main() -> None:
     ap.add_argument("--store-threads", type=int, default=1,
                     help="torch intra-op threads of each of the store's two background threads (ActivationStore "
                          "threads=; default 1, what training uses so as not to compete with the step)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the store serves batches (cuda: storage-dtype rows through pinned memory, converted "
+                         "on the GPU); the baselines stay CPU copies")
     ap.add_argument("--dir", type=Path, default=None, help="build the cache here (default: a temp dir)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -217,7 +225,7 @@ def main() -> None:
         print(f"cache: {args.shards} shards x {args.rows_per_shard} rows x d={args.d_model} {args.dtype} "
               f"= {cache_bytes / 1e9:.2f} GB (built in {time.perf_counter() - t0:.0f} s); "
               f"batch {args.batch_size} rows = {batch_bytes / 1e6:.1f} MB; window {args.window_shards} shards; "
-              f"served as {args.out_dtype}; torch threads {torch.get_num_threads()}, store threads {args.store_threads}; load average {os.getloadavg()[0]:.1f}")
+              f"served as {args.out_dtype} on {args.device}; torch threads {torch.get_num_threads()}, store threads {args.store_threads}; load average {os.getloadavg()[0]:.1f}")
         warm_page_cache(path)
         arr = np.concatenate([np.asarray(cache.read_acts(SITE, k)) for k in cache.shards])
         dst = np.empty((args.batch_size, args.d_model), dtype=arr.dtype)

@@ -167,19 +167,37 @@ def to_storage(x: "Any", dtype: str, where: str) -> np.ndarray:
     # One reduction (one device sync on CUDA) for both checks: NaN propagates through aminmax,
     # inf shows as the min or max.
     low, high = torch.stack(torch.aminmax(x)).tolist() if x.numel() else (0.0, 0.0)
+    check_storage_range(low, high, dtype, where)
+    return storage_numpy(x.to(torch_storage_dtype(dtype)).cpu())
+
+
+def check_storage_range(low: float, high: float, dtype: str, where: str) -> None:
+    """CacheError naming `where` if [low, high] (the activations' min and max) holds NaN or inf, or
+    would overflow float16 storage."""
     if not (math.isfinite(low) and math.isfinite(high)):
         raise CacheError(f"{where}: activations contain NaN or inf before storage; check the model/dtype")
-    if dtype == "float16":
-        max_abs = max(-low, high)
-        if max_abs > FLOAT16_MAX:
-            raise CacheError(
-                f"{where}: float16 overflow (max |activation| = {max_abs:.4g} > 65504); "
-                "harvest with --dtype bfloat16 or --dtype float32"
-            )
-        return x.to(torch.float16).cpu().numpy()
-    if dtype == "bfloat16":
-        return x.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return x.to(torch.float32).cpu().numpy()
+    max_abs = max(-low, high)
+    if dtype == "float16" and max_abs > FLOAT16_MAX:
+        raise CacheError(
+            f"{where}: float16 overflow (max |activation| = {max_abs:.4g} > 65504); "
+            "harvest with --dtype bfloat16 or --dtype float32"
+        )
+
+
+def torch_storage_dtype(dtype: str) -> "Any":
+    """The torch dtype of a storage dtype name (float16, bfloat16, float32)."""
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def storage_numpy(x: "Any") -> np.ndarray:
+    """A CPU tensor in storage dtype as numpy, without a copy (bfloat16 as ml_dtypes.bfloat16)."""
+    import torch
+
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.numpy()
 
 
 # --------------------------------------------------------------------------- file helpers

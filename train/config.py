@@ -104,6 +104,11 @@ class TrainConfig:
     """Mixed precision of the SAE's matrix products: none (float32) or bf16 (bfloat16 autocast;
     weights, Adam state, the loss and the sparse gradients stay float32). Off by default: measured
     slower on CPUs without bf16 matrix units (pipelines/bench_train_step.py --autocast bf16)."""
+    deterministic: bool = True
+    """On CUDA, torch's deterministic kernels (no atomic adds in the sparse backward) and cuBLAS's
+    fixed workspace, so that a run repeats and resumes bit for bit. Process-wide while training
+    (torch.use_deterministic_algorithms, warn_only). False trades that for speed; no effect on CPU,
+    whose kernels are deterministic already."""
     compile: bool = False
     """torch.compile the SAE's forward (and so its backward). Off by default: the first steps pay
     the compile time; measure with pipelines/bench_train_step.py --compile before switching it on."""
@@ -320,6 +325,7 @@ def config_hash(cfg: TrainConfig) -> str:
     if data.pop("autocast") != "none":  # keys added later enter the hash only when set, so older names stay valid
         data["autocast"] = cfg.autocast
     data.pop("compile")  # the same computation, compiled
+    data.pop("deterministic")  # the same computation, in a fixed order
     if data.pop("allow_unsealed"):
         data["allow_unsealed"] = True
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,17 @@ def resolve_device(device: str) -> torch.device:
         return resolve_any_device(device, "config key device:")
     except DeviceError as e:
         raise TrainingError(str(e)) from None
+
+
+def use_deterministic_kernels(device: torch.device, deterministic: bool) -> None:
+    """On CUDA with `deterministic`, make every step bit-reproducible so that resume is exact:
+    torch's deterministic algorithms (index_add_ / scatter without float atomics) and cuBLAS's
+    fixed workspace (CUBLAS_WORKSPACE_CONFIG, if the user set none). Process-wide; warn_only, so an
+    op without a deterministic version warns instead of failing. CPU kernels are deterministic."""
+    if device.type != "cuda" or not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 # --------------------------------------------------------------------------- construction
@@ -126,6 +138,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         dev = self.sae.W_dec.device
+        use_deterministic_kernels(dev, self.cfg.deterministic)
         if self.fire_counts is None:
             self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.long, device=dev)
         self._bad = torch.zeros((), dtype=torch.bool, device=dev)
