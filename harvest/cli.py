@@ -68,7 +68,8 @@ def main() -> None:
 @click.option("--site", type=click.Choice(SITE_KINDS), default="resid_pre", show_default=True, help="Hook site in each layer.")
 @click.option("--tokens", type=COUNT, default="1M", show_default=True, help="Token budget (e.g. 200k, 50M), rounded up to whole contexts.")
 @click.option("--context-length", type=click.IntRange(2), default=128, show_default=True, help="Tokens per packed context.")
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Contexts per forward pass.")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Contexts per forward pass [default: 8 on CPU; on CUDA 8192 tokens' worth (64 contexts of 128)].")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="float16", show_default=True, help="Storage dtype (float16 overflow is detected).")
 @click.option("--text-column", default="text", show_default=True, help="Column holding the text (.jsonl/.parquet/hub).")
 @click.option("--split", default="train", show_default=True, help="Dataset split (hub datasets).")

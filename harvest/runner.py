@@ -46,7 +46,7 @@ class HarvestConfig:
     site: str = "resid_pre"  # (identity)
     tokens: int = 1_000_000  # budget, rounded up to whole contexts (identity)
     context_length: int = 128  # (identity)
-    batch_size: int = 8  # contexts per forward pass
+    batch_size: int | None = None  # contexts per forward pass; None: default_batch_size(device)
     dtype: str = "float16"  # storage dtype (identity)
     text_column: str = "text"
     split: str = "train"
@@ -62,6 +62,13 @@ class HarvestConfig:
 
 def resolve_device(device: str) -> torch.device:
     return resolve_any_device(device, "--device")
+
+
+def default_batch_size(device: torch.device, context_length: int) -> int:
+    """Contexts per forward pass when none is given: 8 on the CPU (enough to fill its matrix
+    products); on a GPU 8192 tokens' worth, where small batches leave it waiting on kernel
+    launches (SmolLM2-135M on an H100: 4096 tokens per batch ran at 0.4M tokens/s, 16384 at 1.6M)."""
+    return 8 if device.type == "cpu" else max(1, 8192 // context_length)
 
 
 def autocast_dtype(cfg: HarvestConfig, device: torch.device) -> torch.dtype | None:
@@ -234,7 +241,7 @@ def _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, devic
 
     def token_batches() -> Iterator[tuple[list[tuple[int, np.ndarray]], torch.Tensor]]:
         """(contexts, input ids [B, T] int64, pinned for CUDA): made in a thread, ahead of the forward."""
-        for batch in _batches(wanted(), cfg.batch_size):
+        for batch in _batches(wanted(), cfg.batch_size or default_batch_size(device, ctx)):
             ids = torch.from_numpy(np.stack([t for _, t in batch]).astype(np.int64))
             yield batch, ids.pin_memory() if device.type == "cuda" else ids
 

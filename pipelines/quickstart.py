@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"[2/4] harvesting {args.tokens:,} tokens of layer {args.layer}", flush=True)
     cache = run_harvest(HarvestConfig(model=str(model_dir), dataset=str(corpus), out=str(out / "acts"),
-                                      layers=[args.layer], tokens=args.tokens, context_length=128, batch_size=8,
+                                      layers=[args.layer], tokens=args.tokens, context_length=128, batch_size=None,
                                       shard_tokens=32_768, dtype="float16"))
 
     print(f"[3/4] training a {args.arch} SAE (k={args.k}, 8x) on {args.train_tokens:,} tokens", flush=True)

@@ -230,3 +230,10 @@ def test_info_and_verify_cli(reference_cache, tmp_path):
     r = CliRunner().invoke(harvest_cli, ["verify", str(bad)])
     assert r.exit_code == 1
     assert "shard 3: acts/blocks.1.hook_resid_pre" in r.output and "shard 1: tokens" in r.output
+
+
+def test_default_batch_size_fills_a_gpu_with_8192_tokens():
+    from harvest.runner import default_batch_size
+
+    assert default_batch_size(torch.device("cpu"), 128) == 8
+    assert [default_batch_size(torch.device("cuda"), t) for t in (128, 1024, 8192, 32768)] == [64, 8, 1, 1]
