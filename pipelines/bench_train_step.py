@@ -125,7 +125,7 @@ def _make_trainer(spec: dict, d: int):
     cfg = update_cfg(get_default_cfg(), arch=spec["arch"], expansion=spec["expansion"], k=spec["k"],
                      batch_size=spec["batch_size"], device=spec["device"], wandb_mode="disabled", seed=0,
                      b_dec_init="mean", autocast=spec.get("autocast", "none"), compile=spec.get("compile", False),
-                     deterministic=spec.get("deterministic", True))
+                     deterministic=spec.get("deterministic", True), sparse_kernels=spec.get("sparse_kernels", True))
     cfg = post_init_cfg(cfg, d, SITE)
     device = torch.device(spec["device"])
     sae = build_from_cfg(cfg, device)
@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--autocast", choices=("none", "bf16"), default="none",
                    help="our trainer's autocast setting (train config key autocast); SAELens runs as it defaults")
     p.add_argument("--compile", action="store_true", help="our trainer with torch.compile (config key compile)")
+    p.add_argument("--dense", action="store_true",
+                   help="our TopK/BatchTopK through the dense reference path (config key sparse_kernels=false)")
     p.add_argument("--nondeterministic", action="store_true",
                    help="our trainer with deterministic=false (CUDA: atomic adds allowed; no effect on CPU)")
     p.add_argument("--saelens-python", default=None,
@@ -461,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.warmup} warm-up (medians), threads {args.threads or 'default'}, THP "
               f"{'on' if args.thp else 'off'}, malloc cache {'on' if args.malloc_cache else 'off'}, device "
               f"{args.device}, dead fraction forced {args.dead_fraction}, ours: autocast {args.autocast}, compile "
-              f"{'on' if args.compile else 'off'}, deterministic {'off' if args.nondeterministic else 'on'}")
+              f"{'on' if args.compile else 'off'}, deterministic {'off' if args.nondeterministic else 'on'}, "
+              f"kernels {'dense' if args.dense else 'sparse'}")
     print(header, flush=True)
     print("SAELens: " + (exe if exe else f"skipped: {why}"), flush=True)
     t_start = time.perf_counter()
@@ -479,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                     spec = {"arch": v, "expansion": e, "k": args.k, "batch_size": args.batch_size, "steps": args.steps,
                             "warmup": args.warmup, "threads": args.threads, "device": args.device,
                             "dead_fraction": args.dead_fraction, "data": str(data[d]), "autocast": args.autocast,
-                            "compile": args.compile, "deterministic": not args.nondeterministic}
+                            "compile": args.compile, "deterministic": not args.nondeterministic, "sparse_kernels": not args.dense}
                     ours = run_ours(args, "ours", spec, tmp, f"ours_{name}")
                     theirs = run_saelens(args, exe, data[d], v, e, tmp, f"saelens_{name}") if exe else why
                     results.append({"arch": v, "d_in": d, "expansion": e, "ours": ours, "saelens": theirs})

@@ -311,3 +311,37 @@ def test_compile_matches_eager(sparse_cache, tmp_path):
         weights[flag] = _final_weights(run_dir)
     for k in weights[False]:
         torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_dense_kernels_train_the_same_sae(sparse_cache, tmp_path, arch):
+    """sparse_kernels=false (the dense reference path) gives the sparse run's weights within float
+    tolerance, and names the run the same (same computation)."""
+    from train.config import config_hash
+    weights = {}
+    for flag in (True, False):
+        cfg = cfg_for(sparse_cache, tmp_path / str(flag), arch=arch, tokens=256 * 6, checkpoint_every=256 * 6,
+                      sparse_kernels=flag)
+        sae, run_dir = train_sae(None, cfg, progress=False)
+        assert sae.fast is flag
+        weights[flag] = _final_weights(run_dir)
+    for k in weights[True]:
+        torch.testing.assert_close(weights[False][k], weights[True][k], rtol=1e-4, atol=1e-5)
+    base = cfg_for(sparse_cache, tmp_path)
+    assert config_hash(base) == config_hash(update_cfg(base, sparse_kernels=False))
+
+
+def test_deterministic_kernels_are_switched_on_for_cuda_only(monkeypatch):
+    from train.training import use_deterministic_kernels
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    use_deterministic_kernels(torch.device("cpu"), True)
+    use_deterministic_kernels(torch.device("cuda"), False)
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    try:
+        use_deterministic_kernels(torch.device("cuda"), True)  # flags only: no CUDA needed
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -71,8 +71,8 @@ def build_from_cfg(cfg: TrainConfig, device: torch.device) -> BaseAutoencoder:
     """The SAE a (post-initialised) config describes, initialised from cfg.seed."""
     arch_args: dict[str, Any] = {
         "vanilla": {"l1_coeff": cfg.l1_coeff},
-        "topk": {"k": cfg.k, "aux_coeff": cfg.aux_coeff},
-        "batchtopk": {"k": cfg.k, "aux_coeff": cfg.aux_coeff},
+        "topk": {"k": cfg.k, "aux_coeff": cfg.aux_coeff, "fast": cfg.sparse_kernels},
+        "batchtopk": {"k": cfg.k, "aux_coeff": cfg.aux_coeff, "fast": cfg.sparse_kernels},
         "jumprelu": {"l0_coeff": cfg.l0_coeff, "sparsity": cfg.jumprelu_sparsity,
                      "bandwidth": cfg.jumprelu_bandwidth, "threshold_init": cfg.threshold_init},
     }[cfg.arch]
