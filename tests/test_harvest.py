@@ -69,7 +69,7 @@ def test_values_match_hidden_states_and_tokens(reference_cache, tiny_llama_dir, 
         hs = loaded.model(torch.from_numpy(want_tokens).long(), output_hidden_states=True).hidden_states[1]
     np.testing.assert_allclose(acts, hs.reshape(-1, hs.shape[-1]).numpy(), rtol=1e-5, atol=1e-5)
     st = cache.stats(site)
-    np.testing.assert_allclose(st["mean_sq_norm"], (acts.astype(np.float64) ** 2).sum(1).mean(), rtol=1e-9)
+    np.testing.assert_allclose(st["mean_sq_norm"], (acts.astype(np.float64) ** 2).sum(1).mean(), rtol=1e-6)
 
 
 def test_several_layers_one_pass_and_sites(tmp_path, tiny_gpt2_dir, tiny_corpus):
