@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import harvest.runner as runner  # noqa: E402
-from harvest.runner import HarvestConfig, autocast_dtype, run_harvest  # noqa: E402
+from harvest.runner import HarvestConfig, autocast_dtype, default_batch_size, run_harvest  # noqa: E402
 from pipelines.offline_assets import kjv_jsonl, smollm2_hf_folder  # noqa: E402
 from shared.cache import Cache, CacheSpec, CacheWriter, SiteRecord, fsync_path, numpy_storage_dtype, shard_statistics  # noqa: E402
 from shared.hook_sites import capture, resolve_sites  # noqa: E402
@@ -296,7 +296,8 @@ def main() -> None:
     g.add_argument("--shard-tokens", type=int, default=16384, help="rows per shard (CPU)")
     g.add_argument("--cuda-tokens", type=int, default=983_040,
                    help="tokens per CUDA run (the KJV corpus holds about 1.0M at context 128)")
-    g.add_argument("--cuda-batch-size", type=int, default=8, help="contexts per forward pass (CUDA)")
+    g.add_argument("--cuda-batch-size", type=int, default=None,
+                   help="contexts per forward pass (CUDA; default: harvest's own, 8192 tokens' worth)")
     g.add_argument("--cuda-shard-tokens", type=int, default=65536, help="rows per shard (CUDA)")
     g.add_argument("--context-length", type=int, default=128)
     g.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "none"],
@@ -325,7 +326,8 @@ def main() -> None:
                 cfg = HarvestConfig(
                     model=str(model_dir), dataset=str(corpus), out="", layers=[args.layer], site=args.site,
                     tokens=args.cuda_tokens if cuda else args.tokens, context_length=args.context_length,
-                    batch_size=args.cuda_batch_size if cuda else args.batch_size, dtype=args.dtype, device=dev,
+                    batch_size=(args.cuda_batch_size or default_batch_size(torch.device(dev), args.context_length))
+                    if cuda else args.batch_size, dtype=args.dtype, device=dev,
                     shard_tokens=args.cuda_shard_tokens if cuda else args.shard_tokens, autocast=args.autocast,
                 )
                 ratio, in_run = bench_harvest(torch.device(dev), cfg, args.repeats, work)

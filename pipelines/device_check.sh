@@ -41,16 +41,16 @@ AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained("/tmp
 print("saved", cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size)
 PY
     step "harvest benchmark (CUDA) + cache writes"
-    timeout 240 python3 pipelines/bench_harvest.py --assets $ASSETS --devices cuda --cuda-batch-size 32 --repeats 2 \
+    timeout 240 python3 pipelines/bench_harvest.py --assets $ASSETS --devices cuda --repeats 2 \
         --dir /tmp 2>&1 | tee "$OUT/bench_harvest.log" | grep -v "it/s\]"
 fi
 
 step "training-step benchmark (CUDA)"
 timeout 200 python3 pipelines/bench_train_step.py --device cuda --no-saelens --d-in 768 --expansions 8,32 --steps 20 \
     --warmup 5 --threads 0 --markdown "$OUT/train_step.md" 2>&1 | tee "$OUT/bench_train_step.log" | tail -25
-timeout 100 python3 pipelines/bench_train_step.py --device cuda --no-saelens --d-in 768 --expansions 32 --steps 20 \
-    --warmup 5 --threads 0 --variants topk,batchtopk --data-wait-steps 0 --nondeterministic 2>&1 \
-    | tee "$OUT/bench_train_step_nondet.log" | tail -8
+timeout 100 python3 pipelines/bench_train_step.py --device cuda --no-saelens --d-in 768 --expansions 8,32 --steps 20 \
+    --warmup 5 --threads 0 --variants topk,batchtopk --data-wait-steps 0 --dense 2>&1 \
+    | tee "$OUT/bench_train_step_dense.log" | tail -8
 
 step "store benchmark (serving to CUDA)"
 timeout 150 python3 pipelines/bench_store.py --device cuda --shards 8 --window-shards 2 --repeats 2 --dir /tmp \
