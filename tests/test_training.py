@@ -345,3 +345,14 @@ def test_deterministic_kernels_are_switched_on_for_cuda_only(monkeypatch):
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_store_threads_reach_the_store_and_leave_the_run_identity(sparse_cache, tmp_path):
+    from train.config import config_hash
+    from train.training import open_store
+    cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, store_threads=2), D, SITE)
+    with open_store(cfg, torch.device("cpu")) as store:
+        assert store._threads == 2
+    assert config_hash(cfg) == config_hash(update_cfg(cfg, store_threads=1))
+    with pytest.raises(ConfigError, match="store_threads"):
+        cfg_for(sparse_cache, tmp_path, store_threads=0)

@@ -46,6 +46,11 @@ class TrainConfig:
     """Training tokens in total (epochs over the cache continue seamlessly)."""
     window_shards: int = 4
     """Shuffle buffer, in shards read together (all shards = exact global shuffle)."""
+    store_threads: int = 1
+    """torch threads of each of the store's two background threads (window reads, batch gathers).
+    1 leaves the cores to a CPU training step; raise it when the step runs on a GPU and the CPU has
+    idle cores (2 threads served batches about 1.3x faster on the 2-core development machine:
+    pipelines/bench_store.py --store-threads 2). The data and its order do not change."""
     heldout_shards: int = 1
     """Last shards of the cache kept for evaluation and threshold calibration, never trained on."""
     normalize: bool = True
@@ -252,7 +257,7 @@ def validate(cfg: TrainConfig) -> None:
         parse_device(cfg.device)
     except DeviceError:
         raise ConfigError(f"device={cfg.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    positive = ["batch_size", "tokens", "window_shards", "expansion", "k", "checkpoint_every", "keep_checkpoints",
+    positive = ["batch_size", "tokens", "window_shards", "store_threads", "expansion", "k", "checkpoint_every", "keep_checkpoints",
                 "log_every", "density_every", "threshold_batches", "dead_tokens_threshold"]
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -332,6 +337,7 @@ def config_hash(cfg: TrainConfig) -> str:
     data.pop("compile")  # the same computation, compiled
     data.pop("deterministic")  # the same computation, in a fixed order
     data.pop("sparse_kernels")  # the same function, another kernel
+    data.pop("store_threads")  # the same data, read faster
     if data.pop("allow_unsealed"):
         data["allow_unsealed"] = True
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
