@@ -563,10 +563,11 @@ class CacheWriter:
                 stray.unlink(missing_ok=True)
         try:
             fault_point("shard_write")
-            # The statistics (CPU) run while the chunks are written and fsynced (I/O), and the
-            # fsyncs run together (one journal commit rather than one per file and directory).
+            # The fsyncs run together (one journal commit rather than one per file and directory)
+            # while this thread computes the statistics and checksums: CPU work overlapping the
+            # disk, not zarr's write (which also needs the GIL: on tmpfs it took 60-70 ms per
+            # 75 MB shard next to the statistics, 42 ms alone).
             with ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-commit") as pool:
-                stats_done = pool.submit(lambda: {site: shard_statistics(a) for site, a in acts.items()})
                 chunks: dict[str, np.ndarray] = {}  # what each chunk file holds, padded
                 for site, a in acts.items():
                     data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
@@ -577,12 +578,12 @@ class CacheWriter:
                     np.asarray(positions, np.int32), stop - start)
                 files = self.layout.chunk_files(spec.site_names, shard)
                 synced = [pool.submit(fsync_path, p) for p in {*files.values(), *(f.parent for f in files.values())}]
+                stats = {site: shard_statistics(a) for site, a in acts.items()}
                 sizes = {name: path.stat().st_size for name, path in files.items()}
                 checksums = {name: _chunk_checksum(path, chunks[name], sizes[name], spec.compression)
                              for name, path in files.items()}
                 for done in synced:
                     done.result()
-                stats = stats_done.result()
             fault_point("ledger_record")
             record = {"shard": shard, "rows": rows, "checksums": checksums, "sizes": sizes, "stats": stats}
             write_atomic(self.layout.record(shard), json.dumps(record).encode(), exclusive=True)
