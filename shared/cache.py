@@ -25,6 +25,7 @@ import errno
 import json
 import math
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -557,8 +558,9 @@ class CacheWriter:
                     f"expected ({rows}, {spec.d_model}) {storage}"
                 )
         for path in self.layout.chunk_files(spec.site_names, shard).values():
-            # zarr writes a chunk to `<name>.<uuid>.partial` and renames it: a kill in between leaves
-            # that temporary behind. This writer alone writes this shard, so any such file is debris.
+            # A chunk is written to `<name>.<uuid>.partial` and renamed (by _write_chunk, or by zarr):
+            # a kill in between leaves that temporary behind. This writer alone writes this shard,
+            # so any such file is debris.
             for stray in path.parent.glob(f"{path.name}.*.partial"):
                 stray.unlink(missing_ok=True)
         try:
@@ -568,15 +570,15 @@ class CacheWriter:
             # disk, not zarr's write (which also needs the GIL: on tmpfs it took 60-70 ms per
             # 75 MB shard next to the statistics, 42 ms alone).
             with ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-commit") as pool:
+                files = self.layout.chunk_files(spec.site_names, shard)
                 chunks: dict[str, np.ndarray] = {}  # what each chunk file holds, padded
                 for site, a in acts.items():
                     data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
-                    chunks[f"acts/{site}"] = self._arrays[f"acts/{site}"][start:stop] = _pad(data, stop - start)
+                    chunks[f"acts/{site}"] = self._write_chunk(f"acts/{site}", files, start, stop, data)
                 fault_point("shard_mid_write")
-                chunks["tokens"] = self._arrays["tokens"][start:stop] = _pad(np.asarray(tokens, np.int32), stop - start)
-                chunks["positions"] = self._arrays["positions"][start:stop] = _pad(
-                    np.asarray(positions, np.int32), stop - start)
-                files = self.layout.chunk_files(spec.site_names, shard)
+                chunks["tokens"] = self._write_chunk("tokens", files, start, stop, np.asarray(tokens, np.int32))
+                chunks["positions"] = self._write_chunk("positions", files, start, stop,
+                                                        np.asarray(positions, np.int32))
                 synced = [pool.submit(fsync_path, p) for p in {*files.values(), *(f.parent for f in files.values())}]
                 stats = {site: shard_statistics(a) for site, a in acts.items()}
                 sizes = {name: path.stat().st_size for name, path in files.items()}
@@ -599,6 +601,30 @@ class CacheWriter:
                 ) from None
             raise
         return record
+
+    def _write_chunk(self, name: str, files: dict[str, Path], start: int, stop: int, data: np.ndarray) -> np.ndarray:
+        """Write rows [start, stop) of array `name` (one chunk) from `data` (zero-padded); returns
+        the padded array. Uncompressed, the chunk file is the array's
+        little-endian bytes (zarr's bytes codec): written directly, temp file then rename, which
+        costs about 10% less than zarr's own write of a 75 MB chunk; otherwise through zarr."""
+        if self.spec.compression != "none" or not np.little_endian:
+            padded = _pad(data, stop - start)
+            self._arrays[name][start:stop] = padded
+            return padded
+        padded = np.ascontiguousarray(_pad(data, self.spec.rows_per_shard))  # an edge chunk is whole on disk too
+        path = files[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")  # zarr's pattern: cleaned up alike
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                view = memoryview(padded).cast("B")
+                while view:
+                    view = view[f.write(view):]
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. disk full: give the space back
+            raise
+        return padded
 
     def seal(self, n_shards: int | None = None) -> dict[str, Any]:
         """Write seal.json once shards 0..n_shards-1 are committed (default: all planned).

@@ -230,3 +230,25 @@ def test_rewriting_a_shard_removes_zarr_temporaries_left_by_a_kill(tmp_path):
     w = CacheWriter.create_or_open(tmp_path / "c", spec)
     w.write_shard(1, *shard_data(spec, 1))
     assert not any(p.exists() for p in strays) and keep.exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, dtype, monkeypatch):
+    """Uncompressed chunks are written directly (not through zarr): the files are byte for byte
+    what zarr's own write makes, including the zero padding of a short last shard, and leave no
+    temporaries."""
+    spec = make_spec(dtype=dtype)
+    fill(tmp_path / "direct", spec)
+    monkeypatch.setattr(np, "little_endian", False)  # the fallback: every chunk through zarr
+    fill(tmp_path / "zarr", spec)
+    monkeypatch.undo()
+    files = sorted(p.relative_to(tmp_path / "direct") for p in (tmp_path / "direct").rglob("c/**/*") if p.is_file())
+    assert len(files) == 3 * spec.n_shards and not list((tmp_path / "direct").rglob("*.partial"))
+    for f in files:
+        assert (tmp_path / "direct" / f).read_bytes() == (tmp_path / "zarr" / f).read_bytes(), f
+    CacheWriter.create_or_open(tmp_path / "direct", spec).seal()
+    c = Cache.open(tmp_path / "direct")
+    assert c.verify() == []
+    got = np.concatenate([np.asarray(c.read_acts(spec.site_names[0], k), dtype=np.float32) for k in c.shards])
+    want = np.concatenate([np.asarray(shard_data(spec, k)[0][spec.site_names[0]], dtype=np.float32) for k in range(3)])
+    np.testing.assert_array_equal(got, want)
