@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from shared.cache import CacheSpec, CacheWriter, SiteRecord
-from train.checkpoints import create_run_dir, latest_checkpoint, list_checkpoints
+from train.checkpoints import create_run_dir, latest_checkpoint, list_checkpoints, read_checkpoint
 from train.cli import main as train_cli
 from train.config import ConfigError, get_default_cfg, load_toml, parse_set, post_init_cfg, update_cfg
 from train.training import Trainer, TrainingError, resume_training, train_sae
@@ -160,16 +160,20 @@ def _cli_run(sparse_cache, out, fault=None):
     return subprocess.run(args, env=env, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("fault", ["after_optimizer_step@17", "checkpoint_mid_write@2", "after_optimizer_step@40"])
+@pytest.mark.parametrize("fault", ["after_optimizer_step@17", "checkpoint_mid_write@2", "after_optimizer_step@40",
+                                   "checkpoint_retire@1"])
 def test_kill9_and_resume_is_bit_identical(sparse_cache, reference_run, tmp_path, fault):
     first = _cli_run(sparse_cache, tmp_path, fault)
     assert first.returncode == -signal.SIGKILL, first.stderr
     run_dir = next(tmp_path.iterdir())
     assert not (run_dir / "done.json").exists()
+    for ckpt in list_checkpoints(run_dir):  # every committed checkpoint is whole, also one being deleted
+        read_checkpoint(ckpt)
     r = subprocess.run([sys.executable, "-m", "train", "resume", str(run_dir), "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == str(run_dir)
     _assert_same(_final_weights(run_dir), _final_weights(reference_run))
+    assert not list((run_dir / "checkpoints").glob(".*"))  # no temporaries or half-deleted folders left
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(line)["step"] for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     assert steps == want

@@ -76,12 +76,26 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
             f"continue with `train resume {target}`"
         ) from None
     if final.exists():  # same step written again after a resume: replace it
-        shutil.rmtree(final)
+        _retire(final)
     os.rename(tmp, final)
     fsync_path(ckpts)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _retire(old)
+    for stale in ckpts.glob(".del-*"):  # left by a kill during an earlier deletion
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _retire(ckpt: Path) -> None:
+    """Delete a checkpoint folder so that a kill at any moment leaves it whole or gone: it is
+    first renamed out of the committed names (atomic), then removed file by file."""
+    trash = ckpt.with_name(f".del-{ckpt.name}")
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(ckpt, trash)
+    fsync_path(ckpt.parent)
+    fault_point("checkpoint_retire")
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _disk_full(e: BaseException, where: Path) -> bool:
