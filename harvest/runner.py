@@ -1,4 +1,6 @@
-"""The harvest loop: tokens -> LM (stopped after the last hooked layer) -> hooks -> shard writer.
+"""The harvest loop: tokens (packed ahead in a thread) -> LM (stopped after the last hooked layer)
+-> hooks -> shard buffers (harvest.pipeline.ShardAssembler, no device sync per batch) -> shard
+writer thread.
 
 Shard k always holds contexts [k * C, (k + 1) * C) of the deterministic token stream (C contexts
 per shard), so a run can resume from the ledger, and ranks can split shards (k mod R) and still
