@@ -7,7 +7,6 @@ Skipped without CUDA (CI and the development machines have none); run on a GPU m
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,8 @@ from train.sae import build_sae
 from train.training import train_sae
 
 from tests.test_harvest import config, reference_cache  # noqa: F401 - fixture reuse
-from tests.test_training import SITE, _final_weights, cfg_for, sparse_cache  # noqa: F401 - fixture reuse
+from tests.test_training import _final_weights, cfg_for, sparse_cache  # noqa: F401 - fixture reuse
+from tests.test_training import _cli_run as training_cli_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -118,12 +118,7 @@ def test_each_variant_trains_on_cuda_like_on_cpu(sparse_cache, tmp_path, arch, e
 
 
 def _cli_run(store, out, arch, fault=None):
-    args = [sys.executable, "-m", "train", "run", "--store", str(store), "--out", str(out), "--quiet", "--arch", arch,
-            "--k", "4", "--expansion", "4", "--batch-size", "256", "--tokens", str(256 * 40), "--checkpoint-every",
-            str(256 * 10), "--lr", "3e-3", "--wandb-mode", "disabled", "--set", "device=cuda",
-            "--set", "dead_tokens_threshold=2048", "--set", "threshold_batches=4", "--set", "b_dec_init=mean"]
-    env = {**os.environ, **({"SAEFORGE_FAULT": fault} if fault else {})}
-    return subprocess.run(args, env=env, capture_output=True, text=True)
+    return training_cli_run(store, out, fault, arch=arch, extra=("--set", "device=cuda"))
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])

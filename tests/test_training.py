@@ -148,12 +148,12 @@ def reference_run(sparse_cache, tmp_path_factory):
     return run_dir
 
 
-def _cli_run(sparse_cache, out, fault=None):
+def _cli_run(sparse_cache, out, fault=None, arch="batchtopk", extra=()):
     args = [sys.executable, "-m", "train", "run", "--store", str(sparse_cache), "--out", str(out), "--quiet",
-            "--arch", "batchtopk", "--k", "4", "--expansion", "4", "--batch-size", "256", "--tokens", str(256 * 40),
+            "--arch", arch, "--k", "4", "--expansion", "4", "--batch-size", "256", "--tokens", str(256 * 40),
             "--checkpoint-every", str(256 * 10), "--lr", "3e-3", "--wandb-mode", "disabled",
             "--set", "log_every=5", "--set", "density_every=10", "--set", "dead_tokens_threshold=2048",
-            "--set", "threshold_batches=4", "--set", "b_dec_init=mean"]
+            "--set", "threshold_batches=4", "--set", "b_dec_init=mean", *extra]
     env = dict(os.environ)
     if fault:
         env["SAEFORGE_FAULT"] = fault

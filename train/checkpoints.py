@@ -75,23 +75,21 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
             f"disk full (no space left on device) while writing checkpoint {final}; {kept}. Free space, then "
             f"continue with `train resume {target}`"
         ) from None
+    for stale in ckpts.glob(".del-*"):  # left by a kill during an earlier deletion
+        shutil.rmtree(stale, ignore_errors=True)
     if final.exists():  # same step written again after a resume: replace it
         _retire(final)
     os.rename(tmp, final)
     fsync_path(ckpts)
     for old in list_checkpoints(run_dir)[:-keep]:
         _retire(old)
-    for stale in ckpts.glob(".del-*"):  # left by a kill during an earlier deletion
-        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
 def _retire(ckpt: Path) -> None:
     """Delete a checkpoint folder so that a kill at any moment leaves it whole or gone: it is
     first renamed out of the committed names (atomic), then removed file by file."""
-    trash = ckpt.with_name(f".del-{ckpt.name}")
-    if trash.exists():
-        shutil.rmtree(trash, ignore_errors=True)
+    trash = ckpt.with_name(f".del-{ckpt.name}")  # no stale one: save_checkpoint clears them first
     os.rename(ckpt, trash)
     fsync_path(ckpt.parent)
     fault_point("checkpoint_retire")

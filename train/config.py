@@ -331,14 +331,11 @@ def sparsity_label(cfg: TrainConfig) -> str:
 def config_hash(cfg: TrainConfig) -> str:
     """Short hash of the settings that define a run (names, paths and logging excluded)."""
     skip = {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device", "eval_every",
-            "eval_batches"}
+            "eval_batches",
+            "compile", "deterministic", "sparse_kernels", "store_threads"}  # same computation, other kernels or speed
     data = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     if data.pop("autocast") != "none":  # keys added later enter the hash only when set, so older names stay valid
         data["autocast"] = cfg.autocast
-    data.pop("compile")  # the same computation, compiled
-    data.pop("deterministic")  # the same computation, in a fixed order
-    data.pop("sparse_kernels")  # the same function, another kernel
-    data.pop("store_threads")  # the same data, read faster
     if data.pop("allow_unsealed"):
         data["allow_unsealed"] = True
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
