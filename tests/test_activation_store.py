@@ -428,7 +428,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     def warm_torch():  # torch's intra-op thread pool costs ~25 MB once per calling thread: not the store's
         torch.index_select(torch.ones(64, 256), 0, torch.arange(64)).mul_(2)
     warm_torch(); w = threading.Thread(target=warm_torch); w.start(); w.join()
-    store = ActivationStore(sys.argv[1], batch_size=2048, window_shards=1, seed=0)
+    store = ActivationStore(sys.argv[1], batch_size=2048, window_shards=1, seed=0, window_io=sys.argv[2])
     proc, peak, done = psutil.Process(), [0], threading.Event()
     def sample():
         while not done.is_set():
@@ -447,12 +447,13 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
-def test_memory_bounded_by_window(tmp_path):
+@pytest.mark.parametrize("window_io", ["map", "copy"])
+def test_memory_bounded_by_window(tmp_path, window_io):
     psutil = pytest.importorskip("psutil")
     path = build_cache(tmp_path / "big", n_rows=16 * 8192, rps=8192, ctx=128, d=256)  # 128 MiB, 8 MiB shards
     cache_bytes = 16 * 8192 * 256 * 4
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(path)], capture_output=True, text=True, cwd=REPO,
+        [sys.executable, "-c", MEMORY_SCRIPT, str(path), window_io], capture_output=True, text=True, cwd=REPO,
         # A fixed mmap threshold stops glibc from caching freed batch-sized blocks (its dynamic
         # threshold does, up to ~30 MB here): what remains is what the store itself holds.
         env={**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": str(2**20)}, timeout=120,

@@ -27,14 +27,19 @@ Row order (ORDER_VERSION 1; a pure function of the cache identity, seed, window 
     window, continue. `row_ids(p, n)` names the (shard, row) of any served rows without reading
     activations.
 
-Memory
-    A window is read shard by shard with large sequential copies from the memory-mapped chunk
-    files (32 MiB of a file mapped at a time, unmapped after the copy) into a preallocated buffer
-    in storage dtype ([W * rows_per_shard, d] per site: `window_bytes` for all sites). At most two
-    windows are resident (the one being served and the one prefetched; one with prefetch=False)
-    plus int64 row indices (8 bytes a row) and a few batches: output tensors are recycled once the
-    caller holds no reference to them (storage use count), never while it does. Nothing of size
-    n_rows is ever built.
+Memory (window_io)
+    "map" (the default where possible: uncompressed cache, Linux, chunk files a whole number of
+    pages): a window's chunk files are memory-mapped back to back into one read-only address
+    range (`train.mapped_files`), read into the page cache and mapped by the loader thread
+    (sequential reads of a cold file), and gathered from directly: no copy into private memory.
+    The mapping is dropped when the window is evicted. "copy" (compressed caches, other systems,
+    or asked for): a window is read shard by shard with large sequential copies from the chunk
+    files into a preallocated buffer in storage dtype. Either way a window is [W *
+    rows_per_shard, d] per site (`window_bytes` for all sites), at most two windows are resident
+    (the one being served and the one prefetched; one with prefetch=False), plus int64 row
+    indices (8 bytes a row) and a few batches: output tensors are recycled once the caller holds
+    no reference to them (storage use count), never while it does. Nothing of size n_rows is
+    ever built. Both modes serve identical bytes.
 
 Threads (prefetch=True)
     One loader thread fills the next window while the current one is served; one batch thread
@@ -51,7 +56,8 @@ Integrity
     truncated shards raise CacheError naming the shard, never zeros). verify="once" (default) also
     checks each shard's xxh3 checksum against the ledger the first time this store reads it
     (hashing the buffer just read: no second read); "always" / "never" as named. A file truncated
-    by another process *during* the copy would still fault (mmap): cache files are write-once.
+    by another process while mapped would still fault (SIGBUS): cache files are write-once and
+    rewritten only by rename, which leaves a mapped file intact.
 
 Held-out data and normalisation
     heldout_shards=n (or heldout_fraction=f: n = ceil(f * n_shards)) reserves the last n shards by
@@ -80,6 +86,7 @@ import torch
 import xxhash
 
 from shared.cache import Cache, CacheError, Layout, file_checksum
+from train.mapped_files import MappedFiles, mappable
 from train.permutation import ORDER_VERSION, derive_key, permute, permutation
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux uapi value
@@ -190,6 +197,7 @@ class _Window:
     slot: int
     index: torch.Tensor  # int64 [L]: buffer row of the window's j-th served row
     shards: np.ndarray
+    rows: dict[str, torch.Tensor]  # site -> [W * rows_per_shard, d] storage dtype (buffer or mapping)
 
 
 class ActivationStore:
@@ -205,7 +213,8 @@ class ActivationStore:
     process's slice of each global batch. allow_unsealed: serve the committed shards of an
     unfinished cache. prefetch: background loader and batch threads. max_tokens: iteration stops
     before position would exceed it. verify: checksum shards "once" per store, "always", "never".
-    threads: torch intra-op threads of each background thread.
+    threads: torch intra-op threads of each background thread. window_io: "auto", "map" or "copy"
+    (module docstring, Memory); the bytes served do not depend on it.
     """
 
     def __init__(
@@ -228,6 +237,7 @@ class ActivationStore:
         max_tokens: int | None = None,
         verify: str = "once",
         threads: int = 1,
+        window_io: str = "auto",
     ):
         self.cache = cache if isinstance(cache, Cache) else Cache.open(cache, allow_unsealed=allow_unsealed)
         spec = self.cache.spec
@@ -276,6 +286,7 @@ class ActivationStore:
         self._storage = _TORCH_STORAGE[spec.dtype]
         self._itemsize = torch.empty((), dtype=self._storage).element_size()
         self.window_bytes = self.order.window_shards * self._rps * self.d_model * self._itemsize * len(self.sites)
+        self.window_io = self._choose_window_io(window_io)
         self._verified: set[tuple[str, int]] = set()
         self._bufs: dict[int, dict[str, torch.Tensor]] = {}
         self._windows: dict[tuple[int, int], tuple[int, Future]] = {}
@@ -290,6 +301,17 @@ class ActivationStore:
         self._loader = ThreadPoolExecutor(thread_name_prefix="store-load", **pool) if prefetch else None
         self._batcher = ThreadPoolExecutor(thread_name_prefix="store-batch", **pool) if prefetch else None
         self._finalizer = weakref.finalize(self, _shutdown, self._loader, self._batcher)
+
+    def _choose_window_io(self, asked: str) -> str:
+        if asked not in ("auto", "map", "copy"):
+            raise ValueError(f"window_io must be 'auto', 'map' or 'copy', got {asked!r}")
+        if asked == "copy":
+            return asked
+        why = (f"the cache is compressed ({self.cache.spec.compression})" if self.cache.spec.compression != "none"
+               else mappable(self._rps * self.d_model * self._itemsize))
+        if why and asked == "map":
+            raise ValueError(f"window_io='map' is not possible for {self.cache.root}: {why}; use 'copy' or 'auto'")
+        return "copy" if why else "map"
 
     # ------------------------------------------------------------------ position and state
 
@@ -427,6 +449,8 @@ class ActivationStore:
         for ex in (self._batcher, self._loader):
             if ex is not None:
                 ex.shutdown(wait=True)
+        self._windows.clear()  # unmaps mapped windows, frees copied ones
+        self._bufs.clear()
 
     def __enter__(self) -> "ActivationStore":
         return self
@@ -464,7 +488,7 @@ class ActivationStore:
             take = min(count - filled, len(win.index) - off)
             idx = win.index[off : off + take]
             for s in self.sites:
-                torch.index_select(self._bufs[win.slot][s], 0, idx, out=target[s][filled : filled + take])
+                torch.index_select(win.rows[s], 0, idx, out=target[s][filled : filled + take])
             filled, p = filled + take, p + take
         if late:
             return out  # converted after the copy to the device (_emit)
@@ -547,15 +571,37 @@ class ActivationStore:
             wait([fut])  # its slot may still be being written
 
     def _load(self, key: tuple[int, int], slot: int) -> _Window:
-        """Read window `key` into buffer slot `slot` (loader thread)."""
+        """Map window `key`, or read it into buffer slot `slot` (loader thread)."""
         shards, local = self._plan(*key)
-        if slot not in self._bufs:
-            rows = self.order.window_shards * self._rps
-            self._bufs[slot] = {s: torch.empty((rows, self.d_model), dtype=self._storage) for s in self.sites}
-        for j, k in enumerate(shards.tolist()):
-            for s in self.sites:
-                self._read_shard(s, k, self._bufs[slot][s][j * self._rps : (j + 1) * self._rps])
-        return _Window(key, slot, torch.from_numpy(local), shards)
+        if self.window_io == "map":
+            rows = {s: self._map_window(s, shards.tolist()) for s in self.sites}
+        else:
+            if slot not in self._bufs:
+                n = self.order.window_shards * self._rps
+                self._bufs[slot] = {s: torch.empty((n, self.d_model), dtype=self._storage) for s in self.sites}
+            rows = self._bufs[slot]
+            for j, k in enumerate(shards.tolist()):
+                for s in self.sites:
+                    self._read_shard(s, k, rows[s][j * self._rps : (j + 1) * self._rps])
+        return _Window(key, slot, torch.from_numpy(local), shards, rows)
+
+    def _map_window(self, site: str, shards: list[int]) -> torch.Tensor:
+        """The chunk files of `shards` mapped back to back, populated and (verify) checked:
+        [len(shards) * rows_per_shard, d] storage dtype, read-only."""
+        files = [self._chunk_file(site, k)[:2] for k in shards]
+        row_bytes = self.d_model * self._itemsize
+        try:
+            mapped = MappedFiles(files, self._rps * row_bytes)
+        except OSError as e:  # changed since the size check
+            bad = next((k for k, (p, _) in zip(shards, files) if str(p) in str(e)), shards)
+            raise CacheError(f"{self.cache.root}: shard {bad} file cannot be mapped ({e}); re-harvest that shard") from e
+        mapped.populate()
+        name = f"acts/{site}"
+        for j, k in enumerate(shards):
+            if self.verify == "always" or (self.verify == "once" and (site, k) not in self._verified):
+                self._check_digest(k, name, xxhash.xxh3_128(mapped.file_bytes(j)).hexdigest())
+                self._verified.add((site, k))
+        return mapped.tensor(self._storage, row_bytes)
 
     def _plan(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(shards of the window, buffer row of each served row in serving order: int64 [L])."""
@@ -599,14 +645,7 @@ class ActivationStore:
                 raise CacheError(f"{self.cache.root}: shard {shard} ({name}) cannot be decoded ({e}); re-harvest that shard") from e
             np.copyto(dst_np[: arr.shape[0]], arr.view(dst_np.dtype))
         else:
-            arr = self.cache.read_acts(site, shard)  # CacheError if missing / wrong size
-            path, rows = arr.filename, arr.shape[0]
-            del arr
-            size = self.cache.ledger[shard]["sizes"][name]
-            row_bytes = self.d_model * self._itemsize
-            file_rows = size // row_bytes
-            if size % row_bytes or not rows <= file_rows <= self._rps:
-                raise CacheError(f"{self.cache.root}: shard {shard} file {path} has {size} bytes, not whole rows of a shard; re-harvest that shard")
+            path, size, file_rows = self._chunk_file(site, shard)
             try:
                 _copy_file(path, size, dst_np[:file_rows])
             except (OSError, ValueError) as e:  # changed since the size check
@@ -615,6 +654,19 @@ class ActivationStore:
                 self._check_digest(shard, name, xxhash.xxh3_128(memoryview(dst_np[:file_rows])).hexdigest())
         if check:
             self._verified.add((site, shard))
+
+    def _chunk_file(self, site: str, shard: int) -> tuple[str, int, int]:
+        """(path, bytes, rows incl. padding) of an uncompressed chunk file, checked against the
+        ledger: CacheError naming the shard if it is missing, truncated or not whole rows."""
+        arr = self.cache.read_acts(site, shard)  # CacheError if missing / wrong size
+        path, rows = arr.filename, arr.shape[0]
+        del arr
+        size = self.cache.ledger[shard]["sizes"][f"acts/{site}"]
+        row_bytes = self.d_model * self._itemsize
+        file_rows = size // row_bytes
+        if size % row_bytes or not rows <= file_rows <= self._rps:
+            raise CacheError(f"{self.cache.root}: shard {shard} file {path} has {size} bytes, not whole rows of a shard; re-harvest that shard")
+        return path, size, file_rows
 
     def _check_digest(self, shard: int, name: str, digest: str) -> None:
         if digest != self.cache.ledger[shard]["checksums"][name]:
