@@ -264,11 +264,15 @@ def test_bfloat16_cache_and_output(tmp_path):
     assert sorted(rows_of(stream(ActivationStore(path, batch_size=100, prefetch=False), 1))) == list(range(100))
 
 
-def test_float16_cache_to_bfloat16(tmp_path):
-    path = build_cache(tmp_path / "c", dtype="float16")
-    x = ActivationStore(path, batch_size=25, prefetch=False).next_batch()
-    y = ActivationStore(path, batch_size=25, dtype="bfloat16", prefetch=False).next_batch()
-    assert torch.equal(y, x.to(torch.bfloat16))
+@pytest.mark.parametrize("normalize", [False, True])
+def test_float16_cache_to_bfloat16(tmp_path, normalize):
+    """bfloat16 output is converted through float32 in 256-row blocks: the bits of a direct rounding."""
+    path = build_cache(tmp_path / "c", n_rows=1000, rps=252, dtype="float16")
+    x = stream(ActivationStore(path, batch_size=600, prefetch=False), 2)
+    store = ActivationStore(path, batch_size=600, dtype="bfloat16", normalize=normalize, prefetch=False)
+    y = stream(store, 2)
+    want = x * store.scaling_factors[SITE] if normalize else x
+    assert y.dtype == torch.bfloat16 and torch.equal(y.view(torch.int16), want.to(torch.bfloat16).view(torch.int16))
 
 
 def test_batches_kept_by_the_caller_are_never_overwritten(cache_path):

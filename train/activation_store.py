@@ -92,6 +92,7 @@ from train.permutation import ORDER_VERSION, derive_key, permute, permutation
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux uapi value
 _TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_BLOCK_ROWS = 256  # rows converted at a time through float32 for bfloat16 output (fits in L2)
 IDENTITY_FIELDS = ("order_version", "cache_id", "seed", "window_shards", "batch_size", "heldout_shards", "drop_bos")
 
 
@@ -513,15 +514,27 @@ class ActivationStore:
 
     def _convert(self, x: torch.Tensor, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """[n, d] storage dtype -> [n, d] self.dtype (into `out`, else a new tensor on x's device),
-        times the scaling factor in float32 arithmetic if normalize."""
+        times the scaling factor in float32 arithmetic if normalize.
+
+        bfloat16 output on the CPU goes through float32 in blocks of _BLOCK_ROWS rows (an exact
+        step for float16 / bfloat16 input, so the same bits): torch's direct float16 -> bfloat16
+        copy is scalar, about 3.5x slower than the two vectorised conversions."""
         if out is None:
             out = torch.empty(x.shape, dtype=self.dtype, device=x.device)
-        if not self.normalize:
+        scale = self.scaling_factors[site] if self.normalize else None
+        if self.dtype == torch.float32:
             out.copy_(x)
-        elif self.dtype == torch.float32:
-            out.copy_(x).mul_(self.scaling_factors[site])
+            if scale is not None:
+                out.mul_(scale)
+        elif x.device.type == "cpu" and (x.dtype != self.dtype or scale is not None):
+            scratch = torch.empty((min(_BLOCK_ROWS, len(x)), x.shape[1]), dtype=torch.float32)
+            for i in range(0, len(x), _BLOCK_ROWS):
+                block = scratch[: len(x) - i].copy_(x[i : i + _BLOCK_ROWS])
+                out[i : i + _BLOCK_ROWS].copy_(block if scale is None else block.mul_(scale))
+        elif scale is not None:
+            out.copy_(x.to(torch.float32).mul_(scale))
         else:
-            out.copy_(x.to(torch.float32).mul_(self.scaling_factors[site]))
+            out.copy_(x)
         return out
 
     def _emit(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
