@@ -70,8 +70,8 @@ def warm_page_cache(path: Path) -> None:
                     pass
 
 
-def time_store(path: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Seconds per epoch for epoch 1 (verifying checksums) and epoch 2 of a fresh store."""
+def time_store(path: Path, args: argparse.Namespace, window_io: str) -> dict[str, float]:
+    """Seconds per batch over epoch 1 (verifying checksums) and epoch 2 of a fresh store."""
     import torch
 
     from train.activation_store import ActivationStore
@@ -79,7 +79,7 @@ def time_store(path: Path, args: argparse.Namespace) -> dict[str, float]:
     out_dtype = getattr(torch, args.out_dtype)
     cuda = args.device.startswith("cuda")
     with ActivationStore(path, batch_size=args.batch_size, window_shards=args.window_shards, seed=1, dtype=out_dtype,
-                         threads=args.store_threads, device=args.device) as store:
+                         threads=args.store_threads, device=args.device, window_io=window_io) as store:
         n_batches = store.rows_per_epoch // args.batch_size
         store.next_batch()  # first window: start-up latency, not throughput
         out = {}
@@ -147,7 +147,7 @@ def time_gather(arr: np.ndarray, b: int, n: int, convert_to=None) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def rss_child(path: str, window_shards: int, batch_size: int) -> None:
+def rss_child(path: str, window_shards: int, batch_size: int, window_io: str) -> None:
     """(child process) iterate one epoch; print base RSS, peak RSS and window bytes as JSON."""
     import psutil
     import torch
@@ -161,7 +161,7 @@ def rss_child(path: str, window_shards: int, batch_size: int) -> None:
     t = threading.Thread(target=warm_torch)
     t.start()
     t.join()
-    store = ActivationStore(path, batch_size=batch_size, window_shards=window_shards, seed=0)
+    store = ActivationStore(path, batch_size=batch_size, window_shards=window_shards, seed=0, window_io=window_io)
     proc, peak, done = psutil.Process(), [0], threading.Event()
 
     def sample() -> None:
@@ -181,7 +181,7 @@ def rss_child(path: str, window_shards: int, batch_size: int) -> None:
 
 def measure_rss(path: Path, args: argparse.Namespace, env: dict[str, str]) -> dict[str, int]:
     cmd = [sys.executable, __file__, "--rss-child", str(path), "--window-shards", str(args.rss_window_shards),
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(args.batch_size), "--window-io", args.window_io]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=True)
     return json.loads(out.stdout)
 
@@ -205,11 +205,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu",
                     help="where the store serves batches (cuda: storage-dtype rows through pinned memory, converted "
                          "on the GPU); the baselines stay CPU copies")
+    ap.add_argument("--window-io", default="auto", choices=["auto", "map", "copy"],
+                    help="store windows: memory-mapped or copied (auto maps when it can); with auto or map the "
+                         "store with copied windows is timed too, as a reference")
     ap.add_argument("--dir", type=Path, default=None, help="build the cache here (default: a temp dir)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
-        return rss_child(args.rss_child, args.window_shards, args.batch_size)
+        return rss_child(args.rss_child, args.window_shards, args.batch_size, args.window_io)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "cache"
@@ -225,7 +228,7 @@ def main() -> None:
         print(f"cache: {args.shards} shards x {args.rows_per_shard} rows x d={args.d_model} {args.dtype} "
               f"= {cache_bytes / 1e9:.2f} GB (built in {time.perf_counter() - t0:.0f} s); "
               f"batch {args.batch_size} rows = {batch_bytes / 1e6:.1f} MB; window {args.window_shards} shards; "
-              f"served as {args.out_dtype} on {args.device}; torch threads {torch.get_num_threads()}, store threads {args.store_threads}; load average {os.getloadavg()[0]:.1f}")
+              f"served as {args.out_dtype} on {args.device}; window_io {args.window_io}; torch threads {torch.get_num_threads()}, store threads {args.store_threads}; load average {os.getloadavg()[0]:.1f}")
         warm_page_cache(path)
         arr = np.concatenate([np.asarray(cache.read_acts(SITE, k)) for k in cache.shards])
         dst = np.empty((args.batch_size, args.d_model), dtype=arr.dtype)
@@ -233,9 +236,13 @@ def main() -> None:
         n_gather = max(8, len(arr) // args.batch_size)
         out_dtype = getattr(torch, args.out_dtype)
         best: dict[str, float] = {}
+        from train.activation_store import ActivationStore
+
+        mode = ActivationStore(path, prefetch=False, window_io=args.window_io).window_io
         for _ in range(args.repeats):  # interleaved rounds, best of each
             rounds = {
-                **{f"store {k}": v for k, v in time_store(path, args).items()},
+                **{f"store {k}": v for k, v in time_store(path, args, args.window_io).items()},
+                **({"store epoch2, copied windows": time_store(path, args, "copy")["epoch2"]} if mode == "map" else {}),
                 "contiguous copy, page cache": time_contiguous_mmap(cache, args.batch_size, dst),
                 "contiguous copy, RAM": time_contiguous_ram(arr, args.batch_size, dst),
                 f"contiguous copy -> {args.out_dtype}, RAM": time_contiguous_ram(arr, args.batch_size, dst, out_dtype),
@@ -250,10 +257,11 @@ def main() -> None:
         for k, v in best.items():
             print(f"{k:36s} {gbs[k]:7.2f} {1 / v:10.1f}")
         store = gbs["store epoch2"]
-        print("\nratios (store steady state = epoch 2; epoch 1 also verifies checksums):")
+        print(f"\nratios (store steady state = epoch 2, windows {'mapped' if mode == 'map' else 'copied'}; epoch 1 also verifies checksums):")
         for k in best:
             if not k.startswith("store"):
-                print(f"  store / {k:32s} {store / gbs[k]:5.2f}   (epoch 1: {gbs['store epoch1'] / gbs[k]:.2f})")
+                copied = f"; copied windows: {gbs['store epoch2, copied windows'] / gbs[k]:.2f}" if mode == "map" else ""
+                print(f"  store / {k:32s} {store / gbs[k]:5.2f}   (epoch 1: {gbs['store epoch1'] / gbs[k]:.2f}{copied})")
 
         for label, env in (("glibc default", {}), ("MALLOC_MMAP_THRESHOLD_=1MiB", {"MALLOC_MMAP_THRESHOLD_": str(2**20)})):
             r = measure_rss(path, args, env)

@@ -360,3 +360,14 @@ def test_store_threads_reach_the_store_and_leave_the_run_identity(sparse_cache, 
     assert config_hash(cfg) == config_hash(update_cfg(cfg, store_threads=1))
     with pytest.raises(ConfigError, match="store_threads"):
         cfg_for(sparse_cache, tmp_path, store_threads=0)
+
+
+def test_store_io_reaches_the_store_and_leaves_the_run_identity(sparse_cache, tmp_path):
+    from train.config import config_hash
+    from train.training import open_store
+    cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, store_io="copy"), D, SITE)
+    with open_store(cfg, torch.device("cpu")) as store:
+        assert store.window_io == "copy"
+    assert config_hash(cfg) == config_hash(update_cfg(cfg, store_io="auto"))
+    with pytest.raises(ConfigError, match="store_io='mmap' is not one of auto, map, copy; did you mean 'map'"):
+        cfg_for(sparse_cache, tmp_path, store_io="mmap")

@@ -63,7 +63,7 @@ def open_store(cfg: TrainConfig, device: torch.device, world: World = World()) -
         cfg.store, sites=cfg.site, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
         seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos,
         normalize=cfg.normalize, device=device, rank=world.rank, world_size=world.size,
-        allow_unsealed=cfg.allow_unsealed, threads=cfg.store_threads,
+        allow_unsealed=cfg.allow_unsealed, threads=cfg.store_threads, window_io=cfg.store_io,
     )
 
 
@@ -512,7 +512,7 @@ def resume_training(model, cfg: TrainConfig | dict[str, Any] | None, checkpoint_
     saved = load_run_config(run_dir)
     if cfg is not None:
         allowed = {"tokens", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device", "checkpoint_every",
-                   "store_threads",
+                   "store_threads", "store_io",
                    "keep_checkpoints"}
         changes = {k: v for k, v in _as_config(cfg).to_dict().items() if v != getattr(saved, k) and k in allowed}
         saved = update_cfg(saved, **changes)
