@@ -14,6 +14,8 @@ Builds a synthetic cache in a temporary folder (or --dir), warms the page cache,
   and the same rows converted into a reused --out-dtype tensor instead (the store's output).
 * random gather, RAM: torch.index_select of random rows of that array into a reused buffer,
   alone and then converted into a reused --out-dtype tensor.
+* with --cold: a first epoch (checksums verified) after POSIX_FADV_DONTNEED dropped the cache's files
+  from the page cache, windows mapped and copied: reading from the disk.
 * peak RSS over window bytes: a child process iterates an epoch of a store whose window is a
   fraction of the cache, sampling its RSS every millisecond; growth = peak - RSS before serving.
 
@@ -94,6 +96,37 @@ def time_store(path: Path, args: argparse.Namespace, window_io: str) -> dict[str
             out[name] = time.perf_counter() - t0
         assert x.dtype == out_dtype and x.shape == (args.batch_size, args.d_model)
     return {k: v / n_batches for k, v in out.items()}  # seconds per batch
+
+
+def evict_page_cache(path: Path) -> None:
+    """Drop the cache's files from the page cache (POSIX_FADV_DONTNEED; clean pages only, no root)."""
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def time_cold_epoch(path: Path, args: argparse.Namespace, window_io: str) -> float:
+    """Seconds per batch over the first epoch of a fresh store after evicting the cache from the
+    page cache (start-up included): windows read from the disk."""
+    import torch
+
+    from train.activation_store import ActivationStore
+
+    evict_page_cache(path)
+    t0 = time.perf_counter()
+    with ActivationStore(path, batch_size=args.batch_size, window_shards=args.window_shards, seed=1,
+                         dtype=getattr(torch, args.out_dtype), threads=args.store_threads, device=args.device,
+                         window_io=window_io) as store:
+        n_batches = store.rows_per_epoch // args.batch_size
+        for _ in range(n_batches):
+            store.next_batch()
+    elapsed = time.perf_counter() - t0
+    warm_page_cache(path)
+    return elapsed / n_batches
 
 
 def time_contiguous_mmap(cache: Cache, b: int, dst: np.ndarray) -> float:
@@ -208,6 +241,8 @@ def main() -> None:
     ap.add_argument("--window-io", default="auto", choices=["auto", "map", "copy"],
                     help="store windows: memory-mapped or copied (auto maps when it can); with auto or map the "
                          "store with copied windows is timed too, as a reference")
+    ap.add_argument("--cold", action="store_true",
+                    help="also time one first epoch after evicting the cache from the page cache (per window_io)")
     ap.add_argument("--dir", type=Path, default=None, help="build the cache here (default: a temp dir)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -252,6 +287,9 @@ def main() -> None:
             for k, v in rounds.items():
                 best[k] = min(best.get(k, float("inf")), v)
         del arr
+        if args.cold:
+            for io in ("map", "copy") if mode == "map" else ("copy",):
+                best[f"store cold epoch1, {io}"] = time_cold_epoch(path, args, io)
         gbs = {k: batch_bytes / v / 1e9 for k, v in best.items()}
         print(f"\n{'reader (GB/s of cache bytes served)':36s} {'GB/s':>7s} {'batches/s':>10s}")
         for k, v in best.items():

@@ -39,3 +39,13 @@ def test_bench_train_step_prints_a_table_without_saelens(tmp_path):
     assert "SAELens: skipped" in out and "Data wait" in out
     table = md.read_text()
     assert "| topk | 32 |" in table and "| jumprelu | 32 |" in table and "SAELens columns skipped" in table
+
+
+def test_bench_store_prints_ratios_for_mapped_copied_and_cold_windows(tmp_path):
+    out = _run(["pipelines/bench_store.py", "--shards", "3", "--rows-per-shard", "2048", "--d-model", "64",
+                "--batch-size", "512", "--window-shards", "2", "--rss-window-shards", "1", "--repeats", "1",
+                "--cold", "--dir", str(tmp_path)], tmp_path)
+    for row in ["store epoch2, copied windows", "store cold epoch1, map", "store cold epoch1, copy",
+                "store / random gather, RAM", "windows mapped", "growth while serving"]:
+        assert row in out, row
+    assert not list(tmp_path.glob("tmp*"))  # the synthetic cache is removed

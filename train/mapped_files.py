@@ -100,6 +100,7 @@ class MappedFiles:
         try:
             if os.fstat(fd).st_size < size:
                 raise OSError(f"{path} holds {os.fstat(fd).st_size} bytes, fewer than the {size} expected")
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)  # start reading a cold file, in large requests
             at = self.base + j * self.stride
             got = _lib().mmap(at, size, _PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)
             if got != at:
