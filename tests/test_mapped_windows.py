@@ -171,3 +171,20 @@ def test_float16_and_bfloat16_caches_map_to_the_same_batches(tmp_path):
             with ActivationStore(path, window_io="copy", **kw) as a, ActivationStore(path, window_io="map", **kw) as b:
                 assert b.window_io == "map"
                 assert torch.equal(stream(a, 20), stream(b, 20))
+
+
+def test_a_file_system_without_mmap_falls_back_to_copies_or_is_named(paged_cache, monkeypatch):
+    import train.activation_store as store_module
+
+    def no_mmap(files, stride):
+        raise OSError(19, f"cannot memory-map {files[0][0]}: No such device")
+
+    ref = stream(ActivationStore(paged_cache, batch_size=256, window_shards=2, seed=4, window_io="copy"), 20)
+    monkeypatch.setattr(store_module, "MappedFiles", no_mmap)
+    auto = ActivationStore(paged_cache, batch_size=256, window_shards=2, seed=4)
+    assert auto.window_io == "map"
+    with pytest.warns(RuntimeWarning, match="cannot be memory-mapped.*copying"):
+        got = stream(auto, 20)
+    assert torch.equal(got, ref) and auto.window_io == "copy"
+    with pytest.raises(CacheError, match=r"shards \[.*cannot be memory-mapped.*store_io=copy"):
+        stream(ActivationStore(paged_cache, batch_size=256, window_shards=2, seed=4, window_io="map"), 1)

@@ -76,6 +76,7 @@ import math
 import mmap
 import os
 import threading
+import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -287,6 +288,7 @@ class ActivationStore:
         self._storage = _TORCH_STORAGE[spec.dtype]
         self._itemsize = torch.empty((), dtype=self._storage).element_size()
         self.window_bytes = self.order.window_shards * self._rps * self.d_model * self._itemsize * len(self.sites)
+        self._window_io_asked = window_io
         self.window_io = self._choose_window_io(window_io)
         self._verified: set[tuple[str, int]] = set()
         self._bufs: dict[int, dict[str, torch.Tensor]] = {}
@@ -586,9 +588,18 @@ class ActivationStore:
     def _load(self, key: tuple[int, int], slot: int) -> _Window:
         """Map window `key`, or read it into buffer slot `slot` (loader thread)."""
         shards, local = self._plan(*key)
+        rows = None
         if self.window_io == "map":
-            rows = {s: self._map_window(s, shards.tolist()) for s in self.sites}
-        else:
+            try:
+                rows = {s: self._map_window(s, shards.tolist()) for s in self.sites}
+            except OSError as e:  # e.g. a file system without mmap; a damaged file fails the copy's checks too
+                if self._window_io_asked == "map":
+                    raise CacheError(f"{self.cache.root}: shards {shards.tolist()} cannot be memory-mapped ({e}); "
+                                     "use window_io='copy' (training: store_io=copy)") from e
+                warnings.warn(f"{self.cache.root}: shards {shards.tolist()} cannot be memory-mapped ({e}); "
+                              "copying windows into memory instead", RuntimeWarning, stacklevel=2)
+                self.window_io = "copy"
+        if rows is None:
             if slot not in self._bufs:
                 n = self.order.window_shards * self._rps
                 self._bufs[slot] = {s: torch.empty((n, self.d_model), dtype=self._storage) for s in self.sites}
@@ -603,11 +614,7 @@ class ActivationStore:
         [len(shards) * rows_per_shard, d] storage dtype, read-only."""
         files = [self._chunk_file(site, k)[:2] for k in shards]
         row_bytes = self.d_model * self._itemsize
-        try:
-            mapped = MappedFiles(files, self._rps * row_bytes)
-        except OSError as e:  # changed since the size check
-            bad = next((k for k, (p, _) in zip(shards, files) if str(p) in str(e)), shards)
-            raise CacheError(f"{self.cache.root}: shard {bad} file cannot be mapped ({e}); re-harvest that shard") from e
+        mapped = MappedFiles(files, self._rps * row_bytes)  # OSError: handled by _load
         mapped.populate()
         name = f"acts/{site}"
         for j, k in enumerate(shards):
