@@ -53,7 +53,7 @@ class TrainConfig:
     pipelines/bench_store.py --store-threads 2). The data and its order do not change."""
     store_io: str = "auto"
     """How the store reads a window of shards: "map" gathers straight from the chunk files
-    memory-mapped (no copy; about 1.3x faster on the development machine), "copy" copies them
+    memory-mapped (no copy; 1.2-1.4x the batches/s on the development machine), "copy" copies them
     into private memory first (compressed caches and shards that are not whole pages always do),
     "auto" maps when it can. The data and its order do not change."""
     heldout_shards: int = 1
