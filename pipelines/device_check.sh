@@ -54,5 +54,5 @@ timeout 100 python3 pipelines/bench_train_step.py --device cuda --no-saelens --d
 
 step "store benchmark (serving to CUDA)"
 timeout 150 python3 pipelines/bench_store.py --device cuda --shards 8 --window-shards 2 --repeats 2 --dir /tmp \
-    2>&1 | tee "$OUT/bench_store.log" | tail -16
+    2>&1 | tee "$OUT/bench_store.log" | tail -20
 step "done"
