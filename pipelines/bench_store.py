@@ -72,16 +72,24 @@ def warm_page_cache(path: Path) -> None:
                     pass
 
 
-def time_store(path: Path, args: argparse.Namespace, window_io: str) -> dict[str, float]:
-    """Seconds per batch over epoch 1 (verifying checksums) and epoch 2 of a fresh store."""
+def open_store(path: Path, args: argparse.Namespace, window_io: str, **kw):
+    """The store every timing uses: --batch-size, --window-shards, --out-dtype, --store-threads, --device."""
     import torch
 
     from train.activation_store import ActivationStore
 
+    return ActivationStore(path, batch_size=args.batch_size, window_shards=args.window_shards, seed=1,
+                           dtype=getattr(torch, args.out_dtype), threads=args.store_threads, device=args.device,
+                           window_io=window_io, **kw)
+
+
+def time_store(path: Path, args: argparse.Namespace, window_io: str) -> dict[str, float]:
+    """Seconds per batch over epoch 1 (verifying checksums) and epoch 2 of a fresh store."""
+    import torch
+
     out_dtype = getattr(torch, args.out_dtype)
     cuda = args.device.startswith("cuda")
-    with ActivationStore(path, batch_size=args.batch_size, window_shards=args.window_shards, seed=1, dtype=out_dtype,
-                         threads=args.store_threads, device=args.device, window_io=window_io) as store:
+    with open_store(path, args, window_io) as store:
         n_batches = store.rows_per_epoch // args.batch_size
         store.next_batch()  # first window: start-up latency, not throughput
         out = {}
@@ -112,15 +120,9 @@ def evict_page_cache(path: Path) -> None:
 def time_cold_epoch(path: Path, args: argparse.Namespace, window_io: str) -> float:
     """Seconds per batch over the first epoch of a fresh store after evicting the cache from the
     page cache (start-up included): windows read from the disk."""
-    import torch
-
-    from train.activation_store import ActivationStore
-
     evict_page_cache(path)
     t0 = time.perf_counter()
-    with ActivationStore(path, batch_size=args.batch_size, window_shards=args.window_shards, seed=1,
-                         dtype=getattr(torch, args.out_dtype), threads=args.store_threads, device=args.device,
-                         window_io=window_io) as store:
+    with open_store(path, args, window_io) as store:
         n_batches = store.rows_per_epoch // args.batch_size
         for _ in range(n_batches):
             store.next_batch()
@@ -271,9 +273,7 @@ def main() -> None:
         n_gather = max(8, len(arr) // args.batch_size)
         out_dtype = getattr(torch, args.out_dtype)
         best: dict[str, float] = {}
-        from train.activation_store import ActivationStore
-
-        mode = ActivationStore(path, prefetch=False, window_io=args.window_io).window_io
+        mode = open_store(path, args, args.window_io, prefetch=False).window_io
         for _ in range(args.repeats):  # interleaved rounds, best of each
             rounds = {
                 **{f"store {k}": v for k, v in time_store(path, args, args.window_io).items()},

@@ -87,10 +87,9 @@ import torch
 import xxhash
 
 from shared.cache import Cache, CacheError, Layout, file_checksum
-from train.mapped_files import MappedFiles, mappable
+from train.mapped_files import MADV_POPULATE_READ, MappedFiles, mappable
 from train.permutation import ORDER_VERSION, derive_key, permute, permutation
 
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux uapi value
 _TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _BLOCK_ROWS = 256  # rows converted at a time through float32 for bfloat16 output (fits in L2)
@@ -618,7 +617,7 @@ class ActivationStore:
         mapped.populate()
         name = f"acts/{site}"
         for j, k in enumerate(shards):
-            if self.verify == "always" or (self.verify == "once" and (site, k) not in self._verified):
+            if self._needs_check(site, k):
                 self._check_digest(k, name, xxhash.xxh3_128(mapped.file_bytes(j)).hexdigest())
                 self._verified.add((site, k))
         return mapped.tensor(self._storage, row_bytes)
@@ -652,7 +651,7 @@ class ActivationStore:
         """
         name = f"acts/{site}"
         dst_np = dst.view(torch.int16).numpy() if self._itemsize == 2 else dst.numpy()
-        check = self.verify == "always" or (self.verify == "once" and (site, shard) not in self._verified)
+        check = self._needs_check(site, shard)
         if self.cache.spec.compression != "none":
             path = Layout(self.cache.root).acts_chunk(site, shard)
             if check and shard in self.cache.ledger and path.exists():
@@ -688,6 +687,10 @@ class ActivationStore:
             raise CacheError(f"{self.cache.root}: shard {shard} file {path} has {size} bytes, not whole rows of a shard; re-harvest that shard")
         return path, size, file_rows
 
+    def _needs_check(self, site: str, shard: int) -> bool:
+        """Whether this read of the shard's activations is checksummed (the `verify` policy)."""
+        return self.verify == "always" or (self.verify == "once" and (site, shard) not in self._verified)
+
     def _check_digest(self, shard: int, name: str, digest: str) -> None:
         if digest != self.cache.ledger[shard]["checksums"][name]:
             raise CacheError(f"{self.cache.root}: shard {shard} ({name}) fails its checksum (corrupt); re-harvest that shard")
@@ -707,7 +710,7 @@ def _copy_file(path: str, size: int, dst: np.ndarray, chunk: int = 1 << 25) -> N
             n = min(chunk, size - off)
             with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=off) as m:
                 try:
-                    m.madvise(_MADV_POPULATE_READ)
+                    m.madvise(MADV_POPULATE_READ)
                 except (OSError, ValueError):  # older kernel: plain page faults, same result
                     pass
                 src = np.frombuffer(m, dtype=np.uint8)

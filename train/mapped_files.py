@@ -31,7 +31,8 @@ import torch
 PAGE = mmap.PAGESIZE
 _PROT_NONE, _PROT_READ = 0, 1
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20  # Linux uapi values
-_MADV_WILLNEED, _MADV_POPULATE_READ = 3, 22
+_MADV_WILLNEED = 3
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; uapi value where Python lacks it
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 _libc = None
@@ -98,8 +99,9 @@ class MappedFiles:
     def _map(self, j: int, path: str, size: int) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
-            if os.fstat(fd).st_size < size:
-                raise OSError(f"{path} holds {os.fstat(fd).st_size} bytes, fewer than the {size} expected")
+            held = os.fstat(fd).st_size
+            if held < size:
+                raise OSError(f"{path} holds {held} bytes, fewer than the {size} expected")
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)  # start reading a cold file, in large requests
             at = self.base + j * self.stride
             got = _lib().mmap(at, size, _PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, 0)
@@ -115,7 +117,7 @@ class MappedFiles:
         read-ahead hint on kernels older than 5.14."""
         lib = _lib()
         for j, size in enumerate(self.sizes):
-            if size and lib.madvise(self.base + j * self.stride, size, _MADV_POPULATE_READ) != 0:
+            if size and lib.madvise(self.base + j * self.stride, size, MADV_POPULATE_READ) != 0:
                 lib.madvise(self.base + j * self.stride, size, _MADV_WILLNEED)
 
     def _buffer(self, offset: int, nbytes: int) -> ctypes.Array:
