@@ -492,6 +492,7 @@ class ActivationStore:
             for s in self.sites:
                 torch.index_select(win.rows[s], 0, idx, out=target[s][filled : filled + take])
             filled, p = filled + take, p + take
+            del win, idx  # an evicted window is freed (unmapped) before the next one is looked up
         if late:
             return out  # converted after the copy to the device (_emit)
         if direct:
