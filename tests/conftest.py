@@ -1,4 +1,7 @@
-"""Offline fixtures: a tiny BPE tokenizer, a tiny corpus in three formats, tiny random LMs."""
+"""Offline fixtures shared by the test modules: a tiny BPE tokenizer, a tiny corpus in three
+formats, tiny random LMs, and the session's reference artefacts made from them (the synthetic
+sparse cache, a training run on it, a harvest of the tiny Llama). Helpers that are not fixtures
+live in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -14,10 +17,18 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.helpers import make_lines  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ARCH_FIXTURES,
+    D_MODEL,
+    MAX_POS,
+    N_LAYERS,
+    build_sparse_cache,
+    cfg_for,
+    harvest_config,
+    make_lines,
+)
 
 BOS, EOS = "<|bos|>", "<|eos|>"
-N_LAYERS, D_MODEL, MAX_POS = 4, 32, 128
 
 
 @pytest.fixture(scope="session")
@@ -121,9 +132,6 @@ def tiny_gemma2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return _save_model(tmp_path_factory, "gemma2", cfg, Gemma2ForCausalLM, tiny_tokenizer_dir)
 
 
-ARCH_FIXTURES = {"gpt2": "tiny_gpt2_dir", "llama": "tiny_llama_dir", "neox": "tiny_neox_dir", "gemma2": "tiny_gemma2_dir"}
-
-
 @pytest.fixture(scope="session")
 def loaded_models(request):
     """Lazily loaded LoadedModel per architecture key of ARCH_FIXTURES, cached for the session."""
@@ -137,3 +145,34 @@ def loaded_models(request):
         return cache[arch]
 
     return get
+
+
+# --------------------------------------------------------------------------- reference artefacts
+# Read-only for the tests that take them (copy one before damaging it); built once per session.
+
+
+@pytest.fixture(scope="session")
+def sparse_cache(tmp_path_factory) -> Path:
+    """The synthetic sealed cache of tests.helpers.build_sparse_cache (6 x 512 rows, d_model 16):
+    x = sparse codes @ a random dictionary (+ small noise), so SAEs can learn it."""
+    return build_sparse_cache(tmp_path_factory.mktemp("sparse") / "cache")
+
+
+@pytest.fixture(scope="session")
+def reference_run(sparse_cache, tmp_path_factory) -> Path:
+    """The run folder of cfg_for's batchtopk run on sparse_cache, trained in this process."""
+    from train.training import train_sae
+
+    out = tmp_path_factory.mktemp("ref")
+    _, run_dir = train_sae(None, cfg_for(sparse_cache, out, arch="batchtopk"), progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def reference_cache(tmp_path_factory, tiny_llama_dir, tiny_corpus) -> Path:
+    """The reference harvest of tests.helpers.harvest_config: tiny Llama, layer 1, 5 shards."""
+    from harvest.runner import run_harvest
+
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], out), progress=False)
+    return out

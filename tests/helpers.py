@@ -1,9 +1,25 @@
-"""Deterministic tiny English text for offline tests (no downloads)."""
+"""What several test modules share, besides the fixtures of tests/conftest.py: deterministic tiny
+English text, the settings of the tiny harvests and training runs, the synthetic caches (built
+with shared.synthetic) and small readers of what the store serves. Test modules import from here,
+never from each other.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.synthetic import SITE, build_synthetic_cache, indexed_normal, sparse_codes, synthetic_spec, zero_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+SITE2 = "blocks.1.hook_resid_pre"  # the second site of two-site synthetic caches (SITE: blocks.0.hook_resid_pre)
+
+# --------------------------------------------------------------------------- text
 
 SUBJECTS = ["the old sailor", "a young farmer", "my sister", "the tired teacher", "our neighbour",
             "the small dog", "a quiet student", "the king", "her brother", "the baker", "a stranger",
@@ -32,7 +48,139 @@ def make_lines(n_lines: int, seed: int = 0) -> list[str]:
     return [" ".join(sentence(rng) for _ in range(rng.randint(1, 4))) for _ in range(n_lines)]
 
 
-# Base keys of the tiny sweeps in the tests (the settings of tests/test_training.py's cfg_for).
+# --------------------------------------------------------------------------- tiny models (tests/conftest.py)
+
+N_LAYERS, D_MODEL, MAX_POS = 4, 32, 128
+ARCH_FIXTURES = {"gpt2": "tiny_gpt2_dir", "llama": "tiny_llama_dir", "neox": "tiny_neox_dir", "gemma2": "tiny_gemma2_dir"}
+
+# --------------------------------------------------------------------------- harvest
+
+HARVEST_CTX = 16  # context length of the tiny harvests
+
+
+def harvest_config(model_dir, corpus, out, **over):
+    """The reference harvest (`reference_cache`): layer 1, 20 contexts of 16 tokens, 4 a shard, float32."""
+    from harvest.runner import HarvestConfig
+
+    base = dict(
+        model=str(model_dir), dataset=str(corpus), out=str(out), layers=[1], tokens=HARVEST_CTX * 20,
+        context_length=HARVEST_CTX, batch_size=3, dtype="float32", shard_tokens=HARVEST_CTX * 4,
+    )
+    base.update(over)
+    return HarvestConfig(**base)
+
+
+def harvest_cli_args(model_dir, corpus, out, *extra):
+    """`harvest run` arguments (after `harvest`) for the reference harvest of harvest_config."""
+    return ["run", "--model", str(model_dir), "--dataset", str(corpus), "--out", str(out), "--layer", "1",
+            "--tokens", str(HARVEST_CTX * 20), "--context-length", str(HARVEST_CTX), "--batch-size", "3",
+            "--dtype", "float32", "--shard-tokens", str(HARVEST_CTX * 4), "--quiet", *extra]
+
+
+def cache_bytes(root: Path) -> dict[str, bytes]:
+    """Every data and ledger file of a cache (locks and metadata timestamps aside)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".") and p.name != "seal.json"
+    }
+
+
+# --------------------------------------------------------------------------- the sparse cache and training runs on it
+
+SPARSE_D, SPARSE_ATOMS, SPARSE_CTX, SPARSE_ROWS_PER_SHARD, SPARSE_SHARDS = 16, 48, 8, 512, 6
+
+
+def build_sparse_cache(root):
+    """The `sparse_cache` fixture's cache at root: 6 shards x 512 rows of x = sparse codes @ a
+    random 48 x 16 dictionary (+ small noise), float32, site SITE, contexts of 8. SAEs can learn it."""
+    spec = synthetic_spec(d_model=SPARSE_D, rows_per_shard=SPARSE_ROWS_PER_SHARD,
+                          planned_rows=SPARSE_ROWS_PER_SHARD * SPARSE_SHARDS, context_length=SPARSE_CTX,
+                          dataset={"kind": "synthetic"})
+    return build_synthetic_cache(root, spec, sparse_codes(SPARSE_D, SPARSE_ATOMS, seed=0), tokens=zero_tokens)
+
+
+def cfg_for(store, out, **over):
+    """The tiny training run: topk k=4, 4x, batches of 256, 40 steps, checkpoints every 10."""
+    from train.config import get_default_cfg, update_cfg
+
+    base = dict(store=str(store), out=str(out), batch_size=256, tokens=256 * 40, expansion=4, k=4,
+                checkpoint_every=256 * 10, log_every=5, density_every=10, wandb_mode="disabled",
+                lr=3e-3, dead_tokens_threshold=2048, threshold_batches=4, b_dec_init="mean")
+    base.update(over)
+    return update_cfg(get_default_cfg(), **base)
+
+
+def train_cli_args(store, out, arch="batchtopk", extra=()):
+    """`train run` arguments (after `train`) for cfg_for's run (the `reference_run` with batchtopk)."""
+    return ["run", "--store", str(store), "--out", str(out), "--quiet", "--arch", arch, "--k", "4", "--expansion", "4",
+            "--batch-size", "256", "--tokens", str(256 * 40), "--checkpoint-every", str(256 * 10), "--lr", "3e-3",
+            "--wandb-mode", "disabled", "--set", "log_every=5", "--set", "density_every=10",
+            "--set", "dead_tokens_threshold=2048", "--set", "threshold_batches=4", "--set", "b_dec_init=mean", *extra]
+
+
+def train_cli_run(store, out, fault=None, arch="batchtopk", extra=()):
+    """train_cli_args run as `python -m train` in a subprocess, SAEFORGE_FAULT=fault if given."""
+    env = dict(os.environ)
+    if fault:
+        env["SAEFORGE_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "train", *train_cli_args(store, out, arch, extra)], env=env,
+                          capture_output=True, text=True)
+
+
+def final_weights(run_dir: Path) -> dict:
+    """The tensors of a run's newest checkpoint (sae.safetensors)."""
+    from safetensors.torch import load_file
+
+    from train.checkpoints import list_checkpoints
+
+    return load_file(str(list_checkpoints(run_dir)[-1] / "sae.safetensors"))
+
+
+# --------------------------------------------------------------------------- store caches: rows that say who they are
+
+
+def build_cache(path, n_rows=100, rps=16, ctx=4, d=8, dtype="float32", sites=(SITE,), shards=None, seal=True,
+                compression="none"):
+    """A cache whose row i has x[0] = i, x[1] = site index, the rest N(0, 1) (shared.synthetic.
+    indexed_normal); tokens = row index, positions = row % ctx. Last shard short."""
+    spec = synthetic_spec(d_model=d, rows_per_shard=rps, planned_rows=n_rows, sites=sites, dtype=dtype,
+                          context_length=ctx, model={"id": "tiny"}, bos_policy={"policy": "context", "bos_id": 1},
+                          compression=compression)
+    return build_synthetic_cache(path, spec, indexed_normal(d, sites), shards=shards, seal=seal)
+
+
+def rows_of(batch):
+    """The global row indices of a batch of build_cache rows (column 0)."""
+    import torch
+
+    return batch[:, 0].to(torch.int64).tolist()
+
+
+def stream(store, n_batches):
+    import torch
+
+    return torch.cat([store.next_batch() for _ in range(n_batches)])
+
+
+def damaged_copy(src, dst, shard, how):
+    """A copy of cache src at dst with the SITE chunk of `shard` truncated, missing or with a flipped bit."""
+    shutil.copytree(src, dst)
+    chunk = Path(dst) / f"acts/{SITE}/c/{shard}/0"
+    data = bytearray(chunk.read_bytes())
+    if how == "truncate":
+        chunk.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "missing":
+        chunk.unlink()
+    else:
+        data[40] ^= 0x10
+        chunk.write_bytes(bytes(data))
+    return dst
+
+
+# --------------------------------------------------------------------------- sweeps
+
+# Base keys of the tiny sweeps in the tests (the settings of cfg_for above).
 SWEEP_BASE = {"batch_size": 256, "tokens": 10240, "expansion": 4, "checkpoint_every": 2560, "log_every": 5,
               "density_every": 10, "wandb_mode": "disabled", "lr": 3e-3, "dead_tokens_threshold": 2048,
               "threshold_batches": 4, "b_dec_init": "mean"}

@@ -10,61 +10,21 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord, to_storage
+from shared.cache import Cache, CacheError
+from tests.helpers import REPO, SITE, SITE2, build_cache, damaged_copy, rows_of, stream
 from train.activation_store import ActivationStore, RowOrder
 from train.permutation import derive_key, permutation, permute, splitmix64, splitmix64_int
-
-SITE = "blocks.0.hook_resid_pre"
-SITE2 = "blocks.1.hook_resid_pre"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def build_cache(path, n_rows=100, rps=16, ctx=4, d=8, dtype="float32", sites=(SITE,), shards=None, seal=True, compression="none"):
-    """A cache whose row i has x[0] = i, x[1] = site index, the rest N(0, 1). Last shard short."""
-    spec = CacheSpec(
-        model={"id": "tiny"},
-        dataset={"id": "synthetic"},
-        context_length=ctx,
-        bos_policy={"policy": "context", "bos_id": 1},
-        sites=[SiteRecord(s, i, "resid_pre", f"model.layers.{i}") for i, s in enumerate(sites)],
-        d_model=d,
-        dtype=dtype,
-        rows_per_shard=rps,
-        planned_rows=n_rows,
-        compression=compression,
-    )
-    w = CacheWriter.create_or_open(path, spec)
-    for k in shards if shards is not None else range(spec.n_shards):
-        g = np.arange(k * rps, min((k + 1) * rps, n_rows))
-        acts = {}
-        for si, s in enumerate(sites):
-            x = np.random.default_rng(10 * k + si).normal(size=(len(g), d)).astype(np.float32)
-            x[:, 0], x[:, 1] = g, si
-            acts[s] = to_storage(x, dtype, "test")
-        w.write_shard(k, acts, g.astype(np.int32), (g % ctx).astype(np.int32))
-    if seal:
-        w.seal()
-    return path
 
 
 @pytest.fixture(scope="module")
 def cache_path(tmp_path_factory):
     """7 shards of 16 rows (the last holds 4): 100 rows, contexts of 4."""
     return build_cache(tmp_path_factory.mktemp("store") / "c")
-
-
-def rows_of(batch):
-    return batch[:, 0].to(torch.int64).tolist()
-
-
-def stream(store, n_batches):
-    return torch.cat([store.next_batch() for _ in range(n_batches)])
 
 
 # --------------------------------------------------------------------------- permutation
@@ -366,25 +326,9 @@ def test_unsealed_cache_refused_unless_completed_shards_asked(tmp_path):
         assert sorted(rows_of(stream(store, 3))) == list(range(32)) + list(range(48, 64))
 
 
-def _damaged_copy(src, dst, shard, how):
-    import shutil
-
-    shutil.copytree(src, dst)
-    chunk = Path(dst) / f"acts/{SITE}/c/{shard}/0"
-    data = bytearray(chunk.read_bytes())
-    if how == "truncate":
-        chunk.write_bytes(bytes(data[: len(data) // 2]))
-    elif how == "missing":
-        chunk.unlink()
-    else:
-        data[40] ^= 0x10
-        chunk.write_bytes(bytes(data))
-    return dst
-
-
 @pytest.mark.parametrize("how,message", [("truncate", "truncated"), ("missing", "missing"), ("flip", "checksum")])
 def test_damaged_shard_named_by_the_batch_that_needs_it(cache_path, tmp_path, how, message):
-    path = _damaged_copy(cache_path, tmp_path / "c", 3, how)
+    path = damaged_copy(cache_path, tmp_path / "c", 3, how)
     store = ActivationStore(path, batch_size=16, window_shards=1, seed=0)
     bad_position = int(store.order.epoch_layout(0)[0].tolist().index(3)) * 16  # shard 3's window
     store.seek(max(bad_position - 16, 0))

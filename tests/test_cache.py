@@ -1,14 +1,12 @@
 """The cache layout: commit by ledger, resume, identity checks, verify, dtypes, sealing."""
 
-import json
-import os
-
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
-from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord, to_storage
+from shared.cache import Cache, CacheError, CacheWriter, SiteRecord, to_storage
+from shared.synthetic import shard_arrays, synthetic_spec, write_shards, zero_tokens
 
 D = 8
 
@@ -26,23 +24,24 @@ def make_spec(**over):
         planned_rows=20,
     )
     base.update(over)
-    return CacheSpec(**base)
+    return synthetic_spec(**base)
+
+
+def normal_acts(k, rows):
+    """N(0, 1) float32 rows drawn from default_rng(shard)."""
+    return np.random.default_rng(k).normal(size=(len(rows), D)).astype(np.float32)
 
 
 def shard_data(spec, k, rows=None):
+    """write_shard's arguments for shard k (`rows` rows, default the shard's planned rows): tokens =
+    the row index, positions = row % context_length."""
     start = k * spec.rows_per_shard
     rows = rows or min(spec.rows_per_shard, spec.planned_rows - start)
-    rng = np.random.default_rng(k)
-    acts = {s: to_storage(rng.normal(size=(rows, D)).astype(np.float32), spec.dtype, "t") for s in spec.site_names}
-    tokens = np.arange(start, start + rows, dtype=np.int32)
-    return acts, tokens, tokens % spec.context_length
+    return shard_arrays(spec, k, normal_acts, rows=np.arange(start, start + rows))
 
 
 def fill(path, spec, shards=None):
-    w = CacheWriter.create_or_open(path, spec)
-    for k in shards if shards is not None else range(spec.n_shards):
-        w.write_shard(k, *shard_data(spec, k))
-    return w
+    return write_shards(CacheWriter.create_or_open(path, spec), spec, normal_acts, shards=shards)
 
 
 def test_roundtrip_and_seal(tmp_path):
@@ -176,11 +175,8 @@ def test_bfloat16_lossless(tmp_path):
     spec = make_spec(dtype="bfloat16")
     x = torch.randn(20, D) * 1000
     xb = x.to(torch.bfloat16)
-    w = CacheWriter.create_or_open(tmp_path / "c", spec)
-    for k in range(3):
-        sl = slice(8 * k, min(8 * k + 8, 20))
-        rows = sl.stop - sl.start
-        w.write_shard(k, {spec.site_names[0]: to_storage(x[sl], "bfloat16", "t")}, np.zeros(rows, np.int32), np.zeros(rows, np.int32))
+    w = write_shards(CacheWriter.create_or_open(tmp_path / "c", spec), spec, lambda k, rows: x[torch.from_numpy(rows)],
+                     tokens=zero_tokens, positions=zero_tokens)
     w.seal()
     c = Cache.open(tmp_path / "c")
     got = np.concatenate([c.read_acts(spec.site_names[0], k) for k in range(3)])

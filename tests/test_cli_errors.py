@@ -19,13 +19,12 @@ from click.testing import CliRunner
 
 from harvest.cli import main as harvest_cli
 from harvest.runner import run_harvest
-from tests.test_harvest import CTX, config
-from tests.test_training import cfg_for, sparse_cache  # noqa: F401 - fixture reuse
+from tests.helpers import HARVEST_CTX, SITE, cfg_for, harvest_config
 from train.checkpoints import list_checkpoints
 from train.cli import main as train_cli
 from train.training import train_sae
 
-SITE = "blocks.0.hook_resid_pre"  # the sparse cache's site
+# SITE: the sparse cache's site
 
 
 @dataclass
@@ -45,8 +44,8 @@ class Ctx:
 
     def harvest(self, out, *extra, layer="1"):
         return ["run", "--model", str(self.model), "--dataset", str(self.corpus["jsonl"]), "--out", str(out),
-                "--layer", layer, "--tokens", str(CTX * 4), "--context-length", str(CTX), "--batch-size", "4",
-                "--dtype", "float32", "--shard-tokens", str(CTX * 4), "--quiet", *extra]
+                "--layer", layer, "--tokens", str(HARVEST_CTX * 4), "--context-length", str(HARVEST_CTX),
+                "--batch-size", "4", "--dtype", "float32", "--shard-tokens", str(HARVEST_CTX * 4), "--quiet", *extra]
 
     def train(self, *extra, store=None):
         return ["run", "--store", str(store or self.store), "--out", str(self.tmp / "runs"), "--quiet",
@@ -60,11 +59,11 @@ class Ctx:
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory, tiny_llama_dir, tiny_corpus, sparse_cache):  # noqa: F811
+def ctx(tmp_path_factory, tiny_llama_dir, tiny_corpus, sparse_cache):
     tmp = tmp_path_factory.mktemp("cli_errors")
     cache = tmp / "cache"
-    run_harvest(config(tiny_llama_dir, tiny_corpus["jsonl"], cache, tokens=CTX * 4, shard_tokens=CTX * 4,
-                       batch_size=4), progress=False)
+    run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], cache, tokens=HARVEST_CTX * 4,
+                               shard_tokens=HARVEST_CTX * 4, batch_size=4), progress=False)
     unsealed = tmp / "unsealed"
     shutil.copytree(sparse_cache, unsealed)
     (unsealed / "seal.json").unlink()
@@ -146,7 +145,7 @@ CASES = [
                  ["was harvested with different settings (sites: cache has [{'name': 'blocks.1.hook_resid_pre'",
                   "this run asks [{'name': 'blocks.2.hook_resid_pre'", "use a new --out or rerun with the original settings"],
                  id="harvest-reharvest-different-layer"),
-    pytest.param(H, lambda c: c.harvest(c.cache, "--shard-tokens", str(CTX * 2)),
+    pytest.param(H, lambda c: c.harvest(c.cache, "--shard-tokens", str(HARVEST_CTX * 2)),
                  ["was harvested with different settings (rows_per_shard: cache has 64, this run asks 32)"],
                  id="harvest-reharvest-different-shard-size"),
     pytest.param(H, lambda c: c.harvest(c.junk),

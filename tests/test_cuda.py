@@ -23,9 +23,7 @@ from train.evaluation import evaluate_checkpoint
 from train.sae import build_sae
 from train.training import train_sae
 
-from tests.test_harvest import config, reference_cache  # noqa: F401 - fixture reuse
-from tests.test_training import _final_weights, cfg_for, sparse_cache  # noqa: F401 - fixture reuse
-from tests.test_training import _cli_run as training_cli_run
+from tests.helpers import cfg_for, final_weights, harvest_config, train_cli_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -49,7 +47,7 @@ def test_cuda_harvest_matches_cpu(reference_cache, tiny_llama_dir, tiny_corpus, 
     autocast on CUDA)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     out = tmp_path / "cache"
-    run_harvest(config(tiny_llama_dir, tiny_corpus["jsonl"], out, device="cuda", autocast=autocast), progress=False)
+    run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], out, device="cuda", autocast=autocast), progress=False)
     ref, got = Cache.open(reference_cache), Cache.open(out)
     assert got.shards == ref.shards
     site = "blocks.1.hook_resid_pre"
@@ -118,7 +116,7 @@ def test_each_variant_trains_on_cuda_like_on_cpu(sparse_cache, tmp_path, arch, e
 
 
 def _cli_run(store, out, arch, fault=None):
-    return training_cli_run(store, out, fault, arch=arch, extra=("--set", "device=cuda"))
+    return train_cli_run(store, out, fault, arch=arch, extra=("--set", "device=cuda"))
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
@@ -129,7 +127,7 @@ def test_cuda_run_repeats_and_resumes_bit_for_bit(sparse_cache, tmp_path, arch):
     for name in ("a", "b"):
         r = _cli_run(sparse_cache, tmp_path / name, arch)
         assert r.returncode == 0, r.stderr
-        finals.append(_final_weights(Path(r.stdout.strip().splitlines()[-1])))
+        finals.append(final_weights(Path(r.stdout.strip().splitlines()[-1])))
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0]), "two CUDA runs differ"
     first = _cli_run(sparse_cache, tmp_path / "k", arch, fault="after_optimizer_step@17")
     assert first.returncode == -signal.SIGKILL, first.stderr
@@ -137,7 +135,7 @@ def test_cuda_run_repeats_and_resumes_bit_for_bit(sparse_cache, tmp_path, arch):
     r = subprocess.run([sys.executable, "-m", "train", "resume", str(run_dir), "--quiet"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
-    resumed = _final_weights(run_dir)
+    resumed = final_weights(run_dir)
     assert all(torch.equal(resumed[k], finals[0][k]) for k in resumed), "resumed CUDA run differs"
 
 

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.test_training import cfg_for, sparse_cache  # noqa: F401 - fixture reuse
+from tests.helpers import cfg_for, final_weights
 from train.checkpoints import list_checkpoints
 from train.training import train_sae
 
@@ -28,12 +27,8 @@ def torchrun(store, out, fault=None):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def final(run_dir):
-    return load_file(str(list_checkpoints(run_dir)[-1] / "sae.safetensors"))
-
-
 @pytest.fixture(scope="module")
-def single_process_run(sparse_cache, tmp_path_factory):  # noqa: F811
+def single_process_run(sparse_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     return train_sae(None, cfg_for(sparse_cache, out, arch="topk"), progress=False)[1]
 
@@ -44,16 +39,16 @@ def assert_close(a, b):
             torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
 
 
-def test_two_ranks_match_one_process(sparse_cache, single_process_run, tmp_path):  # noqa: F811
+def test_two_ranks_match_one_process(sparse_cache, single_process_run, tmp_path):
     r = torchrun(sparse_cache, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = list(tmp_path.iterdir())
     assert len(runs) == 1, runs  # checkpoints and folders written once, by rank 0
     assert r.stdout.strip().splitlines()[-1] == str(runs[0])
-    assert_close(final(runs[0]), final(single_process_run))
+    assert_close(final_weights(runs[0]), final_weights(single_process_run))
 
 
-def test_killed_on_two_ranks_resumes_on_one(sparse_cache, single_process_run, tmp_path):  # noqa: F811
+def test_killed_on_two_ranks_resumes_on_one(sparse_cache, single_process_run, tmp_path):
     r = torchrun(sparse_cache, tmp_path, fault="after_optimizer_step@25")
     assert r.returncode != 0
     run_dir = next(tmp_path.iterdir())
@@ -61,4 +56,4 @@ def test_killed_on_two_ranks_resumes_on_one(sparse_cache, single_process_run, tm
     resumed = subprocess.run([sys.executable, "-m", "train", "resume", str(run_dir), "--quiet"],
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_close(final(run_dir), final(single_process_run))
+    assert_close(final_weights(run_dir), final_weights(single_process_run))

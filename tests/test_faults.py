@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 from harvest.cli import main as harvest_cli
 from harvest.repair import repair_cache
 from harvest.runner import run_harvest, writer_lock
 from shared import faults
 from shared.cache import Cache, CacheError
-from tests.test_harvest import CTX, config, reference_cache  # noqa: F401 - fixture reuse
-from tests.test_training import reference_run, sparse_cache  # noqa: F401 - fixture reuse
+from tests.helpers import HARVEST_CTX, final_weights, harvest_config, train_cli_args, write_sweep_spec
 from train.checkpoints import list_checkpoints, read_checkpoint
 from train.cli import main as train_cli
 
@@ -42,10 +40,6 @@ def fault(monkeypatch):
     return set_
 
 
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(list_checkpoints(run_dir)[-1] / "sae.safetensors"))
-
-
 def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -61,17 +55,9 @@ def flip_bit(path: Path, offset: int = 100) -> None:
 # --------------------------------------------------------------------------- training
 
 
-def train_args(store, out):
-    """The arguments of tests/test_training.py's reference run (batchtopk, checkpoints every 10 steps)."""
-    return ["run", "--store", str(store), "--out", str(out), "--quiet", "--arch", "batchtopk", "--k", "4",
-            "--expansion", "4", "--batch-size", "256", "--tokens", str(256 * 40), "--checkpoint-every", str(256 * 10),
-            "--lr", "3e-3", "--wandb-mode", "disabled", "--set", "log_every=5", "--set", "density_every=10",
-            "--set", "dead_tokens_threshold=2048", "--set", "threshold_batches=4", "--set", "b_dec_init=mean"]
-
-
-def test_disk_full_while_checkpointing_then_resume(sparse_cache, reference_run, tmp_path, fault):  # noqa: F811
+def test_disk_full_while_checkpointing_then_resume(sparse_cache, reference_run, tmp_path, fault):
     fault("checkpoint_mid_write@2:enospc")
-    r = CliRunner().invoke(train_cli, train_args(sparse_cache, tmp_path))
+    r = CliRunner().invoke(train_cli, train_cli_args(sparse_cache, tmp_path))
     assert r.exit_code == 2, (r.output, r.exception)
     assert "disk full" in r.output and "no space left on device" in r.output, r.output
     assert "step-000000020" in r.output and "previous checkpoint step-000000010 is intact" in r.output
@@ -86,19 +72,18 @@ def test_disk_full_while_checkpointing_then_resume(sparse_cache, reference_run, 
     fault(None)
     r = CliRunner().invoke(train_cli, ["resume", str(run_dir), "--quiet"])
     assert r.exit_code == 0, (r.output, r.exception)
-    assert_same_weights(weights(run_dir), weights(reference_run))
+    assert_same_weights(final_weights(run_dir), final_weights(reference_run))
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(line)["step"] for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     assert steps == want
 
 
-def test_disk_full_while_checkpointing_a_sweep_then_resume(sparse_cache, tmp_path, fault):  # noqa: F811
-    from tests.test_sweep import write_spec
+def test_disk_full_while_checkpointing_a_sweep_then_resume(sparse_cache, tmp_path, fault):
     from train.sweep import run_sweep
 
     grid = 'arch = ["topk", "batchtopk"]\nk = [4]'
-    ref = run_sweep(write_spec(tmp_path / "ref.toml", sparse_cache, tmp_path / "ref", grid=grid), progress=False)
-    spec = write_spec(tmp_path / "spec.toml", sparse_cache, tmp_path / "runs", grid=grid)
+    ref = run_sweep(write_sweep_spec(tmp_path / "ref.toml", sparse_cache, tmp_path / "ref", grid=grid), progress=False)
+    spec = write_sweep_spec(tmp_path / "spec.toml", sparse_cache, tmp_path / "runs", grid=grid)
     fault("checkpoint_mid_write@3:enospc")  # step 20 of the first SAE (each checkpoints at 10, 20, 30)
     r = CliRunner().invoke(train_cli, ["sweep", str(spec), "--quiet"])
     assert r.exit_code == 2 and "disk full" in r.output, (r.output, r.exception)
@@ -110,12 +95,12 @@ def test_disk_full_while_checkpointing_a_sweep_then_resume(sparse_cache, tmp_pat
     for a, b in zip(sorted(p for p in ref.iterdir() if p.is_dir()), sorted(p for p in sweep_dir.iterdir() if p.is_dir()),
                     strict=True):
         assert a.name == b.name
-        assert_same_weights(weights(b), weights(a))
+        assert_same_weights(final_weights(b), final_weights(a))
 
 
 @pytest.mark.parametrize("damage", ["flip a byte of sae.safetensors", "flip a byte of trainer.pt",
                                     "truncate state.json"])
-def test_damaged_newest_checkpoint_resume_names_it_and_falls_back(reference_run, tmp_path, damage):  # noqa: F811
+def test_damaged_newest_checkpoint_resume_names_it_and_falls_back(reference_run, tmp_path, damage):
     """The reference run's last two checkpoints are steps 30 and 40 (final); damage 40, drop done.json:
     resume must say which checkpoint is bad, go back to step 30 and end bit-identical."""
     run_dir = tmp_path / reference_run.name
@@ -134,7 +119,7 @@ def test_damaged_newest_checkpoint_resume_names_it_and_falls_back(reference_run,
         r = CliRunner().invoke(train_cli, ["resume", str(run_dir), "--quiet"])
     assert r.exit_code == 0, (r.output, r.exception)
     assert (run_dir / "done.json").exists()
-    assert_same_weights(weights(run_dir), weights(reference_run))
+    assert_same_weights(final_weights(run_dir), final_weights(reference_run))
 
 
 # --------------------------------------------------------------------------- harvest: verify
@@ -154,7 +139,7 @@ def data_files(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_verify_names_shard_of_garbage_ledger_record(reference_cache, tmp_path):  # noqa: F811
+def test_verify_names_shard_of_garbage_ledger_record(reference_cache, tmp_path):
     bad = copy_cache(reference_cache, tmp_path / "bad")
     (bad / "ledger/shard-000002.json").write_text('{"shard": 2, "rows": 64, "check')
     r = CliRunner().invoke(harvest_cli, ["verify", str(bad)])
@@ -162,7 +147,7 @@ def test_verify_names_shard_of_garbage_ledger_record(reference_cache, tmp_path):
     assert "shard-000002.json" in r.output and "corrupt" in r.output, r.output
 
 
-def test_verify_names_shard_of_ledger_record_with_wrong_checksum(reference_cache, tmp_path):  # noqa: F811
+def test_verify_names_shard_of_ledger_record_with_wrong_checksum(reference_cache, tmp_path):
     bad = copy_cache(reference_cache, tmp_path / "bad")
     rec_path = bad / "ledger/shard-000004.json"
     rec = json.loads(rec_path.read_text())
@@ -205,7 +190,7 @@ def _damage(root: Path, kind: str) -> int:
 
 @pytest.mark.parametrize("kind", ["flip a bit of an activation chunk", "garbage ledger record",
                                   "ledger record with a wrong checksum", "tokens chunk deleted"])
-def test_repair_then_rerun_restores_the_exact_cache(reference_cache, tmp_path, kind):  # noqa: F811
+def test_repair_then_rerun_restores_the_exact_cache(reference_cache, tmp_path, kind):
     original = data_files(reference_cache)
     root = copy_cache(reference_cache, tmp_path / "c")
     shard = _damage(root, kind)
@@ -236,7 +221,7 @@ def test_repair_of_short_corpus_restores_planned_length(tmp_path, tiny_llama_dir
     """A seal shrinks the arrays to the rows of a short corpus; the repair undoes that so the last
     (short) shard can be written again at its offset."""
     ref = tmp_path / "ref"
-    cfg = config(tiny_llama_dir, tiny_corpus["txt"], ref, tokens=10**5, shard_tokens=CTX * 64, batch_size=8)
+    cfg = harvest_config(tiny_llama_dir, tiny_corpus["txt"], ref, tokens=10**5, shard_tokens=HARVEST_CTX * 64, batch_size=8)
     run_harvest(cfg, progress=False)
     cache = Cache.open(ref)
     last = cache.shards[-1]
@@ -255,7 +240,7 @@ def test_repair_of_short_corpus_restores_planned_length(tmp_path, tiny_llama_dir
     assert Cache.open(root).verify() == []
 
 
-def test_repair_of_healthy_or_unfinished_cache_moves_nothing(reference_cache, tmp_path):  # noqa: F811
+def test_repair_of_healthy_or_unfinished_cache_moves_nothing(reference_cache, tmp_path):
     root = copy_cache(reference_cache, tmp_path / "c")
     before = data_files(root)
     report = repair_cache(root)
@@ -271,7 +256,7 @@ def test_repair_of_healthy_or_unfinished_cache_moves_nothing(reference_cache, tm
     assert "shards 3-4 will be re-harvested" in "\n".join(report.lines())
 
 
-def test_repair_is_refused_while_a_harvest_writes(reference_cache, tmp_path):  # noqa: F811
+def test_repair_is_refused_while_a_harvest_writes(reference_cache, tmp_path):
     root = copy_cache(reference_cache, tmp_path / "c")
     flip_bit(root / "positions/c/2")
     with writer_lock(root, 0):
@@ -282,7 +267,7 @@ def test_repair_is_refused_while_a_harvest_writes(reference_cache, tmp_path):  #
         repair_cache(tmp_path)
 
 
-def test_repair_without_provenance_still_quarantines(sparse_cache, tmp_path):  # noqa: F811
+def test_repair_without_provenance_still_quarantines(sparse_cache, tmp_path):
     """A cache whose provenance names no model/dataset (here a synthetic one) is repaired all the
     same; the report says to rerun the original command, as it cannot rebuild it."""
     root = copy_cache(sparse_cache, tmp_path / "c")

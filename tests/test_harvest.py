@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,58 +12,27 @@ import torch
 from click.testing import CliRunner
 
 from harvest.cli import main as harvest_cli
-from harvest.runner import HarvestConfig, run_harvest, writer_lock
+from harvest.runner import run_harvest, writer_lock
 from shared.cache import Cache, CacheError
-from shared.hook_sites import resolve_sites
 from shared.models import load_model
 from shared.tokens import load_documents, pack_contexts
+from tests.helpers import HARVEST_CTX, cache_bytes, harvest_cli_args, harvest_config
 
-CTX = 16
-
-
-def config(model_dir, corpus, out, **over):
-    base = dict(
-        model=str(model_dir), dataset=str(corpus), out=str(out), layers=[1], tokens=CTX * 20,
-        context_length=CTX, batch_size=3, dtype="float32", shard_tokens=CTX * 4,
-    )
-    base.update(over)
-    return HarvestConfig(**base)
-
-
-def cache_bytes(root: Path) -> dict[str, bytes]:
-    """Every data and ledger file of a cache (locks and metadata timestamps aside)."""
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.name.startswith(".") and p.name != "seal.json"
-    }
-
-
-def cli_args(model_dir, corpus, out, *extra):
-    return ["run", "--model", str(model_dir), "--dataset", str(corpus), "--out", str(out), "--layer", "1",
-            "--tokens", str(CTX * 20), "--context-length", str(CTX), "--batch-size", "3", "--dtype", "float32",
-            "--shard-tokens", str(CTX * 4), "--quiet", *extra]
-
-
-@pytest.fixture(scope="module")
-def reference_cache(tmp_path_factory, tiny_llama_dir, tiny_corpus):
-    out = tmp_path_factory.mktemp("ref") / "cache"
-    run_harvest(config(tiny_llama_dir, tiny_corpus["jsonl"], out), progress=False)
-    return out
+# reference_cache: tests/conftest.py
 
 
 def test_values_match_hidden_states_and_tokens(reference_cache, tiny_llama_dir, tiny_corpus):
     cache = Cache.open(reference_cache)
-    assert cache.n_rows == CTX * 20 and len(cache.shards) == 5
+    assert cache.n_rows == HARVEST_CTX * 20 and len(cache.shards) == 5
     site = "blocks.1.hook_resid_pre"
     acts = np.concatenate([cache.read_acts(site, k) for k in cache.shards])
     tokens = np.concatenate([cache.read_vector("tokens", k) for k in cache.shards])
     positions = np.concatenate([cache.read_vector("positions", k) for k in cache.shards])
     loaded = load_model(str(tiny_llama_dir))
     docs = load_documents(str(tiny_corpus["jsonl"]))
-    want_tokens = np.stack(list(pack_contexts(docs, loaded.tokenizer, CTX, "context")))[:20]
+    want_tokens = np.stack(list(pack_contexts(docs, loaded.tokenizer, HARVEST_CTX, "context")))[:20]
     np.testing.assert_array_equal(tokens, want_tokens.reshape(-1))
-    np.testing.assert_array_equal(positions, np.tile(np.arange(CTX), 20))
+    np.testing.assert_array_equal(positions, np.tile(np.arange(HARVEST_CTX), 20))
     with torch.no_grad():
         hs = loaded.model(torch.from_numpy(want_tokens).long(), output_hidden_states=True).hidden_states[1]
     np.testing.assert_allclose(acts, hs.reshape(-1, hs.shape[-1]).numpy(), rtol=1e-5, atol=1e-5)
@@ -74,7 +42,8 @@ def test_values_match_hidden_states_and_tokens(reference_cache, tiny_llama_dir, 
 
 def test_several_layers_one_pass_and_sites(tmp_path, tiny_gpt2_dir, tiny_corpus):
     out = tmp_path / "c"
-    run_harvest(config(tiny_gpt2_dir, tiny_corpus["txt"], out, layers=[0, 2], site="resid_post", tokens=CTX * 4), progress=False)
+    run_harvest(harvest_config(tiny_gpt2_dir, tiny_corpus["txt"], out, layers=[0, 2], site="resid_post",
+                               tokens=HARVEST_CTX * 4), progress=False)
     cache = Cache.open(out)
     assert cache.spec.site_names == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
     assert cache.spec.sites[1].hf_module == "transformer.h.2"
@@ -82,17 +51,17 @@ def test_several_layers_one_pass_and_sites(tmp_path, tiny_gpt2_dir, tiny_corpus)
 
 def test_rerun_is_byte_identical_and_noop_when_sealed(reference_cache, tmp_path, tiny_llama_dir, tiny_corpus):
     out = tmp_path / "again"
-    run_harvest(config(tiny_llama_dir, tiny_corpus["jsonl"], out), progress=False)
+    run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], out), progress=False)
     assert cache_bytes(out) == cache_bytes(reference_cache)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    run_harvest(config(tiny_llama_dir, tiny_corpus["jsonl"], out), progress=False)
+    run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], out), progress=False)
     assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p in before}
 
 
 @pytest.mark.parametrize("fault", ["shard_write@3", "shard_mid_write@2", "ledger_record@4", "seal"])
 def test_kill9_then_resume_is_byte_identical(reference_cache, tmp_path, tiny_llama_dir, tiny_corpus, fault):
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "harvest", *cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out)]
+    args = [sys.executable, "-m", "harvest", *harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out)]
     env = dict(os.environ, SAEFORGE_FAULT=fault)
     first = subprocess.run(args, env=env, capture_output=True, text=True)
     assert first.returncode == -signal.SIGKILL, first.stderr
@@ -106,7 +75,7 @@ def test_kill9_then_resume_is_byte_identical(reference_cache, tmp_path, tiny_lla
 
 def test_kill9_at_random_time_then_resume(reference_cache, tmp_path, tiny_llama_dir, tiny_corpus):
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "harvest", *cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out)]
+    args = [sys.executable, "-m", "harvest", *harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and not list((out / "ledger").glob("shard-000001.json")):
@@ -121,7 +90,7 @@ def test_kill9_at_random_time_then_resume(reference_cache, tmp_path, tiny_llama_
 def test_two_ranks_make_the_same_cache(reference_cache, tmp_path, tiny_llama_dir, tiny_corpus):
     out = tmp_path / "ranks"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "harvest", *cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out)]
+            "-m", "harvest", *harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -133,12 +102,12 @@ def test_identity_mismatch_names_field_and_touches_nothing(reference_cache, tiny
     runner = CliRunner()
     for extra, field in [(["--context-length", "8"], "context_length"), (["--dtype", "float16"], "dtype"),
                          (["--site", "resid_post"], "sites")]:
-        args = cli_args(tiny_llama_dir, tiny_corpus["jsonl"], reference_cache) + extra
+        args = harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], reference_cache) + extra
         r = runner.invoke(harvest_cli, args)
         assert r.exit_code == 2 and field in r.output, r.output
-    r = runner.invoke(harvest_cli, cli_args(tiny_gpt2_dir, tiny_corpus["jsonl"], reference_cache))
+    r = runner.invoke(harvest_cli, harvest_cli_args(tiny_gpt2_dir, tiny_corpus["jsonl"], reference_cache))
     assert r.exit_code == 2 and "model." in r.output
-    r = runner.invoke(harvest_cli, cli_args(tiny_llama_dir, tiny_corpus["txt"], reference_cache))
+    r = runner.invoke(harvest_cli, harvest_cli_args(tiny_llama_dir, tiny_corpus["txt"], reference_cache))
     assert r.exit_code == 2 and "dataset." in r.output
     assert cache_bytes(reference_cache) == before
 
@@ -150,11 +119,11 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_llama_dir, tiny_corpus):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("one two\n")
     cases = [
-        (cli_args(tiny_llama_dir, tiny_corpus["txt"], tmp_path / "a", "--layer", "40"), "out of range"),
-        (cli_args(tiny_llama_dir, tmp_path / "nope.jsonl", tmp_path / "b"), "nope.jsonl"),
-        (cli_args(tiny_llama_dir, empty, tmp_path / "c"), "empty.txt: corpus has 0 tokens"),
-        (cli_args(tiny_llama_dir, tiny, tmp_path / "d"), "fewer than one context"),
-        (cli_args(tmp_path / "no-model", tiny_corpus["txt"], tmp_path / "e"), "no-model"),
+        (harvest_cli_args(tiny_llama_dir, tiny_corpus["txt"], tmp_path / "a", "--layer", "40"), "out of range"),
+        (harvest_cli_args(tiny_llama_dir, tmp_path / "nope.jsonl", tmp_path / "b"), "nope.jsonl"),
+        (harvest_cli_args(tiny_llama_dir, empty, tmp_path / "c"), "empty.txt: corpus has 0 tokens"),
+        (harvest_cli_args(tiny_llama_dir, tiny, tmp_path / "d"), "fewer than one context"),
+        (harvest_cli_args(tmp_path / "no-model", tiny_corpus["txt"], tmp_path / "e"), "no-model"),
     ]
     for args, needle in cases:
         r = runner.invoke(harvest_cli, args)
@@ -162,7 +131,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_llama_dir, tiny_corpus):
         assert needle in r.output and "Traceback" not in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1, r.output
         assert not list(tmp_path.glob("*/ledger/*.json"))
-    r = runner.invoke(harvest_cli, cli_args(tiny_llama_dir, tiny_corpus["txt"], tmp_path / "f", "--site", "resid_mid"))
+    r = runner.invoke(harvest_cli, harvest_cli_args(tiny_llama_dir, tiny_corpus["txt"], tmp_path / "f",
+                                                    "--site", "resid_mid"))
     assert r.exit_code == 2 and "resid_mid" in r.output
 
 
@@ -177,30 +147,30 @@ def test_float16_overflow_is_reported_with_layer(tmp_path, tiny_llama_dir, tiny_
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(1e6)
     model.save_pretrained(big)
-    r = CliRunner().invoke(harvest_cli, cli_args(big, tiny_corpus["txt"], tmp_path / "c", "--dtype", "float16"))
+    r = CliRunner().invoke(harvest_cli, harvest_cli_args(big, tiny_corpus["txt"], tmp_path / "c", "--dtype", "float16"))
     assert r.exit_code == 2 and "float16 overflow" in r.output and "blocks.1.hook_resid_pre" in r.output
     assert not (tmp_path / "c" / "seal.json").exists()
     committed = Cache.open(tmp_path / "c", allow_unsealed=True)
     assert committed.verify() == [f"shard {k}: missing (no ledger record)" for k in range(committed.spec.n_shards) if k not in committed.ledger]
-    r = CliRunner().invoke(harvest_cli, cli_args(big, tiny_corpus["txt"], tmp_path / "d", "--dtype", "bfloat16"))
+    r = CliRunner().invoke(harvest_cli, harvest_cli_args(big, tiny_corpus["txt"], tmp_path / "d", "--dtype", "bfloat16"))
     assert r.exit_code == 0, r.output
 
 
 def test_disk_full_keeps_committed_shards_and_resumes(reference_cache, tmp_path, tiny_llama_dir, tiny_corpus, monkeypatch):
     out = tmp_path / "full"
     monkeypatch.setenv("SAEFORGE_FAULT", "shard_mid_write@3:enospc")
-    r = CliRunner().invoke(harvest_cli, cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out))
+    r = CliRunner().invoke(harvest_cli, harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out))
     assert r.exit_code == 2 and "disk full while writing shard 2" in r.output, r.output
     assert sorted(p.name for p in (out / "ledger").iterdir()) == ["shard-000000.json", "shard-000001.json"]
     monkeypatch.delenv("SAEFORGE_FAULT")
-    r = CliRunner().invoke(harvest_cli, cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out))
+    r = CliRunner().invoke(harvest_cli, harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out))
     assert r.exit_code == 0, r.output
     assert cache_bytes(out) == cache_bytes(reference_cache)
 
 
 def test_second_writer_is_refused(tmp_path, tiny_llama_dir, tiny_corpus):
     out = tmp_path / "c"
-    cfg = config(tiny_llama_dir, tiny_corpus["jsonl"], out, tokens=CTX * 4)
+    cfg = harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], out, tokens=HARVEST_CTX * 4)
     run_harvest(cfg, progress=False)  # creates the cache
     (out / "seal.json").unlink()
     with writer_lock(out, 0):
@@ -210,9 +180,9 @@ def test_second_writer_is_refused(tmp_path, tiny_llama_dir, tiny_corpus):
 
 def test_short_corpus_seals_what_exists(tmp_path, tiny_llama_dir, tiny_corpus):
     out = tmp_path / "c"
-    run_harvest(config(tiny_llama_dir, tiny_corpus["txt"], out, tokens=10**7), progress=False)
+    run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["txt"], out, tokens=10**7), progress=False)
     cache = Cache.open(out)
-    assert cache.sealed and 0 < cache.n_rows < 10**7 and cache.n_rows % CTX == 0
+    assert cache.sealed and 0 < cache.n_rows < 10**7 and cache.n_rows % HARVEST_CTX == 0
 
 
 def test_info_and_verify_cli(reference_cache, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from shared.hook_sites import SITE_KINDS, HookSiteError, capture, find_block_list, resolve_sites, splice
-from tests.conftest import ARCH_FIXTURES, N_LAYERS
+from tests.helpers import ARCH_FIXTURES, N_LAYERS
 
 ARCHS = list(ARCH_FIXTURES)
 FINAL_NORM = {"gpt2": "transformer.ln_f", "llama": "model.norm", "neox": "gpt_neox.final_layer_norm",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shared.cache import CacheError
-from tests.test_activation_store import SITE, SITE2, _damaged_copy, build_cache, rows_of, stream
+from tests.helpers import SITE, SITE2, build_cache, damaged_copy, rows_of, stream
 from train.activation_store import ActivationStore
 from train.mapped_files import PAGE, MappedFiles, mappable
 
@@ -144,7 +144,7 @@ def test_at_most_two_windows_mapped_and_none_after_close(paged_cache):
 
 @pytest.mark.parametrize("how,message", [("truncate", "truncated"), ("missing", "missing"), ("flip", "checksum")])
 def test_damaged_shard_named_when_its_window_is_mapped(paged_cache, tmp_path, how, message):
-    path = _damaged_copy(paged_cache, tmp_path / "c", 3, how)
+    path = damaged_copy(paged_cache, tmp_path / "c", 3, how)
     store = ActivationStore(path, batch_size=RPS, window_shards=1, seed=0, window_io="map")
     store.seek(int(store.order.epoch_layout(0)[0].tolist().index(3)) * RPS)
     for _ in range(2):  # and again: never zeros, never skipped

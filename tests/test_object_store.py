@@ -16,9 +16,10 @@ from click.testing import CliRunner
 from harvest.cli import main as harvest_cli
 from harvest.runner import run_harvest
 from shared import faults
-from shared.cache import Cache, CacheError, CacheSpec, SiteRecord
+from shared.cache import Cache, CacheError, CacheSpec
 from shared.remote import RemoteError, RemoteCacheWriter, RemoteStore, is_remote
-from tests.test_harvest import cache_bytes, cli_args, config
+from shared.synthetic import shard_arrays, synthetic_spec
+from tests.helpers import cache_bytes, harvest_cli_args, harvest_config
 from train.activation_store import ActivationStore
 
 SITE = "blocks.1.hook_resid_pre"
@@ -73,14 +74,14 @@ def ledger_keys(url: str) -> list[str]:
 @pytest.fixture(scope="module")
 def local_ref(tmp_path_factory, tiny_llama_dir, tiny_corpus):
     out = tmp_path_factory.mktemp("local") / "cache"
-    run_harvest(config(tiny_llama_dir, tiny_corpus["jsonl"], out), progress=False)
+    run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], out), progress=False)
     return out
 
 
 @pytest.fixture(scope="module")
 def remote_ref(s3, tiny_llama_dir, tiny_corpus):
     url = new_url(s3)
-    assert run_harvest(config(tiny_llama_dir, tiny_corpus["jsonl"], url), progress=False) == url
+    assert run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], url), progress=False) == url
     return url
 
 
@@ -126,7 +127,7 @@ def test_activation_store_over_url_serves_the_local_batches(remote_ref, local_re
 def test_kill9_then_resume_with_fresh_staging(s3, local_ref, tmp_path, tiny_llama_dir, tiny_corpus):
     """Killed after shard 2's chunk objects were put, before its record: a fresh machine redoes it."""
     url, fault = new_url(s3), "remote_record@3"
-    args = [sys.executable, "-m", "harvest", *cli_args(tiny_llama_dir, tiny_corpus["jsonl"], url)]
+    args = [sys.executable, "-m", "harvest", *harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], url)]
     first = subprocess.run([*args, "--staging", str(tmp_path / "a")], env=dict(os.environ, SAEFORGE_FAULT=fault),
                            capture_output=True, text=True)
     assert first.returncode == -signal.SIGKILL, first.stderr
@@ -142,7 +143,7 @@ def test_kill9_then_resume_with_fresh_staging(s3, local_ref, tmp_path, tiny_llam
 def test_interrupted_publish_and_seal_resume_from_the_same_staging(s3, local_ref, tmp_path, tiny_llama_dir,
                                                                    tiny_corpus, monkeypatch):
     url, staging = new_url(s3), tmp_path / "staging"
-    cfg = config(tiny_llama_dir, tiny_corpus["jsonl"], url, staging=str(staging))
+    cfg = harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], url, staging=str(staging))
     # shard 1 committed in staging, its record never put on the store
     monkeypatch.setattr(faults, "_hits", {})
     monkeypatch.setenv("SAEFORGE_FAULT", "remote_record@2:enospc")
@@ -166,8 +167,8 @@ def test_interrupted_publish_and_seal_resume_from_the_same_staging(s3, local_ref
 
 def test_spec_mismatch_on_url_names_the_field_and_writes_nothing(remote_ref, tiny_llama_dir, tiny_corpus, tmp_path):
     before = objects(remote_ref)
-    args = cli_args(tiny_llama_dir, tiny_corpus["jsonl"], remote_ref, "--context-length", "8",
-                    "--staging", str(tmp_path / "fresh"))
+    args = harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], remote_ref, "--context-length", "8",
+                            "--staging", str(tmp_path / "fresh"))
     r = CliRunner().invoke(harvest_cli, args)
     assert r.exit_code == 2 and "context_length" in r.output and remote_ref in r.output, r.output
     assert objects(remote_ref) == before
@@ -201,14 +202,15 @@ def test_corrupt_or_missing_remote_chunk_names_the_shard(remote_ref, s3, tmp_pat
 
 
 def small_spec() -> CacheSpec:
-    return CacheSpec(model={"id": "m"}, dataset={"id": "d"}, context_length=4, bos_policy={},
-                     sites=[SiteRecord(SITE, 1, "resid_pre", "model.layers.1")], d_model=8, dtype="float32",
-                     rows_per_shard=8, planned_rows=32)
+    return synthetic_spec(d_model=8, rows_per_shard=8, planned_rows=32, sites=[SITE], context_length=4,
+                          model={"id": "m"}, dataset={"id": "d"}, bos_policy={})
 
 
 def shard_data(k: int, salt: float = 0.0):
-    acts = {SITE: np.arange(64, dtype=np.float32).reshape(8, 8) + k + salt}
-    return acts, np.arange(8, dtype=np.int32) + k, np.arange(8, dtype=np.int32) % 4
+    """write_shard's arguments for shard k: acts 0..63 + k + salt, tokens k..k+7, positions 0..3, 0..3."""
+    return shard_arrays(small_spec(), k, lambda k, rows: np.arange(64, dtype=np.float32).reshape(8, 8) + k + salt,
+                        tokens=lambda k, rows: np.arange(8, dtype=np.int32) + k,
+                        positions=lambda k, rows: np.arange(8, dtype=np.int32) % 4)
 
 
 def test_racing_writers_never_make_two_records(s3, tmp_path):

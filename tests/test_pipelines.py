@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_training import sparse_cache  # noqa: F401 - fixture reuse
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -19,7 +17,7 @@ def _run(args, tmp_path):
     return r.stdout
 
 
-def test_compare_saelens_skips_cleanly_and_reports_ours(sparse_cache, tmp_path):  # noqa: F811
+def test_compare_saelens_skips_cleanly_and_reports_ours(sparse_cache, tmp_path):
     report = tmp_path / "report.json"
     out = _run(["pipelines/compare_saelens.py", str(sparse_cache), "--tokens", "2048", "--batch-size", "256",
                 "--expansion", "2", "--k", "4", "--archs", "topk,vanilla", "--saelens-python", str(tmp_path / "none"),

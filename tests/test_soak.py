@@ -37,14 +37,11 @@ from typing import Callable
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 from harvest.cli import main as harvest_cli
 from harvest.runner import run_harvest
 from shared.cache import Cache
-from tests.helpers import write_sweep_spec
-from tests.test_harvest import CTX, cli_args, config
-from tests.test_training import cfg_for, sparse_cache  # noqa: F401 - fixture reuse
+from tests.helpers import HARVEST_CTX, cfg_for, final_weights, harvest_cli_args, harvest_config, write_sweep_spec
 from train.checkpoints import list_checkpoints, read_checkpoint
 from train.sweep import run_sweep
 from train.training import train_sae
@@ -231,20 +228,21 @@ def _cache_files(root: Path) -> dict[str, bytes]:
             if p.is_file() and not p.name.startswith(".")}
 
 
-HARVEST_SHARDS = 20  # 100 contexts of CTX tokens, 5 per shard: room for kills between commits
+HARVEST_SHARDS = 20  # 100 contexts of HARVEST_CTX tokens, 5 per shard: room for kills between commits
 
 
 def test_harvest_survives_random_kills(tmp_path, tiny_llama_dir, tiny_corpus):
     ref = tmp_path / "ref"
-    sizes = dict(tokens=CTX * 5 * HARVEST_SHARDS, shard_tokens=CTX * 5)
+    sizes = dict(tokens=HARVEST_CTX * 5 * HARVEST_SHARDS, shard_tokens=HARVEST_CTX * 5)
     t0 = time.monotonic()
-    run_harvest(config(tiny_llama_dir, tiny_corpus["jsonl"], ref, **sizes), progress=False)
+    run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], ref, **sizes), progress=False)
     unit = (time.monotonic() - t0) / HARVEST_SHARDS
     reference = _cache_files(ref)
 
     def make_job(out: Path) -> Job:
-        cmd = ["-m", "harvest", *cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out, "--tokens", str(sizes["tokens"]),
-                                          "--shard-tokens", str(sizes["shard_tokens"]))]
+        cmd = ["-m", "harvest", *harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out,
+                                                  "--tokens", str(sizes["tokens"]),
+                                                  "--shard-tokens", str(sizes["shard_tokens"]))]
 
         def after_kill():
             if not (out / "zarr.json").exists():
@@ -272,10 +270,6 @@ def test_harvest_survives_random_kills(tmp_path, tiny_llama_dir, tiny_corpus):
 # --------------------------------------------------------------------------- training
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(list_checkpoints(run_dir)[-1] / "sae.safetensors"))
-
-
 def _assert_same(a: dict, b: dict, context: str) -> None:
     assert a.keys() == b.keys(), context
     for k in a:
@@ -295,7 +289,7 @@ STEPS = 200  # steps of 256 tokens, logged every 5 (40 progress steps), a checkp
 TRAIN = dict(arch="batchtopk", tokens=256 * STEPS, checkpoint_every=256 * 25)
 
 
-def test_training_survives_random_kills(sparse_cache, tmp_path):  # noqa: F811
+def test_training_survives_random_kills(sparse_cache, tmp_path):
     t0 = time.monotonic()
     _, ref = train_sae(None, cfg_for(sparse_cache, tmp_path / "ref", **TRAIN), progress=False)
     unit = (time.monotonic() - t0) / (STEPS // 5)
@@ -324,7 +318,7 @@ def test_training_survives_random_kills(sparse_cache, tmp_path):  # noqa: F811
 
         def check_result():
             (done,) = [d for d in run_dirs() if (d / "done.json").exists()]
-            _assert_same(_weights(done), _weights(ref), soak.context())
+            _assert_same(final_weights(done), final_weights(ref), soak.context())
             assert _steps(done) == _steps(ref), soak.context()
 
         return Job(started=wrote_under(out), units=STEPS // 5,
@@ -344,7 +338,7 @@ def sweep_spec(path: Path, store: Path, out: Path) -> Path:
                             tokens=256 * STEPS, checkpoint_every=256 * 25)
 
 
-def test_sweep_survives_random_kills(sparse_cache, tmp_path):  # noqa: F811
+def test_sweep_survives_random_kills(sparse_cache, tmp_path):
     t0 = time.monotonic()
     ref = run_sweep(sweep_spec(tmp_path / "ref.toml", sparse_cache, tmp_path / "ref"), progress=False)
     unit = (time.monotonic() - t0) / (STEPS // 5)
@@ -381,7 +375,7 @@ def test_sweep_survives_random_kills(sparse_cache, tmp_path):  # noqa: F811
             (done,) = sweeps()
             for a, b in zip(members(ref), members(done), strict=True):
                 assert a.name == b.name, soak.context()
-                _assert_same(_weights(b), _weights(a), soak.context() + f" ({b.name})")
+                _assert_same(final_weights(b), final_weights(a), soak.context() + f" ({b.name})")
                 assert _steps(b) == _steps(a), soak.context() + f" ({b.name})"
 
         return Job(started=wrote_under(out), units=STEPS // 5, progress=progress, next_command=next_command,

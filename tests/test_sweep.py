@@ -9,11 +9,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.helpers import write_sweep_spec
-from tests.test_training import cfg_for, sparse_cache  # noqa: F401 - fixture reuse
-from train.checkpoints import list_checkpoints
+from tests.helpers import cfg_for, final_weights, write_sweep_spec
 from train.config import ConfigError
 from train.sweep import expand_spec, load_spec, run_sweep
 from train.training import train_sae
@@ -21,10 +18,6 @@ from train.training import train_sae
 
 def write_spec(path, store, out, grid='arch = ["topk", "batchtopk"]\nk = [2, 4]'):
     return write_sweep_spec(path, store, out, grid)
-
-
-def weights(run_dir):
-    return load_file(str(list_checkpoints(run_dir)[-1] / "sae.safetensors"))
 
 
 def test_spec_errors(tmp_path):
@@ -43,13 +36,13 @@ def test_spec_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference_sweep(sparse_cache, tmp_path_factory):  # noqa: F811
+def reference_sweep(sparse_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     spec = write_spec(out / "spec.toml", sparse_cache, out / "runs")
     return run_sweep(spec, progress=False)
 
 
-def test_sweep_trains_each_sae_like_a_separate_run(reference_sweep, sparse_cache, tmp_path):  # noqa: F811
+def test_sweep_trains_each_sae_like_a_separate_run(reference_sweep, sparse_cache, tmp_path):
     record = json.loads((reference_sweep / "sweep.json").read_text())
     assert [(r["config"]["arch"], r["config"]["k"]) for r in record["runs"]] == [
         ("topk", 2), ("topk", 4), ("batchtopk", 2), ("batchtopk", 4)]
@@ -61,12 +54,12 @@ def test_sweep_trains_each_sae_like_a_separate_run(reference_sweep, sparse_cache
     # the batchtopk k=4 member equals a separate run with the same config, bit for bit
     member = record["runs"][3]
     _, alone = train_sae(None, cfg_for(sparse_cache, tmp_path, arch="batchtopk", k=4), progress=False)
-    a, b = weights(reference_sweep / member["run_dir"]), weights(alone)
+    a, b = final_weights(reference_sweep / member["run_dir"]), final_weights(alone)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("fault", ["checkpoint_mid_write@6", "after_optimizer_step@23"])
-def test_sweep_resumes_exactly_after_kill9(reference_sweep, sparse_cache, tmp_path, fault):  # noqa: F811
+def test_sweep_resumes_exactly_after_kill9(reference_sweep, sparse_cache, tmp_path, fault):
     spec = write_spec(tmp_path / "spec.toml", sparse_cache, tmp_path / "runs")
     env = dict(os.environ, SAEFORGE_FAULT=fault)
     first = subprocess.run([sys.executable, "-m", "train", "sweep", str(spec), "--quiet"], env=env,
@@ -80,7 +73,7 @@ def test_sweep_resumes_exactly_after_kill9(reference_sweep, sparse_cache, tmp_pa
     ref = json.loads((reference_sweep / "sweep.json").read_text())["runs"]
     got = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
     for a_rec, b_rec in zip(ref, got):
-        a, b = weights(reference_sweep / a_rec["run_dir"]), weights(sweep_dir / b_rec["run_dir"])
+        a, b = final_weights(reference_sweep / a_rec["run_dir"]), final_weights(sweep_dir / b_rec["run_dir"])
         assert all(torch.equal(a[k], b[k]) for k in a), b_rec["run_dir"]
 
 

@@ -13,10 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
-from tests.helpers import write_sweep_spec
-from tests.test_training import sparse_cache  # noqa: F401 - fixture reuse
+from tests.helpers import final_weights, write_sweep_spec
 from train.checkpoints import list_checkpoints
 from train.config import ConfigError
 from train.sweep import load_spec, resume_sweep, run_sweep
@@ -28,10 +26,6 @@ LAST_TWO = [f"step-{STEPS - EVERY:09d}", f"step-{STEPS:09d}"]  # what keep_check
 def write_spec(path, store, out, top=""):
     return write_sweep_spec(path, store, out, 'arch = ["topk", "batchtopk", "jumprelu"]', name="ranks", top=top,
                             tokens=256 * STEPS, checkpoint_every=256 * EVERY, k=4)
-
-
-def final_weights(run_dir):
-    return load_file(str(list_checkpoints(run_dir)[-1] / "sae.safetensors"))
 
 
 def runs_of(sweep_dir):
@@ -85,12 +79,12 @@ def _gloo_env(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def one_process_sweep(sparse_cache, tmp_path_factory):  # noqa: F811
+def one_process_sweep(sparse_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
     return run_sweep(write_spec(out / "spec.toml", sparse_cache, out / "runs"), progress=False)
 
 
-def test_distribute_key_and_errors(sparse_cache, tmp_path, monkeypatch):  # noqa: F811
+def test_distribute_key_and_errors(sparse_cache, tmp_path, monkeypatch):
     spec = write_spec(tmp_path / "spec.toml", sparse_cache, tmp_path / "runs", top='distribute = "sae"')
     assert load_spec(spec)["distribute"] == "sae"
     bad = write_spec(tmp_path / "bad.toml", sparse_cache, tmp_path / "runs", top='distribute = "data"')
@@ -106,7 +100,7 @@ def test_distribute_key_and_errors(sparse_cache, tmp_path, monkeypatch):  # noqa
     assert not (tmp_path / "runs").exists()
 
 
-def test_two_ranks_match_one_process(one_process_sweep, sparse_cache, tmp_path):  # noqa: F811
+def test_two_ranks_match_one_process(one_process_sweep, sparse_cache, tmp_path):
     spec = write_spec(tmp_path / "spec.toml", sparse_cache, one_process_sweep.parent)
     # same configs, same out: the sweep name is the same, and the folder gets a -2 suffix
     spawn("run_sweep", spec)
@@ -117,7 +111,7 @@ def test_two_ranks_match_one_process(one_process_sweep, sparse_cache, tmp_path):
         assert [p.name for p in list_checkpoints(run_dir)] == LAST_TWO
 
 
-def test_killed_on_two_ranks_resumes_on_one(one_process_sweep, sparse_cache, tmp_path):  # noqa: F811
+def test_killed_on_two_ranks_resumes_on_one(one_process_sweep, sparse_cache, tmp_path):
     spec = write_spec(tmp_path / "spec.toml", sparse_cache, tmp_path / "runs")
     env = dict(os.environ, SAEFORGE_FAULT="after_optimizer_step@10")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

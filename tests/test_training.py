@@ -8,48 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from shared.cache import CacheSpec, CacheWriter, SiteRecord
+from tests.helpers import SITE, SPARSE_D, cfg_for, final_weights, train_cli_run
 from train.checkpoints import create_run_dir, latest_checkpoint, list_checkpoints, read_checkpoint
 from train.cli import main as train_cli
 from train.config import ConfigError, get_default_cfg, load_toml, parse_set, post_init_cfg, update_cfg
 from train.training import Trainer, TrainingError, resume_training, train_sae
 
-D, M_TRUE, CTX, ROWS_PER_SHARD, SHARDS = 16, 48, 8, 512, 6
-SITE = "blocks.0.hook_resid_pre"
-
-
-@pytest.fixture(scope="module")
-def sparse_cache(tmp_path_factory):
-    """A cache of x = sparse codes @ a random dictionary (+ small noise): SAEs can learn it."""
-    root = tmp_path_factory.mktemp("sparse") / "cache"
-    spec = CacheSpec(model={"id": "synthetic"}, dataset={"kind": "synthetic"}, context_length=CTX,
-                     bos_policy={"policy": "none"}, sites=[SiteRecord(SITE, 0, "resid_pre", "model.layers.0")],
-                     d_model=D, dtype="float32", rows_per_shard=ROWS_PER_SHARD, planned_rows=ROWS_PER_SHARD * SHARDS)
-    rng = np.random.default_rng(0)
-    dictionary = rng.normal(size=(M_TRUE, D)).astype(np.float32)
-    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
-    w = CacheWriter.create_or_open(root, spec)
-    for k in range(SHARDS):
-        codes = rng.exponential(size=(ROWS_PER_SHARD, M_TRUE)) * (rng.random((ROWS_PER_SHARD, M_TRUE)) < 4 / M_TRUE)
-        x = (codes @ dictionary + 0.01 * rng.normal(size=(ROWS_PER_SHARD, D))).astype(np.float32)
-        pos = np.tile(np.arange(CTX, dtype=np.int32), ROWS_PER_SHARD // CTX)
-        w.write_shard(k, {SITE: x}, np.zeros(ROWS_PER_SHARD, np.int32), pos)
-    w.seal()
-    return root
-
-
-def cfg_for(store, out, **over):
-    base = dict(store=str(store), out=str(out), batch_size=256, tokens=256 * 40, expansion=4, k=4,
-                checkpoint_every=256 * 10, log_every=5, density_every=10, wandb_mode="disabled",
-                lr=3e-3, dead_tokens_threshold=2048, threshold_batches=4, b_dec_init="mean")
-    base.update(over)
-    return update_cfg(get_default_cfg(), **base)
+# sparse_cache, reference_run: tests/conftest.py
 
 
 # --------------------------------------------------------------------------- config
@@ -131,39 +101,16 @@ def test_per_feature_threshold(sparse_cache, tmp_path):
 # --------------------------------------------------------------------------- resume
 
 
-def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(list_checkpoints(run_dir)[-1] / "sae.safetensors"))
-
-
 def _assert_same(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(scope="module")
-def reference_run(sparse_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    _, run_dir = train_sae(None, cfg_for(sparse_cache, out, arch="batchtopk"), progress=False)
-    return run_dir
-
-
-def _cli_run(sparse_cache, out, fault=None, arch="batchtopk", extra=()):
-    args = [sys.executable, "-m", "train", "run", "--store", str(sparse_cache), "--out", str(out), "--quiet",
-            "--arch", arch, "--k", "4", "--expansion", "4", "--batch-size", "256", "--tokens", str(256 * 40),
-            "--checkpoint-every", str(256 * 10), "--lr", "3e-3", "--wandb-mode", "disabled",
-            "--set", "log_every=5", "--set", "density_every=10", "--set", "dead_tokens_threshold=2048",
-            "--set", "threshold_batches=4", "--set", "b_dec_init=mean", *extra]
-    env = dict(os.environ)
-    if fault:
-        env["SAEFORGE_FAULT"] = fault
-    return subprocess.run(args, env=env, capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("fault", ["after_optimizer_step@17", "checkpoint_mid_write@2", "after_optimizer_step@40",
                                    "checkpoint_retire@1"])
 def test_kill9_and_resume_is_bit_identical(sparse_cache, reference_run, tmp_path, fault):
-    first = _cli_run(sparse_cache, tmp_path, fault)
+    first = train_cli_run(sparse_cache, tmp_path, fault)
     assert first.returncode == -signal.SIGKILL, first.stderr
     run_dir = next(tmp_path.iterdir())
     assert not (run_dir / "done.json").exists()
@@ -172,7 +119,7 @@ def test_kill9_and_resume_is_bit_identical(sparse_cache, reference_run, tmp_path
     r = subprocess.run([sys.executable, "-m", "train", "resume", str(run_dir), "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == str(run_dir)
-    _assert_same(_final_weights(run_dir), _final_weights(reference_run))
+    _assert_same(final_weights(run_dir), final_weights(reference_run))
     assert not list((run_dir / "checkpoints").glob(".*"))  # no temporaries or half-deleted folders left
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(line)["step"] for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
@@ -180,15 +127,15 @@ def test_kill9_and_resume_is_bit_identical(sparse_cache, reference_run, tmp_path
 
 
 def test_uninterrupted_cli_run_prints_run_dir(sparse_cache, reference_run, tmp_path):
-    r = _cli_run(sparse_cache, tmp_path)
+    r = train_cli_run(sparse_cache, tmp_path)
     assert r.returncode == 0, r.stderr
     run_dir = Path(r.stdout.strip().splitlines()[-1])
     assert run_dir.parent == tmp_path and (run_dir / "done.json").exists()
-    _assert_same(_final_weights(run_dir), _final_weights(reference_run))
+    _assert_same(final_weights(run_dir), final_weights(reference_run))
 
 
 def test_damaged_newest_checkpoint_falls_back(sparse_cache, reference_run, tmp_path):
-    first = _cli_run(sparse_cache, tmp_path, "after_optimizer_step@25")
+    first = train_cli_run(sparse_cache, tmp_path, "after_optimizer_step@25")
     assert first.returncode == -signal.SIGKILL
     run_dir = next(tmp_path.iterdir())
     newest = list_checkpoints(run_dir)[-1]
@@ -198,7 +145,7 @@ def test_damaged_newest_checkpoint_falls_back(sparse_cache, reference_run, tmp_p
     assert ckpt == list_checkpoints(run_dir)[-2]
     with pytest.warns(UserWarning):
         resume_training(None, None, run_dir, progress=False)
-    _assert_same(_final_weights(run_dir), _final_weights(reference_run))
+    _assert_same(final_weights(run_dir), final_weights(reference_run))
 
 
 # --------------------------------------------------------------------------- step mechanics
@@ -209,7 +156,8 @@ def test_gradient_accumulation_matches_one_large_batch(sparse_cache, tmp_path):
 
     results = []
     for micro in (None, 64):
-        cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, arch="topk", micro_batch_size=micro, aux_coeff=0.0), D, SITE)
+        cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, arch="topk", micro_batch_size=micro, aux_coeff=0.0),
+                            SPARSE_D, SITE)
         store = open_store(cfg, torch.device("cpu"))
         sae = build_from_cfg(cfg, torch.device("cpu"))
         trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), tmp_path, progress=False)
@@ -237,7 +185,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(sparse_cache, tmp_path, monkey
     with pytest.raises(TrainingError, match="NaN or inf.*last good checkpoint: .*step-000000020"):
         train_sae(None, cfg_for(sparse_cache, tmp_path, arch="topk"), progress=False)
     run_dir = next(tmp_path.iterdir())
-    good = _final_weights(run_dir)
+    good = final_weights(run_dir)
     assert all(torch.isfinite(v.float()).all() for v in good.values())
 
 
@@ -276,7 +224,7 @@ def test_eval_during_training_is_logged_and_changes_nothing(sparse_cache, refere
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert all(r["eval/explained_variance"] <= 1 and r["eval/rows"] > 0 for r in evals), evals
     assert evals[-1]["eval/explained_variance"] > evals[0]["eval/explained_variance"]
-    _assert_same(_final_weights(run_dir), _final_weights(reference_run))
+    _assert_same(final_weights(run_dir), final_weights(reference_run))
 
 
 # --------------------------------------------------------------------------- mixed precision, compile
@@ -312,7 +260,7 @@ def test_compile_matches_eager(sparse_cache, tmp_path):
         cfg = cfg_for(sparse_cache, tmp_path / str(flag), arch="vanilla", l1_coeff=0.5, tokens=256 * 6,
                       checkpoint_every=256 * 6, compile=flag)
         _, run_dir = train_sae(None, cfg, progress=False)
-        weights[flag] = _final_weights(run_dir)
+        weights[flag] = final_weights(run_dir)
     for k in weights[False]:
         torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-4, atol=1e-5)
 
@@ -328,7 +276,7 @@ def test_dense_kernels_train_the_same_sae(sparse_cache, tmp_path, arch):
                       sparse_kernels=flag)
         sae, run_dir = train_sae(None, cfg, progress=False)
         assert sae.fast is flag
-        weights[flag] = _final_weights(run_dir)
+        weights[flag] = final_weights(run_dir)
     for k in weights[True]:
         torch.testing.assert_close(weights[False][k], weights[True][k], rtol=1e-4, atol=1e-5)
     base = cfg_for(sparse_cache, tmp_path)
@@ -354,7 +302,7 @@ def test_deterministic_kernels_are_switched_on_for_cuda_only(monkeypatch):
 def test_store_threads_reach_the_store_and_leave_the_run_identity(sparse_cache, tmp_path):
     from train.config import config_hash
     from train.training import open_store
-    cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, store_threads=2), D, SITE)
+    cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, store_threads=2), SPARSE_D, SITE)
     with open_store(cfg, torch.device("cpu")) as store:
         assert store._threads == 2
     assert config_hash(cfg) == config_hash(update_cfg(cfg, store_threads=1))
@@ -365,7 +313,7 @@ def test_store_threads_reach_the_store_and_leave_the_run_identity(sparse_cache, 
 def test_store_io_reaches_the_store_and_leaves_the_run_identity(sparse_cache, tmp_path):
     from train.config import config_hash
     from train.training import open_store
-    cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, store_io="copy"), D, SITE)
+    cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, store_io="copy"), SPARSE_D, SITE)
     with open_store(cfg, torch.device("cpu")) as store:
         assert store.window_io == "copy"
     assert config_hash(cfg) == config_hash(update_cfg(cfg, store_io="auto"))
