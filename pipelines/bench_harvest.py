@@ -64,7 +64,8 @@ import torch  # noqa: E402
 import harvest.runner as runner  # noqa: E402
 from harvest.runner import HarvestConfig, autocast_dtype, default_batch_size, run_harvest  # noqa: E402
 from pipelines.offline_assets import kjv_jsonl, smollm2_hf_folder  # noqa: E402
-from shared.cache import Cache, CacheSpec, CacheWriter, SiteRecord, fsync_path, numpy_storage_dtype, shard_statistics  # noqa: E402
+from shared.cache import Cache, CacheWriter, fsync_path, numpy_storage_dtype, shard_statistics  # noqa: E402
+from shared.synthetic import synthetic_spec  # noqa: E402
 from shared.hook_sites import capture, resolve_sites  # noqa: E402
 from shared.models import load_model  # noqa: E402
 from shared.tokens import load_documents, pack_contexts  # noqa: E402
@@ -219,11 +220,8 @@ def write_round(work: Path, acts: list[np.ndarray], n_shards: int, tokens, posit
     shards) so that both see the same disk and machine load: write_shard into a fresh cache, and
     one plain file per shard holding the same bytes (open, write, fsync, close)."""
     rows, d = acts[0].shape
-    spec = CacheSpec(
-        model={"id": "synthetic"}, dataset={"id": "synthetic"}, context_length=128,
-        bos_policy={"policy": "context"}, sites=[SiteRecord(SITE, 8, "resid_pre", "model.layers.8")],
-        d_model=d, dtype="float16", rows_per_shard=rows, planned_rows=n_shards * rows,
-    )
+    spec = synthetic_spec(d_model=d, rows_per_shard=rows, planned_rows=n_shards * rows, sites=[SITE], dtype="float16",
+                          context_length=128, bos_policy={"policy": "context"})
     root, raw = work / "cache", work / "raw"
     out = {"cache": 0.0, "raw": 0.0, "raw_bytes": 0, "cache_cpu": 0.0, "raw_cpu": 0.0}
     try:

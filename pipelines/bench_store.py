@@ -42,26 +42,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shared.cache import Cache, CacheSpec, CacheWriter, SiteRecord, numpy_storage_dtype  # noqa: E402
+from shared.cache import Cache, numpy_storage_dtype  # noqa: E402
+from shared.synthetic import build_synthetic_cache, standard_normal, synthetic_spec  # noqa: E402
 
 SITE = "blocks.8.hook_resid_pre"
 
 
 def build_cache(path: Path, shards: int, rows: int, d: int, dtype: str) -> None:
-    """shards x rows x d synthetic N(0, 1) activations in storage dtype, sealed."""
-    spec = CacheSpec(
-        model={"id": "synthetic"}, dataset={"id": "synthetic"}, context_length=128,
-        bos_policy={"policy": "context"}, sites=[SiteRecord(SITE, 8, "resid_pre", "model.layers.8")],
-        d_model=d, dtype=dtype, rows_per_shard=rows, planned_rows=shards * rows,
-    )
-    w = CacheWriter.create_or_open(path, spec)
-    rng = np.random.default_rng(0)
-    storage = numpy_storage_dtype(dtype)
-    for k in range(shards):
-        x = rng.standard_normal((rows, d), dtype=np.float32).astype(storage)
-        g = np.arange(k * rows, (k + 1) * rows, dtype=np.int32)
-        w.write_shard(k, {SITE: x}, g, g % 128)
-    w.seal()
+    """shards x rows x d synthetic N(0, 1) activations in storage dtype, sealed (shared.synthetic)."""
+    spec = synthetic_spec(d_model=d, rows_per_shard=rows, planned_rows=shards * rows, sites=[SITE], dtype=dtype,
+                          context_length=128, bos_policy={"policy": "context"})
+    build_synthetic_cache(path, spec, standard_normal(d, dtype, seed=0))
 
 
 def warm_page_cache(path: Path) -> None:

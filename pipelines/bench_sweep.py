@@ -15,9 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from shared.cache import CacheSpec, CacheWriter, SiteRecord
+from shared.synthetic import build_synthetic_cache, lognormal_norms, synthetic_spec, zero_tokens
 from train.config import get_default_cfg, update_cfg
 from train.sweep import run_sweep
 from train.training import train_sae
@@ -26,22 +24,10 @@ SITE = "blocks.0.hook_resid_pre"
 
 
 def synthetic_cache(root: Path, d: int, rows_per_shard: int, shards: int, seed: int = 0) -> Path:
-    """float16 activations with heavy-tailed norms around a shared mean."""
-    rng = np.random.default_rng(seed)
-    spec = CacheSpec(model={"id": "synthetic"}, dataset={"kind": "synthetic"}, context_length=128,
-                     bos_policy={"policy": "none"}, sites=[SiteRecord(SITE, 0, "resid_pre", "layers.0")],
-                     d_model=d, dtype="float16", rows_per_shard=rows_per_shard, planned_rows=rows_per_shard * shards)
-    writer = CacheWriter.create_or_open(root, spec)
-    mean = rng.normal(size=d) * 2
-    for k in range(shards):
-        directions = rng.normal(size=(rows_per_shard, d))
-        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-        norms = rng.lognormal(mean=np.log(np.sqrt(d)), sigma=0.5, size=(rows_per_shard, 1))
-        x = (directions * norms + mean).astype(np.float16)
-        pos = np.tile(np.arange(128, dtype=np.int32), rows_per_shard // 128)
-        writer.write_shard(k, {SITE: x}, np.zeros(rows_per_shard, np.int32), pos)
-    writer.seal()
-    return root
+    """float16 activations with heavy-tailed norms around a shared mean (shared.synthetic.lognormal_norms)."""
+    spec = synthetic_spec(d_model=d, rows_per_shard=rows_per_shard, planned_rows=rows_per_shard * shards,
+                          sites=[SITE], dtype="float16", context_length=128, dataset={"kind": "synthetic"})
+    return build_synthetic_cache(root, spec, lognormal_norms(d, seed), tokens=zero_tokens)
 
 
 def grid_for(n: int) -> dict[str, list]:

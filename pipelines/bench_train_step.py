@@ -31,8 +31,8 @@ topk / batchtopk):
    steps - memory_allocated before the SAE was built + one batch. The CPU figure includes what the
    allocator and MKL keep resident (freed heap blocks, GEMM packing buffers), so it is an upper
    bound on tensor memory; SAELens' ratio (same method, same denominator) is shown beside it.
-4. data wait: a realistic run, our ActivationStore (prefetch threads, float16 cache written with
-   shared.cache.CacheWriter, normalisation on) feeding Trainer.train_step + after_step; the
+4. data wait: a realistic run, our ActivationStore (prefetch threads, float16 cache built with
+   shared.synthetic, normalisation on) feeding Trainer.train_step + after_step; the
    fraction of the wall time spent inside store.next_batch(). Target < 5%.
 
 Activations (`make_activations`): anisotropic Gaussian directions (random rotation, power-law
@@ -214,23 +214,21 @@ def worker_datawait(spec: dict) -> dict:
     """A realistic run: ActivationStore over a float16 cache feeding Trainer.train_step."""
     import torch
 
-    from shared.cache import CacheSpec, CacheWriter, SiteRecord
+    from shared.synthetic import build_synthetic_cache, synthetic_spec
     from train.activation_store import ActivationStore
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     d, B, rows = spec["d_in"], spec["batch_size"], spec["rows_per_shard"]
     path = Path(spec["tmp"]) / "cache"
-    cspec = CacheSpec(model={"id": "synthetic"}, dataset={"id": "synthetic"}, context_length=128,
-                      bos_policy={"policy": "none"}, sites=[SiteRecord(SITE, 8, "resid_pre", "model.layers.8")],
-                      d_model=d, dtype="float16", rows_per_shard=rows, planned_rows=spec["shards"] * rows)
-    t0 = time.perf_counter()
-    w = CacheWriter.create_or_open(path, cspec)
-    for s in range(spec["shards"]):
-        x = make_activations(rows, d, seed=100 + s) * np.float32(3.0)  # un-normalised scale; the store rescales
-        g = np.arange(s * rows, (s + 1) * rows, dtype=np.int32)
-        w.write_shard(s, {SITE: x.astype(np.float16)}, g // 128, g % 128)
-    w.seal()
+    cspec = synthetic_spec(d_model=d, rows_per_shard=rows, planned_rows=spec["shards"] * rows, sites=[SITE],
+                           dtype="float16", context_length=128)
+
+    def acts(s: int, g: np.ndarray) -> np.ndarray:  # un-normalised scale; the store rescales
+        return (make_activations(len(g), d, seed=100 + s) * np.float32(3.0)).astype(np.float16)
+
+    t0 = time.perf_counter()  # tokens: the context index, positions: the position in it
+    build_synthetic_cache(path, cspec, acts, tokens=lambda s, g: (g // 128).astype(np.int32))
     build_s = time.perf_counter() - t0
 
     store = ActivationStore(path, batch_size=B, window_shards=spec["window_shards"], seed=0, normalize=True,
