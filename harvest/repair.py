@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from harvest.runner import writer_lock
-from shared.cache import CacheError, CacheSpec, Layout, file_problem, read_group_spec, set_array_rows
+from shared.cache import CacheError, CacheSpec, Layout, read_group_spec, set_array_rows
+from shared.durable import file_problem
 
 QUARANTINE = "quarantine"
 

@@ -37,6 +37,7 @@ import xxhash
 import zarr
 import zarr.codecs
 
+from shared.durable import file_checksum, file_problem, fsync_path, write_atomic
 from shared.faults import fault_point
 
 FORMAT_VERSION = 1
@@ -204,47 +205,6 @@ def storage_numpy(x: "Any") -> np.ndarray:
 # --------------------------------------------------------------------------- file helpers
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder: so that its entries, e.g. a rename, are durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, exclusive: bool = False) -> None:
-    """Write bytes to `path` via temp file + fsync + rename (+ dir fsync).
-
-    exclusive=True makes the record write-once: if `path` exists, FileExistsError.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if exclusive:
-        try:
-            os.link(tmp, path)  # atomic create-if-absent
-        finally:
-            os.unlink(tmp)
-    else:
-        os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def file_checksum(path: Path) -> str:
-    """xxh3-128 hex digest of a file's bytes."""
-    h = xxhash.xxh3_128()
-    buf = bytearray(1 << 22)  # reused: a fresh bytes object per read costs page faults, not just the copy
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def _chunk_checksum(path: Path, chunk: np.ndarray, size: int, compression: str) -> str:
     """Checksum of a chunk file just written from `chunk`. Uncompressed, the file is the array's
     little-endian bytes, so they are hashed from memory (no re-read); otherwise, or if the size
@@ -252,17 +212,6 @@ def _chunk_checksum(path: Path, chunk: np.ndarray, size: int, compression: str) 
     if compression == "none" and np.little_endian and chunk.flags.c_contiguous and size == chunk.nbytes:
         return xxhash.xxh3_128_hexdigest(memoryview(chunk).cast("B"))
     return file_checksum(path)
-
-
-def file_problem(path: Path, size: int, checksum: str) -> str | None:
-    """What is wrong with a committed file against its ledger entry ("is missing", "is N bytes,
-    ledger says M", "fails its checksum"), or None when it matches."""
-    if not path.exists():
-        return "is missing"
-    actual = path.stat().st_size
-    if actual != size:
-        return f"is {actual} bytes, ledger says {size}"
-    return "fails its checksum" if file_checksum(path) != checksum else None
 
 
 # --------------------------------------------------------------------------- statistics

@@ -53,13 +53,11 @@ from shared.cache import (
     CacheSpec,
     CacheWriter,
     Layout,
-    fsync_path,
     check_same_spec,
-    file_checksum,
     parse_group_meta,
     read_ledger,
-    write_atomic,
 )
+from shared.durable import file_checksum, fsync_path, write_atomic
 from shared.faults import fault_point
 
 ENV_STORAGE_OPTIONS = "SAEFORGE_STORAGE_OPTIONS"

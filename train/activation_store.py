@@ -86,7 +86,8 @@ import numpy as np
 import torch
 import xxhash
 
-from shared.cache import Cache, CacheError, Layout, file_checksum
+from shared.cache import Cache, CacheError, Layout
+from shared.durable import file_checksum
 from train.mapped_files import MADV_POPULATE_READ, MappedFiles, mappable
 from train.permutation import ORDER_VERSION, derive_key, permute, permutation
 

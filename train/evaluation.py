@@ -55,7 +55,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shared.cache import Cache, write_atomic
+from shared.cache import Cache
+from shared.durable import write_atomic
 from shared.remote import is_remote
 from train.activation_store import ActivationStore, cache_identity
 from train.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
