@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from harvest.runner import writer_lock
-from shared.cache import CacheError, CacheSpec, Layout, read_group_spec, set_array_rows
+from shared.cache import CacheError, CacheSpec, Layout
+from shared.cache_layout import set_array_rows
+from shared.cache_spec import read_group_spec
 from shared.durable import file_problem
 
 QUARANTINE = "quarantine"

@@ -64,7 +64,9 @@ import torch  # noqa: E402
 import harvest.runner as runner  # noqa: E402
 from harvest.runner import HarvestConfig, autocast_dtype, default_batch_size, run_harvest  # noqa: E402
 from pipelines.offline_assets import kjv_jsonl, smollm2_hf_folder  # noqa: E402
-from shared.cache import Cache, CacheSpec, CacheWriter, SiteRecord, numpy_storage_dtype, shard_statistics  # noqa: E402
+from shared.cache import Cache, CacheSpec, CacheWriter, SiteRecord  # noqa: E402
+from shared.cache_stats import shard_statistics  # noqa: E402
+from shared.cache_storage import numpy_storage_dtype  # noqa: E402
 from shared.durable import fsync_path  # noqa: E402
 from shared.hook_sites import capture, resolve_sites  # noqa: E402
 from shared.models import load_model  # noqa: E402

@@ -23,184 +23,34 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import math
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-import ml_dtypes
 import numpy as np
 import xxhash
 import zarr
-import zarr.codecs
 
+from shared.cache_errors import CacheError
+from shared.cache_layout import Layout, set_array_rows
+from shared.cache_spec import FORMAT_VERSION, CacheSpec, SiteRecord, check_same_spec, read_group_spec, software_version
+from shared.cache_stats import merge_statistics, shard_statistics
+from shared.cache_storage import (
+    COMPRESSIONS,
+    STORAGE_DTYPES,
+    compressors,
+    numpy_storage_dtype,
+    to_storage,
+    zarr_dtype,
+)
 from shared.durable import file_checksum, file_problem, fsync_path, write_atomic
 from shared.faults import fault_point
 
-FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-COMPRESSIONS = ("none", "zstd", "blosc")
-FLOAT16_MAX = 65504.0
-
-
-class CacheError(Exception):
-    """A cache problem, with a one-line message naming the path/shard/field and what to do."""
-
-
-def software_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("saeforge")
-    except Exception:  # pragma: no cover - running from a source tree without install
-        return "0+unknown"
-
-
-@dataclass(frozen=True)
-class SiteRecord:
-    """One hooked site: TransformerLens name, layer, kind and the HF module it hooks."""
-
-    name: str
-    layer: int
-    kind: str
-    hf_module: str
-
-
-@dataclass
-class CacheSpec:
-    """Everything that identifies a cache. Two runs may share a cache only if these agree.
-
-    rows_per_shard: rows (tokens) in one shard, a multiple of context_length.
-    planned_rows: rows the run intends to write (the token budget rounded up to whole contexts).
-    """
-
-    model: dict[str, Any]
-    dataset: dict[str, Any]
-    context_length: int
-    bos_policy: dict[str, Any]
-    sites: list[SiteRecord]
-    d_model: int
-    dtype: str
-    rows_per_shard: int
-    planned_rows: int
-    compression: str = "none"
-
-    def __post_init__(self) -> None:
-        self.sites = [s if isinstance(s, SiteRecord) else SiteRecord(**s) for s in self.sites]
-        if self.dtype not in STORAGE_DTYPES:
-            raise CacheError(f"storage dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
-        if self.compression not in COMPRESSIONS:
-            raise CacheError(f"compression {self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
-        if self.rows_per_shard <= 0 or self.rows_per_shard % self.context_length:
-            raise CacheError(
-                f"rows_per_shard={self.rows_per_shard} must be a positive multiple of "
-                f"context_length={self.context_length}"
-            )
-        if self.planned_rows <= 0:
-            raise CacheError(f"planned_rows={self.planned_rows} must be positive")
-        if len({s.name for s in self.sites}) != len(self.sites) or not self.sites:
-            raise CacheError("sites must be a non-empty list of distinct hook sites")
-
-    @property
-    def n_shards(self) -> int:
-        """Shards planned: ceil(planned_rows / rows_per_shard)."""
-        return -(-self.planned_rows // self.rows_per_shard)
-
-    @property
-    def site_names(self) -> list[str]:
-        return [s.name for s in self.sites]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CacheSpec":
-        return cls(**d)
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
-def spec_differences(existing: CacheSpec, requested: CacheSpec) -> list[str]:
-    """Names of the fields (dotted) where two specs disagree, e.g. ['sites', 'context_length']."""
-    a, b = existing.to_dict(), requested.to_dict()
-    diffs = []
-    for key in a:
-        if isinstance(a[key], dict) and isinstance(b[key], dict):
-            fa, fb = _flatten(a[key], key), _flatten(b[key], key)
-            diffs += sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
-        elif a[key] != b[key]:
-            diffs.append(key)
-    return diffs
-
-
-# --------------------------------------------------------------------------- dtype helpers
-
-
-def numpy_storage_dtype(dtype: str) -> np.dtype:
-    """The numpy dtype activations have in memory (bfloat16 via ml_dtypes)."""
-    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-
-
-def _zarr_dtype(dtype: str) -> str:
-    # zarr-python 3.1 cannot store bfloat16: keep its raw 16-bit pattern as uint16, tagged.
-    return "uint16" if dtype == "bfloat16" else dtype
-
-
-def to_storage(x: "Any", dtype: str, where: str) -> np.ndarray:
-    """Convert activations (torch tensor or numpy, any float dtype, [rows, d]) to storage dtype.
-
-    Raises CacheError naming `where` if float16 storage would overflow (|x| > 65504) or the
-    input holds NaN/inf, instead of silently writing inf.
-    """
-    import torch
-
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    # One reduction (one device sync on CUDA) for both checks: NaN propagates through aminmax,
-    # inf shows as the min or max.
-    low, high = torch.stack(torch.aminmax(x)).tolist() if x.numel() else (0.0, 0.0)
-    check_storage_range(low, high, dtype, where)
-    return storage_numpy(x.to(torch_storage_dtype(dtype)).cpu())
-
-
-def check_storage_range(low: float, high: float, dtype: str, where: str) -> None:
-    """CacheError naming `where` if [low, high] (the activations' min and max) holds NaN or inf, or
-    would overflow float16 storage."""
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise CacheError(f"{where}: activations contain NaN or inf before storage; check the model/dtype")
-    max_abs = max(-low, high)
-    if dtype == "float16" and max_abs > FLOAT16_MAX:
-        raise CacheError(
-            f"{where}: float16 overflow (max |activation| = {max_abs:.4g} > 65504); "
-            "harvest with --dtype bfloat16 or --dtype float32"
-        )
-
-
-def torch_storage_dtype(dtype: str) -> "Any":
-    """The torch dtype of a storage dtype name (float16, bfloat16, float32)."""
-    import torch
-
-    return getattr(torch, dtype)
-
-
-def storage_numpy(x: "Any") -> np.ndarray:
-    """A CPU tensor in storage dtype as numpy, without a copy (bfloat16 as ml_dtypes.bfloat16)."""
-    import torch
-
-    if x.dtype == torch.bfloat16:
-        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return x.numpy()
-
+__all__ = ["COMPRESSIONS", "STORAGE_DTYPES", "Cache", "CacheError", "CacheSpec", "CacheWriter", "Layout", "SiteRecord",
+           "read_ledger", "to_storage"]
 
 # --------------------------------------------------------------------------- file helpers
 
@@ -212,177 +62,6 @@ def _chunk_checksum(path: Path, chunk: np.ndarray, size: int, compression: str) 
     if compression == "none" and np.little_endian and chunk.flags.c_contiguous and size == chunk.nbytes:
         return xxhash.xxh3_128_hexdigest(memoryview(chunk).cast("B"))
     return file_checksum(path)
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-# Elements per statistics block (about 1M: a few MB of float32, and few enough ops per shard that
-# torch's per-call overhead stays small).
-_STATS_BLOCK_ELEMENTS = 1 << 20
-
-
-def shard_statistics(acts: np.ndarray) -> dict[str, Any]:
-    """Per-site sums over one shard (float64 totals), mergeable across shards.
-
-    acts: [rows, d] in storage dtype. Returns count, sum_sq_norm, sum (list of d), max_abs.
-    Works over blocks of rows in float32 (16-bit floats convert exactly): per-block column sums
-    and per-row norms in float32, added up in float64. Relative error about 1e-7 (float32 sums
-    of at most a block's rows or one row's d squares), at a quarter of the cost of float64
-    arithmetic throughout.
-    """
-    import torch
-
-    rows, d = acts.shape
-    if rows == 0 or d == 0:
-        return {"count": int(rows), "sum_sq_norm": 0.0, "sum": [0.0] * d, "max_abs": 0.0}
-    if acts.dtype == numpy_storage_dtype("bfloat16"):
-        x = torch.from_numpy(acts.view(np.int16)).view(torch.bfloat16)
-    else:
-        x = torch.from_numpy(acts)
-    blocks = x.split(max(1, _STATS_BLOCK_ELEMENTS // d))
-    n_blocks = len(blocks)
-    sums = torch.empty((n_blocks, d), dtype=torch.float32)  # per block, added up in float64 at the end
-    sq_norms = torch.empty(n_blocks, dtype=torch.float64)
-    lows = torch.empty(n_blocks, dtype=torch.float32)
-    highs = torch.empty(n_blocks, dtype=torch.float32)
-    y32 = torch.empty((len(blocks[0]), d), dtype=torch.float32)
-    row_norms = torch.empty(len(blocks[0]), dtype=torch.float32)
-    for i, block in enumerate(blocks):
-        n = len(block)
-        if block.dtype == torch.float32:
-            y = block
-        else:
-            y = y32[:n]
-            y.copy_(block)  # exact: float16 and bfloat16 fit in float32
-        torch.aminmax(y, out=(lows[i], highs[i]))
-        torch.sum(y, 0, out=sums[i])
-        norms = torch.linalg.vector_norm(y, dim=1, out=row_norms[:n])
-        sq_norms[i] = norms.double().square().sum()
-    return {
-        "count": int(rows),
-        "sum_sq_norm": float(sq_norms.sum()),
-        "sum": sums.double().sum(0).tolist(),
-        "max_abs": float(max(-lows.min(), highs.max())),  # NaN propagates
-    }
-
-
-def merge_statistics(parts: Iterable[dict[str, Any]], d_model: int) -> dict[str, Any]:
-    """Aggregate shard statistics: mean_sq_norm, mean vector, norm scaling factor sqrt(d / E||x||^2)."""
-    count, sum_sq, max_abs = 0, 0.0, 0.0
-    total = np.zeros(d_model, dtype=np.float64)
-    for p in parts:
-        count += p["count"]
-        sum_sq += p["sum_sq_norm"]
-        total += np.asarray(p["sum"], dtype=np.float64)
-        max_abs = max(max_abs, p["max_abs"])
-    mean_sq = sum_sq / max(count, 1)
-    return {
-        "count": count,
-        "mean_sq_norm": mean_sq,
-        "mean": (total / max(count, 1)).tolist(),
-        "max_abs": max_abs,
-        "norm_scaling_factor": float(np.sqrt(d_model / mean_sq)) if mean_sq > 0 else 1.0,
-    }
-
-
-# --------------------------------------------------------------------------- layout
-
-
-class Layout:
-    """Paths inside one cache folder; the only place that knows file names.
-
-    where: how messages name the cache (its URL when the folder is a local copy of one).
-    """
-
-    def __init__(self, root: str | os.PathLike, where: str | None = None):
-        self.root = Path(root)
-        self.where = where or str(self.root)
-
-    def key(self, path: Path) -> str:
-        """A file's key relative to the cache root ('ledger/shard-000001.json'): its object name on a store."""
-        return Path(path).relative_to(self.root).as_posix()
-
-    def acts(self, site: str) -> Path:
-        return self.root / "acts" / site
-
-    def acts_chunk(self, site: str, shard: int) -> Path:
-        return self.acts(site) / "c" / str(shard) / "0"
-
-    def vector_chunk(self, name: str, shard: int) -> Path:
-        return self.root / name / "c" / str(shard)
-
-    @property
-    def ledger(self) -> Path:
-        return self.root / "ledger"
-
-    def record(self, shard: int) -> Path:
-        return self.ledger / f"shard-{shard:06d}.json"
-
-    @property
-    def seal(self) -> Path:
-        return self.root / "seal.json"
-
-    @property
-    def group_meta(self) -> Path:
-        return self.root / "zarr.json"
-
-    def array_meta_files(self, site_names: list[str]) -> list[Path]:
-        """The zarr.json of every array and inner group (all metadata but the root group's)."""
-        return [self.root / "acts" / "zarr.json", *(self.acts(s) / "zarr.json" for s in site_names),
-                self.root / "tokens" / "zarr.json", self.root / "positions" / "zarr.json"]
-
-    def chunk_files(self, site_names: list[str], shard: int) -> dict[str, Path]:
-        """Every chunk file of one shard, keyed by array name ('acts/<site>', 'tokens', 'positions')."""
-        files = {f"acts/{s}": self.acts_chunk(s, shard) for s in site_names}
-        files["tokens"] = self.vector_chunk("tokens", shard)
-        files["positions"] = self.vector_chunk("positions", shard)
-        return files
-
-
-def _compressors(compression: str):
-    if compression == "zstd":
-        return zarr.codecs.ZstdCodec(level=3)
-    if compression == "blosc":
-        return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
-    return None
-
-
-def read_group_spec(root: str | os.PathLike, where: str | None = None) -> tuple[CacheSpec, dict[str, Any]]:
-    """(spec, attributes) read from a cache's group metadata; CacheError if not a cache."""
-    layout = Layout(root, where)
-    if not layout.group_meta.exists():
-        raise CacheError(f"{layout.where} is not an activation cache (no zarr.json); harvest one first")
-    return parse_group_meta(layout.group_meta.read_bytes(), layout.where)
-
-
-def parse_group_meta(data: bytes, where: str) -> tuple[CacheSpec, dict[str, Any]]:
-    """(spec, attributes) from the bytes of a cache's root zarr.json; `where` names it in errors."""
-    try:
-        attrs = json.loads(data)["attributes"]["saeforge"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CacheError(f"{where}/zarr.json has no readable saeforge attributes ({e})") from None
-    if attrs.get("format_version") != FORMAT_VERSION:
-        raise CacheError(
-            f"{where}: cache format version {attrs.get('format_version')} is not supported "
-            f"(this software reads version {FORMAT_VERSION})"
-        )
-    return CacheSpec.from_dict(attrs["spec"]), attrs
-
-
-def check_same_spec(existing: CacheSpec, requested: CacheSpec, where: str) -> None:
-    """CacheError naming every field (up to 4) where a run's spec differs from its cache's."""
-    diffs = spec_differences(existing, requested)
-    if diffs:
-        detail = "; ".join(
-            f"{k}: cache has {_flatten(existing.to_dict()).get(k)!r}, "
-            f"this run asks {_flatten(requested.to_dict()).get(k)!r}"
-            for k in diffs[:4]
-        )
-        raise CacheError(
-            f"{where} was harvested with different settings ({detail}); "
-            "use a new --out or rerun with the original settings"
-        )
 
 
 # --------------------------------------------------------------------------- writer
@@ -440,8 +119,8 @@ class CacheWriter:
                 f"acts/{site.name}",
                 shape=(spec.planned_rows, spec.d_model),
                 chunks=(spec.rows_per_shard, spec.d_model),
-                dtype=_zarr_dtype(spec.dtype),
-                compressors=_compressors(spec.compression),
+                dtype=zarr_dtype(spec.dtype),
+                compressors=compressors(spec.compression),
                 fill_value=0,
                 attributes={"storage_dtype": spec.dtype, "hook": dataclasses.asdict(site)},
                 config=cfg,
@@ -452,7 +131,7 @@ class CacheWriter:
                 shape=(spec.planned_rows,),
                 chunks=(spec.rows_per_shard,),
                 dtype="int32",
-                compressors=_compressors(spec.compression),
+                compressors=compressors(spec.compression),
                 fill_value=0,
                 config=cfg,
             )
@@ -604,16 +283,6 @@ class CacheWriter:
         seal = {"n_rows": n_rows, "n_shards": n, "stats": stats, "software_version": software_version()}
         write_atomic(self.layout.seal, json.dumps(seal).encode())
         return seal
-
-
-def set_array_rows(array_dir: Path, n_rows: int) -> None:
-    """Shrink an array's first dimension in its zarr.json. Unlike zarr's resize this does not
-    visit the (never written) chunks past the end, which for a large budget on a short corpus
-    would be hundreds of thousands of deletions."""
-    meta_path = array_dir / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    meta["shape"][0] = n_rows
-    write_atomic(meta_path, json.dumps(meta, indent=2).encode())
 
 
 def _pad(a: np.ndarray, rows: int) -> np.ndarray:

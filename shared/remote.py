@@ -48,15 +48,10 @@ from typing import Any, Iterator
 
 import xxhash
 
-from shared.cache import (
-    CacheError,
-    CacheSpec,
-    CacheWriter,
-    Layout,
-    check_same_spec,
-    parse_group_meta,
-    read_ledger,
-)
+from shared.cache import CacheWriter, read_ledger
+from shared.cache_errors import CacheError
+from shared.cache_layout import Layout
+from shared.cache_spec import CacheSpec, check_same_spec, parse_group_meta
 from shared.durable import file_checksum, fsync_path, write_atomic
 from shared.faults import fault_point
 
