@@ -280,8 +280,8 @@ def cache_summary(path: str | os.PathLike) -> dict:
         "rows": cache.n_rows,
         "planned_rows": spec.planned_rows,
         "shards_done": len(cache.ledger),
-        "shards_planned": cache.seal["n_shards"] if cache.sealed else spec.n_shards,
+        "shards_planned": cache.seal.n_shards if cache.sealed else spec.n_shards,
         "sealed": cache.sealed,
         "bytes_on_disk": cache.disk_bytes(),
-        "mean_sq_norm": {s: cache.stats(s)["mean_sq_norm"] for s in spec.site_names} if cache.ledger else {},
+        "mean_sq_norm": {s: cache.stats(s).mean_sq_norm for s in spec.site_names} if cache.ledger else {},
     }

@@ -246,7 +246,7 @@ def write_round(work: Path, acts: list[np.ndarray], n_shards: int, tokens, posit
                 out[what] += time.perf_counter() - t0
                 out[what + "_cpu"] += time.process_time() - c0
         ledger = Cache.open(root, allow_unsealed=True).ledger
-        out["cache_bytes"] = sum(sum(r["sizes"].values()) for r in ledger.values())
+        out["cache_bytes"] = sum(sum(r.sizes.values()) for r in ledger.values())
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)

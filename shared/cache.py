@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ import zarr
 
 from shared.cache_errors import CacheError
 from shared.cache_layout import Layout, set_array_rows
+from shared.cache_records import Seal, ShardRecord, SiteStatistics, read_ledger, read_seal
 from shared.cache_spec import FORMAT_VERSION, CacheSpec, SiteRecord, check_same_spec, read_group_spec, software_version
 from shared.cache_stats import merge_statistics, shard_statistics
 from shared.cache_storage import (
@@ -49,8 +49,8 @@ from shared.cache_storage import (
 from shared.durable import file_checksum, file_problem, fsync_path, write_atomic
 from shared.faults import fault_point
 
-__all__ = ["COMPRESSIONS", "STORAGE_DTYPES", "Cache", "CacheError", "CacheSpec", "CacheWriter", "Layout", "SiteRecord",
-           "read_ledger", "to_storage"]
+__all__ = ["COMPRESSIONS", "STORAGE_DTYPES", "Cache", "CacheError", "CacheSpec", "CacheWriter", "Layout", "Seal",
+           "ShardRecord", "SiteRecord", "SiteStatistics", "read_ledger", "to_storage"]
 
 # --------------------------------------------------------------------------- file helpers
 
@@ -163,7 +163,7 @@ class CacheWriter:
 
     def write_shard(
         self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, positions: np.ndarray
-    ) -> dict[str, Any]:
+    ) -> ShardRecord:
         """Write and commit one shard. acts[site]: [rows, d] in storage dtype; tokens, positions: [rows].
 
         rows may be fewer than the shard's planned rows only for the last shard of a short corpus;
@@ -215,8 +215,8 @@ class CacheWriter:
                 for done in synced:
                     done.result()
             fault_point("ledger_record")
-            record = {"shard": shard, "rows": rows, "checksums": checksums, "sizes": sizes, "stats": stats}
-            write_atomic(self.layout.record(shard), json.dumps(record).encode(), exclusive=True)
+            record = ShardRecord(shard=shard, rows=rows, checksums=checksums, sizes=sizes, stats=stats)
+            write_atomic(self.layout.record(shard), record.to_json(), exclusive=True)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise CacheError(
@@ -254,7 +254,7 @@ class CacheWriter:
             raise
         return padded
 
-    def seal(self, n_shards: int | None = None) -> dict[str, Any]:
+    def seal(self, n_shards: int | None = None) -> Seal:
         """Write seal.json once shards 0..n_shards-1 are committed (default: all planned).
 
         A corpus that ran out early has fewer shards, the last possibly short: the arrays are
@@ -268,20 +268,20 @@ class CacheWriter:
                 f"{self.layout.where}: cannot seal, shards {missing[:5]} are not committed; "
                 "rerun the harvest command to finish them"
             )
-        short = [k for k in range(n - 1) if ledger[k]["rows"] != self.spec.rows_per_shard]
+        short = [k for k in range(n - 1) if ledger[k].rows != self.spec.rows_per_shard]
         if short:
             raise CacheError(f"{self.layout.where}: cannot seal, shards {short[:5]} are short but not last")
-        n_rows = sum(ledger[k]["rows"] for k in range(n))
+        n_rows = sum(ledger[k].rows for k in range(n))
         if n_rows != self.spec.planned_rows:
             for name in self._arrays:
                 set_array_rows(self.layout.root / name, n_rows)
         stats = {
-            s: merge_statistics((ledger[k]["stats"][s] for k in range(n)), self.spec.d_model)
+            s: merge_statistics((ledger[k].stats[s] for k in range(n)), self.spec.d_model)
             for s in self.spec.site_names
         }
         fault_point("seal")
-        seal = {"n_rows": n_rows, "n_shards": n, "stats": stats, "software_version": software_version()}
-        write_atomic(self.layout.seal, json.dumps(seal).encode())
+        seal = Seal(n_rows=n_rows, n_shards=n, stats=stats, software_version=software_version())
+        write_atomic(self.layout.seal, seal.to_json())
         return seal
 
 
@@ -290,24 +290,6 @@ def _pad(a: np.ndarray, rows: int) -> np.ndarray:
         return a
     out = np.zeros((rows,) + a.shape[1:], dtype=a.dtype)
     out[: len(a)] = a
-    return out
-
-
-def read_ledger(root: str | os.PathLike) -> dict[int, dict[str, Any]]:
-    """All committed shard records, by shard index. A corrupt record raises CacheError naming it."""
-    layout = Layout(root)
-    out = {}
-    if not layout.ledger.is_dir():
-        return out
-    for p in sorted(layout.ledger.glob("shard-*.json")):
-        try:
-            rec = json.loads(p.read_text())
-            out[int(rec["shard"])] = rec
-        except (ValueError, KeyError, TypeError) as e:
-            raise CacheError(
-                f"ledger record {p} is corrupt ({e}); `harvest verify --repair {p.parent.parent}` moves it aside and "
-                "prints the harvest command that redoes that shard"
-            ) from None
     return out
 
 
@@ -325,8 +307,8 @@ class Cache:
     root: Path
     spec: CacheSpec
     attrs: dict[str, Any]
-    ledger: dict[int, dict[str, Any]]
-    seal: dict[str, Any] | None
+    ledger: dict[int, ShardRecord]
+    seal: Seal | None
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
     remote: Any = field(default=None, repr=False)
 
@@ -358,11 +340,7 @@ class Cache:
         where = remote.url if remote else None
         spec, attrs = read_group_spec(root, where)
         layout = Layout(root, where)
-        try:
-            seal = json.loads(layout.seal.read_text()) if layout.seal.exists() else None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CacheError(f"{layout.where}: seal.json is corrupt ({e}); `harvest verify --repair {layout.where}` "
-                             "moves it aside, then rerun the harvest command to seal again") from None
+        seal = read_seal(layout)
         if seal is None and not allow_unsealed:
             raise CacheError(
                 f"{layout.where} is not sealed (harvest unfinished); finish it with the same harvest command, "
@@ -382,28 +360,28 @@ class Cache:
     @property
     def shards(self) -> list[int]:
         """Shards available for reading: all when sealed, else the contiguous-or-not committed ones."""
-        if self.seal:
-            return list(range(self.seal["n_shards"]))
+        if self.seal is not None:
+            return list(range(self.seal.n_shards))
         return sorted(k for k in self.ledger if k < self.spec.n_shards)
 
     def shard_rows(self, shard: int) -> int:
-        return self._record(shard)["rows"]
+        return self._record(shard).rows
 
     @property
     def n_rows(self) -> int:
         return sum(self.shard_rows(k) for k in self.shards)
 
-    def _record(self, shard: int) -> dict[str, Any]:
+    def _record(self, shard: int) -> ShardRecord:
         if shard not in self.ledger:
             raise CacheError(f"{self.where}: shard {shard} is not committed (no ledger record)")
         return self.ledger[shard]
 
-    def stats(self, site: str) -> dict[str, Any]:
+    def stats(self, site: str) -> SiteStatistics:
         """Aggregated statistics of a site over the readable shards (mean_sq_norm, mean, ...)."""
         self.check_site(site)
-        if self.seal:
-            return self.seal["stats"][site]
-        return merge_statistics((self.ledger[k]["stats"][site] for k in self.shards), self.spec.d_model)
+        if self.seal is not None:
+            return self.seal.stats[site]
+        return merge_statistics((self.ledger[k].stats[site] for k in self.shards), self.spec.d_model)
 
     def check_site(self, site: str) -> None:
         if site not in self.spec.site_names:
@@ -419,14 +397,14 @@ class Cache:
         rec = self._record(shard)
         if self.remote is not None and not path.exists():
             # read-through: download, check size and checksum against the ledger, rename into place
-            self.remote.fetch(path, rec["sizes"][name], rec["checksums"][name], f"shard {shard} ({name})")
+            self.remote.fetch(path, rec.sizes[name], rec.checksums[name], f"shard {shard} ({name})")
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise CacheError(f"{self.where}: shard {shard} file {path} is missing; re-harvest that shard") from None
-        if size != rec["sizes"][name]:
+        if size != rec.sizes[name]:
             raise CacheError(
-                f"{self.where}: shard {shard} file {path} is {size} bytes, ledger says {rec['sizes'][name]} "
+                f"{self.where}: shard {shard} file {path} is {size} bytes, ledger says {rec.sizes[name]} "
                 "(truncated or replaced); re-harvest that shard"
             )
         return path
@@ -461,7 +439,7 @@ class Cache:
         For a URL the objects on the store are checked (streamed, not copied into the mirror).
         """
         problems = []
-        n = self.seal["n_shards"] if self.seal else self.spec.n_shards
+        n = self.seal.n_shards if self.seal is not None else self.spec.n_shards
         layout = Layout(self.root)
         for k in range(n):
             rec = self.ledger.get(k)
@@ -473,10 +451,10 @@ class Cache:
                     where = f"object {self.remote.url}/{layout.key(path)}"
                     digest = self.remote.checksum(path)  # None when the object is missing
                     problem = ("is missing" if digest is None else
-                               "fails its checksum" if digest != rec["checksums"][name] else None)
+                               "fails its checksum" if digest != rec.checksums[name] else None)
                 else:
                     where = f"file {path}"
-                    problem = file_problem(path, rec["sizes"][name], rec["checksums"][name])
+                    problem = file_problem(path, rec.sizes[name], rec.checksums[name])
                 if problem:
                     problems.append(f"shard {k}: {name} {where} {problem}")
         return problems

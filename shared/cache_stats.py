@@ -8,10 +8,11 @@ uses to normalise.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
+from shared.cache_records import ShardStatistics, SiteStatistics
 from shared.cache_storage import numpy_storage_dtype
 
 # Elements per statistics block (about 1M: a few MB of float32, and few enough ops per shard that
@@ -19,7 +20,7 @@ from shared.cache_storage import numpy_storage_dtype
 _STATS_BLOCK_ELEMENTS = 1 << 20
 
 
-def shard_statistics(acts: np.ndarray) -> dict[str, Any]:
+def shard_statistics(acts: np.ndarray) -> ShardStatistics:
     """Per-site sums over one shard (float64 totals), mergeable across shards.
 
     acts: [rows, d] in storage dtype. Returns count, sum_sq_norm, sum (list of d), max_abs.
@@ -32,7 +33,7 @@ def shard_statistics(acts: np.ndarray) -> dict[str, Any]:
 
     rows, d = acts.shape
     if rows == 0 or d == 0:
-        return {"count": int(rows), "sum_sq_norm": 0.0, "sum": [0.0] * d, "max_abs": 0.0}
+        return ShardStatistics(count=int(rows), sum_sq_norm=0.0, sum=[0.0] * d, max_abs=0.0)
     if acts.dtype == numpy_storage_dtype("bfloat16"):
         x = torch.from_numpy(acts.view(np.int16)).view(torch.bfloat16)
     else:
@@ -56,28 +57,28 @@ def shard_statistics(acts: np.ndarray) -> dict[str, Any]:
         torch.sum(y, 0, out=sums[i])
         norms = torch.linalg.vector_norm(y, dim=1, out=row_norms[:n])
         sq_norms[i] = norms.double().square().sum()
-    return {
-        "count": int(rows),
-        "sum_sq_norm": float(sq_norms.sum()),
-        "sum": sums.double().sum(0).tolist(),
-        "max_abs": float(max(-lows.min(), highs.max())),  # NaN propagates
-    }
+    return ShardStatistics(
+        count=int(rows),
+        sum_sq_norm=float(sq_norms.sum()),
+        sum=sums.double().sum(0).tolist(),
+        max_abs=float(max(-lows.min(), highs.max())),  # NaN propagates
+    )
 
 
-def merge_statistics(parts: Iterable[dict[str, Any]], d_model: int) -> dict[str, Any]:
+def merge_statistics(parts: Iterable[ShardStatistics], d_model: int) -> SiteStatistics:
     """Aggregate shard statistics: mean_sq_norm, mean vector, norm scaling factor sqrt(d / E||x||^2)."""
     count, sum_sq, max_abs = 0, 0.0, 0.0
     total = np.zeros(d_model, dtype=np.float64)
     for p in parts:
-        count += p["count"]
-        sum_sq += p["sum_sq_norm"]
-        total += np.asarray(p["sum"], dtype=np.float64)
-        max_abs = max(max_abs, p["max_abs"])
+        count += p.count
+        sum_sq += p.sum_sq_norm
+        total += np.asarray(p.sum, dtype=np.float64)
+        max_abs = max(max_abs, p.max_abs)
     mean_sq = sum_sq / max(count, 1)
-    return {
-        "count": count,
-        "mean_sq_norm": mean_sq,
-        "mean": (total / max(count, 1)).tolist(),
-        "max_abs": max_abs,
-        "norm_scaling_factor": float(np.sqrt(d_model / mean_sq)) if mean_sq > 0 else 1.0,
-    }
+    return SiteStatistics(
+        count=count,
+        mean_sq_norm=mean_sq,
+        mean=(total / max(count, 1)).tolist(),
+        max_abs=max_abs,
+        norm_scaling_factor=float(np.sqrt(d_model / mean_sq)) if mean_sq > 0 else 1.0,
+    )

@@ -51,6 +51,7 @@ import xxhash
 from shared.cache import CacheWriter, read_ledger
 from shared.cache_errors import CacheError
 from shared.cache_layout import Layout
+from shared.cache_records import Seal, ShardRecord, read_record
 from shared.cache_spec import CacheSpec, check_same_spec, parse_group_meta
 from shared.durable import file_checksum, fsync_path, write_atomic
 from shared.faults import fault_point
@@ -525,7 +526,7 @@ class RemoteCacheWriter:
     def _record_key(self, shard: int) -> str:
         return self.layout.key(self.layout.record(shard))
 
-    def write_shard(self, shard: int, acts, tokens, positions) -> dict[str, Any]:
+    def write_shard(self, shard: int, acts, tokens, positions) -> ShardRecord:
         """Write the shard into staging (CacheWriter.write_shard), upload it, put its record."""
         if self.remote.store.exists(self._record_key(shard)):  # committed by another writer meanwhile
             self.remote.pull_ledger(self.spec)
@@ -545,7 +546,7 @@ class RemoteCacheWriter:
             self.remote.store.put_create(key, ours)
         except FileExistsError:  # another writer committed this shard first: its record stands
             theirs = self.remote.store.get_bytes(key)
-            if json.loads(theirs)["checksums"] != json.loads(ours)["checksums"]:
+            if _record_of(theirs, self.remote.store.name(key), self.remote.url).checksums != ShardRecord.from_json(ours).checksums:
                 self.remote.pull_ledger(self.spec)
                 raise RemoteError(
                     f"{self.remote.url}: shard {shard} was committed meanwhile by another writer with "
@@ -554,9 +555,9 @@ class RemoteCacheWriter:
 
     def _publish_staged(self, shard: int) -> None:
         """Publish a shard committed in staging only, if its files still match its record."""
-        record = json.loads(self.layout.record(shard).read_text())
+        record = read_record(self.layout.record(shard))
         files = self.layout.chunk_files(self.spec.site_names, shard)
-        if all(p.exists() and file_checksum(p) == record["checksums"][n] for n, p in files.items()):
+        if all(p.exists() and file_checksum(p) == record.checksums[n] for n, p in files.items()):
             self._publish(shard)
         else:  # redo the shard
             self.layout.record(shard).unlink()
@@ -566,7 +567,7 @@ class RemoteCacheWriter:
         files = self.layout.array_meta_files(self.spec.site_names)
         self.remote.store.upload({self.layout.key(p): p for p in files})
 
-    def seal(self, n_shards: int | None = None) -> dict[str, Any]:
+    def seal(self, n_shards: int | None = None) -> Seal:
         """Seal from the ledger records (the store's, pulled: no chunk data is read), then put the
         array metadata (shrunk to the rows written) and seal.json last."""
         for shard in self.remote.pull_ledger(self.spec):
@@ -576,3 +577,11 @@ class RemoteCacheWriter:
         fault_point("remote_seal")
         self.remote.store.put_bytes("seal.json", self.layout.seal.read_bytes())
         return seal
+
+
+def _record_of(data: bytes, name: str, url: str) -> ShardRecord:
+    """The ledger record in an object's bytes; RemoteError naming the object if it is not one."""
+    try:
+        return ShardRecord.from_json(data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RemoteError(f"ledger record {name} is corrupt ({e}); run `harvest verify {url}`") from None
