@@ -48,11 +48,11 @@ from typing import Any, Iterator
 
 import xxhash
 
-from shared.cache import CacheWriter, read_ledger
 from shared.cache_errors import CacheError
 from shared.cache_layout import Layout
-from shared.cache_records import Seal, ShardRecord, read_record
+from shared.cache_records import Seal, ShardRecord, read_ledger, read_record
 from shared.cache_spec import CacheSpec, check_same_spec, parse_group_meta
+from shared.cache_writer import CacheWriter, ShardWriter
 from shared.durable import file_checksum, fsync_path, write_atomic
 from shared.faults import fault_point
 
@@ -454,11 +454,11 @@ class RemoteCache:
 # --------------------------------------------------------------------------- harvest
 
 
-class RemoteCacheWriter:
-    """CacheWriter for a URL: stage each shard locally, upload it, commit it by its ledger record.
+class RemoteCacheWriter(ShardWriter):
+    """The ShardWriter for a URL: stage each shard locally, upload it, commit it by its ledger record.
 
-    Same interface as CacheWriter (spec, layout, done_shards, shard_bounds, write_shard, seal);
-    `layout` is the staging cache's. Use `create_or_open`.
+    `layout` is the staging cache's; `local` the CacheWriter of that staging cache, `remote` the
+    RemoteCache that keeps it in step with the store. Use `create_or_open`.
     """
 
     def __init__(self, remote: RemoteCache, writer: CacheWriter):
@@ -519,9 +519,6 @@ class RemoteCacheWriter:
 
     def done_shards(self) -> set[int]:
         return self.local.done_shards()
-
-    def shard_bounds(self, shard: int) -> tuple[int, int]:
-        return self.local.shard_bounds(shard)
 
     def _record_key(self, shard: int) -> str:
         return self.layout.key(self.layout.record(shard))
