@@ -13,9 +13,10 @@ A shard is done only when its ledger record exists. A chunk zarr never wrote rea
 `Cache` reads every shard through the ledger and checks file sizes; nothing missing ever becomes
 zeros.
 
-A cache may also live at a URL (s3://, gs://, any fsspec URL): `shared.remote` keeps a local
-folder in step with it (a staging folder for harvest, a read-through mirror for readers), and
-the code here works on that folder.
+A cache may also live at a URL (s3://, gs://, any fsspec URL): `Cache.open(url)` reads it through
+a local mirror folder kept in step with the store; `shared.cache_sources` makes that choice, and
+`Cache` reads whichever folder its source hands it. Harvest writes a URL with
+`shared.remote.RemoteCacheWriter`.
 
 Where the rest lives (each name below is also importable from here):
     shared.cache_spec      CacheSpec, SiteRecord: what identifies a cache
@@ -23,6 +24,7 @@ Where the rest lives (each name below is also importable from here):
     shared.cache_layout    Layout: where each file lives
     shared.cache_records   ShardRecord, Seal, SiteStatistics, read_ledger: the JSON records
     shared.cache_writer    CacheWriter, ShardWriter: writing
+    shared.cache_sources   where a reader's bytes come from (a folder, or a URL's mirror)
     shared.cache_errors    CacheError
 """
 
@@ -39,11 +41,11 @@ import zarr
 from shared.cache_errors import CacheError
 from shared.cache_layout import Layout
 from shared.cache_records import Seal, ShardRecord, SiteStatistics, read_ledger, read_seal
+from shared.cache_sources import CacheSource, LocalSource, open_source
 from shared.cache_spec import CacheSpec, SiteRecord, read_group_spec
 from shared.cache_stats import merge_statistics
 from shared.cache_storage import COMPRESSIONS, STORAGE_DTYPES, numpy_storage_dtype, to_storage
 from shared.cache_writer import CacheWriter, ShardWriter
-from shared.durable import file_problem
 
 __all__ = ["COMPRESSIONS", "STORAGE_DTYPES", "Cache", "CacheError", "CacheSpec", "CacheWriter", "Layout", "Seal",
            "ShardRecord", "ShardWriter", "SiteRecord", "SiteStatistics", "read_ledger", "to_storage"]
@@ -56,8 +58,9 @@ __all__ = ["COMPRESSIONS", "STORAGE_DTYPES", "Cache", "CacheError", "CacheSpec",
 class Cache:
     """A cache opened for reading. Use `Cache.open(path or URL)`.
 
-    For a URL, `root` is the local read-through mirror and `remote` (a shared.remote.RemoteCache)
-    fetches each chunk file into it when first read.
+    root: the local cache folder files are read from (for a URL: its read-through mirror);
+    source: where its bytes come from (shared.cache_sources: the folder itself, or the mirror,
+    which fetches each chunk file when first read).
     """
 
     root: Path
@@ -66,7 +69,11 @@ class Cache:
     ledger: dict[int, ShardRecord]
     seal: Seal | None
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
-    remote: Any = field(default=None, repr=False)
+    source: CacheSource | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            self.source = LocalSource(self.root)
 
     @classmethod
     def open(
@@ -84,30 +91,21 @@ class Cache:
         are fetched there, checksum-checked, when first read. storage_options: fsspec options
         (merged over $SAEFORGE_STORAGE_OPTIONS).
         """
-        from shared.remote import RemoteCache, is_remote
-
-        if is_remote(root):
-            remote = RemoteCache.mirror(str(root), mirror, storage_options)
-            remote.pull()
-            root = remote.layout.root
-        else:
-            root = Path(root)
-            remote = RemoteCache.of_local_copy(root, storage_options)  # a mirror folder opened by path
-        where = remote.url if remote else None
-        spec, attrs = read_group_spec(root, where)
-        layout = Layout(root, where)
+        source = open_source(root, mirror, storage_options)
+        spec, attrs = read_group_spec(source.root, source.where)
+        layout = Layout(source.root, source.where)
         seal = read_seal(layout)
         if seal is None and not allow_unsealed:
             raise CacheError(
                 f"{layout.where} is not sealed (harvest unfinished); finish it with the same harvest command, "
                 "or train on the completed shards only (train run --allow-unsealed; allow_unsealed=True in Python)"
             )
-        return cls(root, spec, attrs, read_ledger(root), seal, remote=remote)
+        return cls(source.root, spec, attrs, read_ledger(source.root), seal, source=source)
 
     @property
     def where(self) -> str:
         """How messages name this cache: its URL, or its folder."""
-        return self.remote.url if self.remote else str(self.root)
+        return self.source.where
 
     @property
     def sealed(self) -> bool:
@@ -151,9 +149,7 @@ class Cache:
     def _checked_file(self, name: str, shard: int) -> Path:
         path = Layout(self.root).chunk_files(self.spec.site_names, shard)[name]
         rec = self._record(shard)
-        if self.remote is not None and not path.exists():
-            # read-through: download, check size and checksum against the ledger, rename into place
-            self.remote.fetch(path, rec.sizes[name], rec.checksums[name], f"shard {shard} ({name})")
+        self.source.ensure_file(path, rec.sizes[name], rec.checksums[name], f"shard {shard} ({name})")
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -203,20 +199,11 @@ class Cache:
                 problems.append(f"shard {k}: missing (no ledger record)")
                 continue
             for name, path in layout.chunk_files(self.spec.site_names, k).items():
-                if self.remote is not None:
-                    where = f"object {self.remote.url}/{layout.key(path)}"
-                    digest = self.remote.checksum(path)  # None when the object is missing
-                    problem = ("is missing" if digest is None else
-                               "fails its checksum" if digest != rec.checksums[name] else None)
-                else:
-                    where = f"file {path}"
-                    problem = file_problem(path, rec.sizes[name], rec.checksums[name])
+                where, problem = self.source.check_file(path, rec.sizes[name], rec.checksums[name])
                 if problem:
                     problems.append(f"shard {k}: {name} {where} {problem}")
         return problems
 
     def disk_bytes(self) -> int:
         """Bytes of the cache: of its objects on the store for a URL, else of its folder."""
-        if self.remote is not None:
-            return self.remote.total_bytes()
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        return self.source.total_bytes()

@@ -34,7 +34,7 @@ from shared.faults import fault_point
 from shared.object_store import RemoteError, RemoteStore, is_remote
 from shared.remote_copy import RemoteCache, local_folder
 
-__all__ = ["RemoteCache", "RemoteCacheWriter", "RemoteError", "RemoteStore", "is_remote"]
+__all__ = ["RemoteCacheWriter", "RemoteError", "RemoteStore", "is_remote"]
 
 
 class RemoteCacheWriter(ShardWriter):
