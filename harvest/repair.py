@@ -1,7 +1,7 @@
 """`harvest verify --repair`: the documented recovery for bad or missing shards.
 
 A shard is done only when its ledger record exists, and `harvest run` on an unsealed cache redoes
-exactly the shards without a record (see shared/cache.py). So the repair is:
+exactly the shards without a record (see shared/cache_writer.py). So the repair is:
 
 1. check every ledger record (readable JSON naming its own shard) and every committed shard's
    chunk files (present, size and checksum as recorded);
