@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.cache_errors import CacheError
-from shared.cache_records import Seal, ShardRecord, read_ledger, read_record
+from shared.cache_records import Seal, ShardRecord, read_record
 from shared.cache_spec import CacheSpec, check_same_spec, parse_group_meta
 from shared.cache_writer import CacheWriter, ShardWriter
 from shared.durable import file_checksum, write_atomic
@@ -110,7 +110,7 @@ class RemoteCacheWriter(ShardWriter):
         """Write the shard into staging (CacheWriter.write_shard), upload it, put its record."""
         if self.remote.store.exists(self._record_key(shard)):  # committed by another writer meanwhile
             self.remote.pull_ledger(self.spec)
-            return read_ledger(self.layout.root)[shard]
+            return read_record(self.layout.record(shard))
         record = self.local.write_shard(shard, acts, tokens, positions)
         self._publish(shard)
         return record
@@ -125,8 +125,8 @@ class RemoteCacheWriter(ShardWriter):
         try:
             self.remote.store.put_create(key, ours)
         except FileExistsError:  # another writer committed this shard first: its record stands
-            theirs = self.remote.store.get_bytes(key)
-            if _record_of(theirs, self.remote.store.name(key), self.remote.url).checksums != ShardRecord.from_json(ours).checksums:
+            theirs = _record_of(self.remote.store.get_bytes(key), self.remote.store.name(key), self.remote.url)
+            if theirs.checksums != ShardRecord.from_json(ours).checksums:
                 self.remote.pull_ledger(self.spec)
                 raise RemoteError(
                     f"{self.remote.url}: shard {shard} was committed meanwhile by another writer with "
