@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from shared.cache import check_storage_range, storage_numpy, torch_storage_dtype
+from shared.cache_storage import check_storage_range, storage_numpy, torch_storage_dtype
 
 T = TypeVar("T")
 

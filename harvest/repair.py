@@ -1,7 +1,7 @@
 """`harvest verify --repair`: the documented recovery for bad or missing shards.
 
 A shard is done only when its ledger record exists, and `harvest run` on an unsealed cache redoes
-exactly the shards without a record (see shared/cache.py). So the repair is:
+exactly the shards without a record (see shared/cache_writer.py). So the repair is:
 
 1. check every ledger record (readable JSON naming its own shard) and every committed shard's
    chunk files (present, size and checksum as recorded);
@@ -25,10 +25,14 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from harvest.runner import writer_lock
-from shared.cache import CacheError, CacheSpec, Layout, file_problem, read_group_spec, set_array_rows
+from shared.cache import CacheError, CacheSpec, Layout
+from shared.cache_records import Seal, ShardRecord
+from shared.cache_layout import set_array_rows
+from shared.cache_spec import read_group_spec
+from shared.durable import file_problem
 
 QUARANTINE = "quarantine"
 
@@ -107,7 +111,7 @@ def repair_cache(path: str | os.PathLike) -> RepairReport:
     with _no_writer(root):
         seal, seal_problem = _read_seal(layout)
         records, bad_files = _check_records(layout, spec, report)
-        n = seal["n_shards"] if seal else spec.n_shards
+        n = seal.n_shards if seal is not None else spec.n_shards
         for k in range(n):
             if k not in records and k not in report.bad_shards:
                 report.missing_shards.append(k)
@@ -118,7 +122,7 @@ def repair_cache(path: str | os.PathLike) -> RepairReport:
             return report
         report.needs_rerun = True
         report.command = harvest_command(root, spec)
-        if not seal and not report.bad_shards:
+        if seal is None and not report.bad_shards:
             return report  # unsealed with only missing shards: an unfinished harvest, nothing to move
         # Moved files are renamed 'ledger__shard-000003.json', 'acts__<site>__c__3__0', ...: nothing
         # that looks for records ('shard-*.json', even recursively) can take them for committed ones.
@@ -179,13 +183,11 @@ def _no_writer(root: Path) -> Iterator[None]:
         yield
 
 
-def _read_seal(layout: Layout) -> tuple[dict[str, Any] | None, str | None]:
+def _read_seal(layout: Layout) -> tuple[Seal | None, str | None]:
     if not layout.seal.exists():
         return None, None
     try:
-        seal = json.loads(layout.seal.read_text())
-        int(seal["n_shards"])
-        return seal, None
+        return Seal.from_json(layout.seal.read_text()), None
     except (ValueError, KeyError, TypeError) as e:
         return None, f"seal {layout.seal} is corrupt ({type(e).__name__}: {e})"
 
@@ -193,7 +195,7 @@ def _read_seal(layout: Layout) -> tuple[dict[str, Any] | None, str | None]:
 def _check_records(layout: Layout, spec: CacheSpec, report: RepairReport):
     """Good records by shard; bad ones go to report (problems, bad_shards). Also returns, per bad
     shard, the files to move aside: its record and its chunk files that failed."""
-    good: dict[int, dict[str, Any]] = {}
+    good: dict[int, ShardRecord] = {}
     bad_files: dict[int, list[Path]] = {}
     if not layout.ledger.is_dir():
         return good, bad_files
@@ -204,9 +206,9 @@ def _check_records(layout: Layout, spec: CacheSpec, report: RepairReport):
             continue  # not a record name this software writes
         if k >= spec.n_shards:
             continue
-        problem, failed = _check_shard(layout, spec, k, p)
+        rec, problem, failed = _check_shard(layout, spec, k, p)
         if problem is None:
-            good[k] = json.loads(p.read_text())
+            good[k] = rec
             continue
         report.problems += problem
         report.bad_shards.append(k)
@@ -214,16 +216,18 @@ def _check_records(layout: Layout, spec: CacheSpec, report: RepairReport):
     return good, bad_files
 
 
-def _check_shard(layout: Layout, spec: CacheSpec, k: int, record_path: Path) -> tuple[list[str] | None, list[Path]]:
+def _check_shard(layout: Layout, spec: CacheSpec, k: int,
+                 record_path: Path) -> tuple[ShardRecord | None, list[str] | None, list[Path]]:
+    """(the record, its problems or None, the files that failed) of shard k's record file."""
     try:
-        rec = json.loads(record_path.read_text())
-        if int(rec["shard"]) != k:
-            raise ValueError(f"it names shard {rec['shard']}")
+        rec = ShardRecord.from_json(record_path.read_text())
+        if rec.shard != k:
+            raise ValueError(f"it names shard {rec.shard}")
         files = layout.chunk_files(spec.site_names, k)
-        checksums = {name: str(rec["checksums"][name]) for name in files}
-        sizes = {name: int(rec["sizes"][name]) for name in files}
+        checksums = {name: rec.checksums[name] for name in files}
+        sizes = {name: rec.sizes[name] for name in files}
     except (ValueError, KeyError, TypeError) as e:
-        return [f"shard {k}: ledger record {record_path} is corrupt ({type(e).__name__}: {e})"], []
+        return None, [f"shard {k}: ledger record {record_path} is corrupt ({type(e).__name__}: {e})"], []
     problems, failed = [], []
     for name, path in files.items():
         problem = file_problem(path, sizes[name], checksums[name])
@@ -231,7 +235,7 @@ def _check_shard(layout: Layout, spec: CacheSpec, k: int, record_path: Path) -> 
             problems.append(f"shard {k}: {name} file {path} {problem}")
             if path.exists():
                 failed.append(path)
-    return (problems or None), failed
+    return rec, (problems or None), failed
 
 
 def _move(src: Path, dest: Path, report: RepairReport) -> None:

@@ -20,7 +20,7 @@ import threading
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from shared.devices import resolve_device as resolve_any_device
 from harvest.pipeline import ShardAssembler, background
-from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, SiteRecord
+from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, ShardWriter, SiteRecord
 from shared.hook_sites import capture, resolve_sites
 from shared.models import load_model
 from shared.remote import RemoteCacheWriter, is_remote
@@ -125,7 +125,7 @@ class ShardWriterThread:
     next `submit` or at `close`.
     """
 
-    def __init__(self, writer: CacheWriter, depth: int = 2):
+    def __init__(self, writer: ShardWriter, depth: int = 2):
         self.writer = writer
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -176,6 +176,7 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None) -> Path
     spec = build_spec(cfg, info, sites, documents, tokenizer, compute)
     _check_corpus_fills_a_context(cfg, documents, tokenizer)
 
+    open_writer: Callable[[], ShardWriter]  # CacheWriter for a folder, RemoteCacheWriter for a URL
     if is_remote(cfg.out):
         # The staging folder is locked before the store's state is pulled into it.
         out, staging = cfg.out, RemoteCacheWriter.claim_staging(cfg.out, cfg.staging)
@@ -212,7 +213,7 @@ def _check_corpus_fills_a_context(cfg: HarvestConfig, documents, tokenizer) -> N
         raise DatasetError(f"{cfg.dataset}: {e}") from None
 
 
-def _harvest_shards(cfg, spec, writer, model, tokenizer, documents, sites, device, compute, progress) -> int:
+def _harvest_shards(cfg, spec, writer: ShardWriter, model, tokenizer, documents, sites, device, compute, progress) -> int:
     """Write this rank's pending shards; returns how many shards the data fills."""
     ctx = spec.context_length
     per_shard = spec.rows_per_shard // ctx
@@ -280,8 +281,8 @@ def cache_summary(path: str | os.PathLike) -> dict:
         "rows": cache.n_rows,
         "planned_rows": spec.planned_rows,
         "shards_done": len(cache.ledger),
-        "shards_planned": cache.seal["n_shards"] if cache.sealed else spec.n_shards,
+        "shards_planned": cache.seal.n_shards if cache.sealed else spec.n_shards,
         "sealed": cache.sealed,
         "bytes_on_disk": cache.disk_bytes(),
-        "mean_sq_norm": {s: cache.stats(s)["mean_sq_norm"] for s in spec.site_names} if cache.ledger else {},
+        "mean_sq_norm": {s: cache.stats(s).mean_sq_norm for s in spec.site_names} if cache.ledger else {},
     }

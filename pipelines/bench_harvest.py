@@ -64,7 +64,10 @@ import torch  # noqa: E402
 import harvest.runner as runner  # noqa: E402
 from harvest.runner import HarvestConfig, autocast_dtype, default_batch_size, run_harvest  # noqa: E402
 from pipelines.offline_assets import kjv_jsonl, smollm2_hf_folder  # noqa: E402
-from shared.cache import Cache, CacheWriter, fsync_path, numpy_storage_dtype, shard_statistics  # noqa: E402
+from shared.cache import Cache, CacheWriter  # noqa: E402
+from shared.cache_stats import shard_statistics  # noqa: E402
+from shared.cache_storage import numpy_storage_dtype  # noqa: E402
+from shared.durable import fsync_path  # noqa: E402
 from shared.synthetic import synthetic_spec  # noqa: E402
 from shared.hook_sites import capture, resolve_sites  # noqa: E402
 from shared.models import load_model  # noqa: E402
@@ -241,7 +244,7 @@ def write_round(work: Path, acts: list[np.ndarray], n_shards: int, tokens, posit
                 out[what] += time.perf_counter() - t0
                 out[what + "_cpu"] += time.process_time() - c0
         ledger = Cache.open(root, allow_unsealed=True).ledger
-        out["cache_bytes"] = sum(sum(r["sizes"].values()) for r in ledger.values())
+        out["cache_bytes"] = sum(sum(r.sizes.values()) for r in ledger.values())
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)

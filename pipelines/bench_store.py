@@ -42,7 +42,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shared.cache import Cache, numpy_storage_dtype  # noqa: E402
+from shared.cache import Cache  # noqa: E402
+from shared.cache_storage import numpy_storage_dtype  # noqa: E402
 from shared.synthetic import build_synthetic_cache, standard_normal, synthetic_spec  # noqa: E402
 
 SITE = "blocks.8.hook_resid_pre"

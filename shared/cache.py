@@ -1,4 +1,4 @@
-"""The activation cache: one module owns its on-disk layout (see docs/CACHE_FORMAT.md).
+"""The activation cache's public API, and its reader `Cache` (see docs/CACHE_FORMAT.md).
 
 A cache is a Zarr v3 group::
 
@@ -9,688 +9,46 @@ A cache is a Zarr v3 group::
     PATH/ledger/shard-000123.json       write-once record: rows, checksums, per-site statistics
     PATH/seal.json                      written last: rows in total, aggregated statistics
 
-A shard is done only when its ledger record exists. Chunk files are written by zarr (temp file +
-rename), then fsynced, checksummed and recorded. A chunk zarr never wrote reads as zeros, so every
-reader here goes through the ledger and checks file sizes; nothing missing ever becomes zeros.
+A shard is done only when its ledger record exists. A chunk zarr never wrote reads as zeros, so
+`Cache` reads every shard through the ledger and checks file sizes; nothing missing ever becomes
+zeros.
 
-A cache may also live at a URL (s3://, gs://, any fsspec URL): `shared.remote` keeps a local
-folder in step with it (a staging folder for harvest, a read-through mirror for readers), and
-the code here works on that folder.
+A cache may also live at a URL (s3://, gs://, any fsspec URL): `Cache.open(url)` reads it through
+a local mirror folder kept in step with the store; `shared.cache_sources` makes that choice, and
+`Cache` reads whichever folder its source hands it. Harvest writes a URL with
+`shared.remote.RemoteCacheWriter`.
+
+Where the rest lives (each name below is also importable from here):
+    shared.cache_spec      CacheSpec, SiteRecord: what identifies a cache
+    shared.cache_storage   STORAGE_DTYPES, COMPRESSIONS, to_storage: how activations are stored
+    shared.cache_layout    Layout: where each file lives
+    shared.cache_records   ShardRecord, Seal, SiteStatistics, read_ledger: the JSON records
+    shared.cache_writer    CacheWriter, ShardWriter: writing
+    shared.cache_sources   where a reader's bytes come from (a folder, or a URL's mirror)
+    shared.cache_errors    CacheError
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
-import json
-import math
 import os
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-import ml_dtypes
 import numpy as np
-import xxhash
 import zarr
-import zarr.codecs
 
-from shared.faults import fault_point
-
-FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-COMPRESSIONS = ("none", "zstd", "blosc")
-FLOAT16_MAX = 65504.0
-
-
-class CacheError(Exception):
-    """A cache problem, with a one-line message naming the path/shard/field and what to do."""
-
-
-def software_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("saeforge")
-    except Exception:  # pragma: no cover - running from a source tree without install
-        return "0+unknown"
-
-
-@dataclass(frozen=True)
-class SiteRecord:
-    """One hooked site: TransformerLens name, layer, kind and the HF module it hooks."""
-
-    name: str
-    layer: int
-    kind: str
-    hf_module: str
-
-
-@dataclass
-class CacheSpec:
-    """Everything that identifies a cache. Two runs may share a cache only if these agree.
-
-    rows_per_shard: rows (tokens) in one shard, a multiple of context_length.
-    planned_rows: rows the run intends to write (the token budget rounded up to whole contexts).
-    """
-
-    model: dict[str, Any]
-    dataset: dict[str, Any]
-    context_length: int
-    bos_policy: dict[str, Any]
-    sites: list[SiteRecord]
-    d_model: int
-    dtype: str
-    rows_per_shard: int
-    planned_rows: int
-    compression: str = "none"
-
-    def __post_init__(self) -> None:
-        self.sites = [s if isinstance(s, SiteRecord) else SiteRecord(**s) for s in self.sites]
-        if self.dtype not in STORAGE_DTYPES:
-            raise CacheError(f"storage dtype {self.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
-        if self.compression not in COMPRESSIONS:
-            raise CacheError(f"compression {self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
-        if self.rows_per_shard <= 0 or self.rows_per_shard % self.context_length:
-            raise CacheError(
-                f"rows_per_shard={self.rows_per_shard} must be a positive multiple of "
-                f"context_length={self.context_length}"
-            )
-        if self.planned_rows <= 0:
-            raise CacheError(f"planned_rows={self.planned_rows} must be positive")
-        if len({s.name for s in self.sites}) != len(self.sites) or not self.sites:
-            raise CacheError("sites must be a non-empty list of distinct hook sites")
-
-    @property
-    def n_shards(self) -> int:
-        """Shards planned: ceil(planned_rows / rows_per_shard)."""
-        return -(-self.planned_rows // self.rows_per_shard)
-
-    @property
-    def site_names(self) -> list[str]:
-        return [s.name for s in self.sites]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CacheSpec":
-        return cls(**d)
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
-def spec_differences(existing: CacheSpec, requested: CacheSpec) -> list[str]:
-    """Names of the fields (dotted) where two specs disagree, e.g. ['sites', 'context_length']."""
-    a, b = existing.to_dict(), requested.to_dict()
-    diffs = []
-    for key in a:
-        if isinstance(a[key], dict) and isinstance(b[key], dict):
-            fa, fb = _flatten(a[key], key), _flatten(b[key], key)
-            diffs += sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
-        elif a[key] != b[key]:
-            diffs.append(key)
-    return diffs
-
-
-# --------------------------------------------------------------------------- dtype helpers
-
-
-def numpy_storage_dtype(dtype: str) -> np.dtype:
-    """The numpy dtype activations have in memory (bfloat16 via ml_dtypes)."""
-    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-
-
-def _zarr_dtype(dtype: str) -> str:
-    # zarr-python 3.1 cannot store bfloat16: keep its raw 16-bit pattern as uint16, tagged.
-    return "uint16" if dtype == "bfloat16" else dtype
-
-
-def to_storage(x: "Any", dtype: str, where: str) -> np.ndarray:
-    """Convert activations (torch tensor or numpy, any float dtype, [rows, d]) to storage dtype.
-
-    Raises CacheError naming `where` if float16 storage would overflow (|x| > 65504) or the
-    input holds NaN/inf, instead of silently writing inf.
-    """
-    import torch
-
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    # One reduction (one device sync on CUDA) for both checks: NaN propagates through aminmax,
-    # inf shows as the min or max.
-    low, high = torch.stack(torch.aminmax(x)).tolist() if x.numel() else (0.0, 0.0)
-    check_storage_range(low, high, dtype, where)
-    return storage_numpy(x.to(torch_storage_dtype(dtype)).cpu())
-
-
-def check_storage_range(low: float, high: float, dtype: str, where: str) -> None:
-    """CacheError naming `where` if [low, high] (the activations' min and max) holds NaN or inf, or
-    would overflow float16 storage."""
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise CacheError(f"{where}: activations contain NaN or inf before storage; check the model/dtype")
-    max_abs = max(-low, high)
-    if dtype == "float16" and max_abs > FLOAT16_MAX:
-        raise CacheError(
-            f"{where}: float16 overflow (max |activation| = {max_abs:.4g} > 65504); "
-            "harvest with --dtype bfloat16 or --dtype float32"
-        )
-
-
-def torch_storage_dtype(dtype: str) -> "Any":
-    """The torch dtype of a storage dtype name (float16, bfloat16, float32)."""
-    import torch
-
-    return getattr(torch, dtype)
-
-
-def storage_numpy(x: "Any") -> np.ndarray:
-    """A CPU tensor in storage dtype as numpy, without a copy (bfloat16 as ml_dtypes.bfloat16)."""
-    import torch
-
-    if x.dtype == torch.bfloat16:
-        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return x.numpy()
-
-
-# --------------------------------------------------------------------------- file helpers
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder: so that its entries, e.g. a rename, are durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, exclusive: bool = False) -> None:
-    """Write bytes to `path` via temp file + fsync + rename (+ dir fsync).
-
-    exclusive=True makes the record write-once: if `path` exists, FileExistsError.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if exclusive:
-        try:
-            os.link(tmp, path)  # atomic create-if-absent
-        finally:
-            os.unlink(tmp)
-    else:
-        os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def file_checksum(path: Path) -> str:
-    """xxh3-128 hex digest of a file's bytes."""
-    h = xxhash.xxh3_128()
-    buf = bytearray(1 << 22)  # reused: a fresh bytes object per read costs page faults, not just the copy
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _chunk_checksum(path: Path, chunk: np.ndarray, size: int, compression: str) -> str:
-    """Checksum of a chunk file just written from `chunk`. Uncompressed, the file is the array's
-    little-endian bytes, so they are hashed from memory (no re-read); otherwise, or if the size
-    says the file is not exactly those bytes, the file is read."""
-    if compression == "none" and np.little_endian and chunk.flags.c_contiguous and size == chunk.nbytes:
-        return xxhash.xxh3_128_hexdigest(memoryview(chunk).cast("B"))
-    return file_checksum(path)
-
-
-def file_problem(path: Path, size: int, checksum: str) -> str | None:
-    """What is wrong with a committed file against its ledger entry ("is missing", "is N bytes,
-    ledger says M", "fails its checksum"), or None when it matches."""
-    if not path.exists():
-        return "is missing"
-    actual = path.stat().st_size
-    if actual != size:
-        return f"is {actual} bytes, ledger says {size}"
-    return "fails its checksum" if file_checksum(path) != checksum else None
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-# Elements per statistics block (about 1M: a few MB of float32, and few enough ops per shard that
-# torch's per-call overhead stays small).
-_STATS_BLOCK_ELEMENTS = 1 << 20
-
-
-def shard_statistics(acts: np.ndarray) -> dict[str, Any]:
-    """Per-site sums over one shard (float64 totals), mergeable across shards.
-
-    acts: [rows, d] in storage dtype. Returns count, sum_sq_norm, sum (list of d), max_abs.
-    Works over blocks of rows in float32 (16-bit floats convert exactly): per-block column sums
-    and per-row norms in float32, added up in float64. Relative error about 1e-7 (float32 sums
-    of at most a block's rows or one row's d squares), at a quarter of the cost of float64
-    arithmetic throughout.
-    """
-    import torch
-
-    rows, d = acts.shape
-    if rows == 0 or d == 0:
-        return {"count": int(rows), "sum_sq_norm": 0.0, "sum": [0.0] * d, "max_abs": 0.0}
-    if acts.dtype == numpy_storage_dtype("bfloat16"):
-        x = torch.from_numpy(acts.view(np.int16)).view(torch.bfloat16)
-    else:
-        x = torch.from_numpy(acts)
-    blocks = x.split(max(1, _STATS_BLOCK_ELEMENTS // d))
-    n_blocks = len(blocks)
-    sums = torch.empty((n_blocks, d), dtype=torch.float32)  # per block, added up in float64 at the end
-    sq_norms = torch.empty(n_blocks, dtype=torch.float64)
-    lows = torch.empty(n_blocks, dtype=torch.float32)
-    highs = torch.empty(n_blocks, dtype=torch.float32)
-    y32 = torch.empty((len(blocks[0]), d), dtype=torch.float32)
-    row_norms = torch.empty(len(blocks[0]), dtype=torch.float32)
-    for i, block in enumerate(blocks):
-        n = len(block)
-        if block.dtype == torch.float32:
-            y = block
-        else:
-            y = y32[:n]
-            y.copy_(block)  # exact: float16 and bfloat16 fit in float32
-        torch.aminmax(y, out=(lows[i], highs[i]))
-        torch.sum(y, 0, out=sums[i])
-        norms = torch.linalg.vector_norm(y, dim=1, out=row_norms[:n])
-        sq_norms[i] = norms.double().square().sum()
-    return {
-        "count": int(rows),
-        "sum_sq_norm": float(sq_norms.sum()),
-        "sum": sums.double().sum(0).tolist(),
-        "max_abs": float(max(-lows.min(), highs.max())),  # NaN propagates
-    }
-
-
-def merge_statistics(parts: Iterable[dict[str, Any]], d_model: int) -> dict[str, Any]:
-    """Aggregate shard statistics: mean_sq_norm, mean vector, norm scaling factor sqrt(d / E||x||^2)."""
-    count, sum_sq, max_abs = 0, 0.0, 0.0
-    total = np.zeros(d_model, dtype=np.float64)
-    for p in parts:
-        count += p["count"]
-        sum_sq += p["sum_sq_norm"]
-        total += np.asarray(p["sum"], dtype=np.float64)
-        max_abs = max(max_abs, p["max_abs"])
-    mean_sq = sum_sq / max(count, 1)
-    return {
-        "count": count,
-        "mean_sq_norm": mean_sq,
-        "mean": (total / max(count, 1)).tolist(),
-        "max_abs": max_abs,
-        "norm_scaling_factor": float(np.sqrt(d_model / mean_sq)) if mean_sq > 0 else 1.0,
-    }
-
-
-# --------------------------------------------------------------------------- layout
-
-
-class Layout:
-    """Paths inside one cache folder; the only place that knows file names.
-
-    where: how messages name the cache (its URL when the folder is a local copy of one).
-    """
-
-    def __init__(self, root: str | os.PathLike, where: str | None = None):
-        self.root = Path(root)
-        self.where = where or str(self.root)
-
-    def key(self, path: Path) -> str:
-        """A file's key relative to the cache root ('ledger/shard-000001.json'): its object name on a store."""
-        return Path(path).relative_to(self.root).as_posix()
-
-    def acts(self, site: str) -> Path:
-        return self.root / "acts" / site
-
-    def acts_chunk(self, site: str, shard: int) -> Path:
-        return self.acts(site) / "c" / str(shard) / "0"
-
-    def vector_chunk(self, name: str, shard: int) -> Path:
-        return self.root / name / "c" / str(shard)
-
-    @property
-    def ledger(self) -> Path:
-        return self.root / "ledger"
-
-    def record(self, shard: int) -> Path:
-        return self.ledger / f"shard-{shard:06d}.json"
-
-    @property
-    def seal(self) -> Path:
-        return self.root / "seal.json"
-
-    @property
-    def group_meta(self) -> Path:
-        return self.root / "zarr.json"
-
-    def array_meta_files(self, site_names: list[str]) -> list[Path]:
-        """The zarr.json of every array and inner group (all metadata but the root group's)."""
-        return [self.root / "acts" / "zarr.json", *(self.acts(s) / "zarr.json" for s in site_names),
-                self.root / "tokens" / "zarr.json", self.root / "positions" / "zarr.json"]
-
-    def chunk_files(self, site_names: list[str], shard: int) -> dict[str, Path]:
-        """Every chunk file of one shard, keyed by array name ('acts/<site>', 'tokens', 'positions')."""
-        files = {f"acts/{s}": self.acts_chunk(s, shard) for s in site_names}
-        files["tokens"] = self.vector_chunk("tokens", shard)
-        files["positions"] = self.vector_chunk("positions", shard)
-        return files
-
-
-def _compressors(compression: str):
-    if compression == "zstd":
-        return zarr.codecs.ZstdCodec(level=3)
-    if compression == "blosc":
-        return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
-    return None
-
-
-def read_group_spec(root: str | os.PathLike, where: str | None = None) -> tuple[CacheSpec, dict[str, Any]]:
-    """(spec, attributes) read from a cache's group metadata; CacheError if not a cache."""
-    layout = Layout(root, where)
-    if not layout.group_meta.exists():
-        raise CacheError(f"{layout.where} is not an activation cache (no zarr.json); harvest one first")
-    return parse_group_meta(layout.group_meta.read_bytes(), layout.where)
-
-
-def parse_group_meta(data: bytes, where: str) -> tuple[CacheSpec, dict[str, Any]]:
-    """(spec, attributes) from the bytes of a cache's root zarr.json; `where` names it in errors."""
-    try:
-        attrs = json.loads(data)["attributes"]["saeforge"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CacheError(f"{where}/zarr.json has no readable saeforge attributes ({e})") from None
-    if attrs.get("format_version") != FORMAT_VERSION:
-        raise CacheError(
-            f"{where}: cache format version {attrs.get('format_version')} is not supported "
-            f"(this software reads version {FORMAT_VERSION})"
-        )
-    return CacheSpec.from_dict(attrs["spec"]), attrs
-
-
-def check_same_spec(existing: CacheSpec, requested: CacheSpec, where: str) -> None:
-    """CacheError naming every field (up to 4) where a run's spec differs from its cache's."""
-    diffs = spec_differences(existing, requested)
-    if diffs:
-        detail = "; ".join(
-            f"{k}: cache has {_flatten(existing.to_dict()).get(k)!r}, "
-            f"this run asks {_flatten(requested.to_dict()).get(k)!r}"
-            for k in diffs[:4]
-        )
-        raise CacheError(
-            f"{where} was harvested with different settings ({detail}); "
-            "use a new --out or rerun with the original settings"
-        )
-
-
-# --------------------------------------------------------------------------- writer
-
-
-class CacheWriter:
-    """Creates or reopens a cache and commits shards one at a time.
-
-    Safe under kill -9: a shard is committed by its ledger record, written (write-once) only
-    after every chunk file of the shard is fsynced and checksummed.
-    """
-
-    def __init__(self, root: str | os.PathLike, spec: CacheSpec, where: str | None = None):
-        self.layout = Layout(root, where)
-        self.spec = spec
-        self._arrays: dict[str, zarr.Array] = {}
-
-    @classmethod
-    def create_or_open(cls, root: str | os.PathLike, spec: CacheSpec, where: str | None = None) -> "CacheWriter":
-        """Create the cache, or reopen an existing one whose spec matches exactly.
-
-        Raises CacheError naming every differing field otherwise; nothing on disk is touched.
-        where: how messages name the cache (default: the folder).
-        """
-        layout = Layout(root, where)
-        if layout.group_meta.exists():
-            existing, _ = read_group_spec(root, layout.where)
-            check_same_spec(existing, spec, layout.where)
-            writer = cls(root, existing, where)
-            writer._open_arrays()
-            return writer
-        if layout.root.exists() and any(layout.root.iterdir()):
-            raise CacheError(f"{layout.where} exists and is not an activation cache; choose an empty --out")
-        writer = cls(root, spec, where)
-        writer._create()
-        return writer
-
-    def _create(self) -> None:
-        spec = self.spec
-        attrs = {
-            "saeforge": {
-                "format_version": FORMAT_VERSION,
-                "software_version": software_version(),
-                "spec": spec.to_dict(),
-            }
-        }
-        # Build the group in a temporary folder, then rename it into place: either the whole
-        # metadata exists or none does.
-        self.layout.root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.layout.root.with_name(f".{self.layout.root.name}.creating.{os.getpid()}")
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3, attributes=attrs)
-        cfg = {"write_empty_chunks": True}
-        for site in spec.sites:
-            group.create_array(
-                f"acts/{site.name}",
-                shape=(spec.planned_rows, spec.d_model),
-                chunks=(spec.rows_per_shard, spec.d_model),
-                dtype=_zarr_dtype(spec.dtype),
-                compressors=_compressors(spec.compression),
-                fill_value=0,
-                attributes={"storage_dtype": spec.dtype, "hook": dataclasses.asdict(site)},
-                config=cfg,
-            )
-        for name in ("tokens", "positions"):
-            group.create_array(
-                name,
-                shape=(spec.planned_rows,),
-                chunks=(spec.rows_per_shard,),
-                dtype="int32",
-                compressors=_compressors(spec.compression),
-                fill_value=0,
-                config=cfg,
-            )
-        (tmp / "ledger").mkdir()
-        for dirpath, _, files in os.walk(tmp):
-            for f in files:
-                fsync_path(Path(dirpath) / f)
-            fsync_path(Path(dirpath))
-        if self.layout.root.exists():
-            self.layout.root.rmdir()  # empty, checked by the caller
-        os.rename(tmp, self.layout.root)
-        fsync_path(self.layout.root.parent)
-        self._open_arrays()
-
-    def _open_arrays(self) -> None:
-        group = zarr.open_group(str(self.layout.root), mode="r+", zarr_format=3)
-        for site in self.spec.site_names:
-            self._arrays[f"acts/{site}"] = group[f"acts/{site}"].with_config({"write_empty_chunks": True})
-        for name in ("tokens", "positions"):
-            self._arrays[name] = group[name].with_config({"write_empty_chunks": True})
-
-    def done_shards(self) -> set[int]:
-        return read_ledger(self.layout.root).keys() & set(range(self.spec.n_shards))
-
-    def shard_bounds(self, shard: int) -> tuple[int, int]:
-        """[start, stop) rows of a shard in the planned array."""
-        start = shard * self.spec.rows_per_shard
-        return start, min(start + self.spec.rows_per_shard, self.spec.planned_rows)
-
-    def write_shard(
-        self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, positions: np.ndarray
-    ) -> dict[str, Any]:
-        """Write and commit one shard. acts[site]: [rows, d] in storage dtype; tokens, positions: [rows].
-
-        rows may be fewer than the shard's planned rows only for the last shard of a short corpus;
-        the rest of the chunk is zero padding, removed by `seal`.
-        """
-        spec = self.spec
-        if self.layout.record(shard).exists():  # one stat, not a re-read of the whole ledger
-            raise CacheError(f"shard {shard} of {self.layout.where} is already committed")
-        start, stop = self.shard_bounds(shard)
-        rows = len(tokens)
-        if not 0 < rows <= stop - start or len(positions) != rows:
-            raise CacheError(f"shard {shard}: got {rows} rows, expected 1..{stop - start}")
-        if set(acts) != set(spec.site_names):
-            raise CacheError(f"shard {shard}: sites {sorted(acts)} do not match the cache's {spec.site_names}")
-        storage = numpy_storage_dtype(spec.dtype)
-        for site, a in acts.items():
-            if a.shape != (rows, spec.d_model) or a.dtype != storage:
-                raise CacheError(
-                    f"shard {shard} site {site}: got {a.shape} {a.dtype}, "
-                    f"expected ({rows}, {spec.d_model}) {storage}"
-                )
-        for path in self.layout.chunk_files(spec.site_names, shard).values():
-            # A chunk is written to `<name>.<uuid>.partial` and renamed (by _write_chunk, or by zarr):
-            # a kill in between leaves that temporary behind. This writer alone writes this shard,
-            # so any such file is debris.
-            for stray in path.parent.glob(f"{path.name}.*.partial"):
-                stray.unlink(missing_ok=True)
-        try:
-            fault_point("shard_write")
-            # The fsyncs run together (one journal commit rather than one per file and directory)
-            # while this thread computes the statistics and checksums: CPU work overlapping the
-            # disk, not zarr's write (which also needs the GIL: on tmpfs it took 60-70 ms per
-            # 75 MB shard next to the statistics, 42 ms alone).
-            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-commit") as pool:
-                files = self.layout.chunk_files(spec.site_names, shard)
-                chunks: dict[str, np.ndarray] = {}  # what each chunk file holds, padded
-                for site, a in acts.items():
-                    data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
-                    chunks[f"acts/{site}"] = self._write_chunk(f"acts/{site}", files, start, stop, data)
-                fault_point("shard_mid_write")
-                chunks["tokens"] = self._write_chunk("tokens", files, start, stop, np.asarray(tokens, np.int32))
-                chunks["positions"] = self._write_chunk("positions", files, start, stop,
-                                                        np.asarray(positions, np.int32))
-                synced = [pool.submit(fsync_path, p) for p in {*files.values(), *(f.parent for f in files.values())}]
-                stats = {site: shard_statistics(a) for site, a in acts.items()}
-                sizes = {name: path.stat().st_size for name, path in files.items()}
-                checksums = {name: _chunk_checksum(path, chunks[name], sizes[name], spec.compression)
-                             for name, path in files.items()}
-                for done in synced:
-                    done.result()
-            fault_point("ledger_record")
-            record = {"shard": shard, "rows": rows, "checksums": checksums, "sizes": sizes, "stats": stats}
-            write_atomic(self.layout.record(shard), json.dumps(record).encode(), exclusive=True)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise CacheError(
-                    f"disk full while writing shard {shard} of {self.layout.where}; free space and "
-                    "rerun the same command: committed shards are kept, this one is redone"
-                ) from None
-            if isinstance(e, FileExistsError):
-                raise CacheError(
-                    f"shard {shard} of {self.layout.where} was committed by another process meanwhile"
-                ) from None
-            raise
-        return record
-
-    def _write_chunk(self, name: str, files: dict[str, Path], start: int, stop: int, data: np.ndarray) -> np.ndarray:
-        """Write rows [start, stop) of array `name` (one chunk) from `data` (zero-padded); returns
-        the padded array. Uncompressed, the chunk file is the array's
-        little-endian bytes (zarr's bytes codec): written directly, temp file then rename, which
-        costs about 10% less than zarr's own write of a 75 MB chunk; otherwise through zarr."""
-        if self.spec.compression != "none" or not np.little_endian:
-            padded = _pad(data, stop - start)
-            self._arrays[name][start:stop] = padded
-            return padded
-        padded = np.ascontiguousarray(_pad(data, self.spec.rows_per_shard))  # an edge chunk is whole on disk too
-        path = files[name]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")  # zarr's pattern: cleaned up alike
-        try:
-            with open(tmp, "wb", buffering=0) as f:
-                view = memoryview(padded).cast("B")
-                while view:
-                    view = view[f.write(view):]
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # e.g. disk full: give the space back
-            raise
-        return padded
-
-    def seal(self, n_shards: int | None = None) -> dict[str, Any]:
-        """Write seal.json once shards 0..n_shards-1 are committed (default: all planned).
-
-        A corpus that ran out early has fewer shards, the last possibly short: the arrays are
-        shrunk to the rows actually written.
-        """
-        n = self.spec.n_shards if n_shards is None else n_shards
-        ledger = read_ledger(self.layout.root)
-        missing = [k for k in range(n) if k not in ledger]
-        if missing or n == 0:
-            raise CacheError(
-                f"{self.layout.where}: cannot seal, shards {missing[:5]} are not committed; "
-                "rerun the harvest command to finish them"
-            )
-        short = [k for k in range(n - 1) if ledger[k]["rows"] != self.spec.rows_per_shard]
-        if short:
-            raise CacheError(f"{self.layout.where}: cannot seal, shards {short[:5]} are short but not last")
-        n_rows = sum(ledger[k]["rows"] for k in range(n))
-        if n_rows != self.spec.planned_rows:
-            for name in self._arrays:
-                set_array_rows(self.layout.root / name, n_rows)
-        stats = {
-            s: merge_statistics((ledger[k]["stats"][s] for k in range(n)), self.spec.d_model)
-            for s in self.spec.site_names
-        }
-        fault_point("seal")
-        seal = {"n_rows": n_rows, "n_shards": n, "stats": stats, "software_version": software_version()}
-        write_atomic(self.layout.seal, json.dumps(seal).encode())
-        return seal
-
-
-def set_array_rows(array_dir: Path, n_rows: int) -> None:
-    """Shrink an array's first dimension in its zarr.json. Unlike zarr's resize this does not
-    visit the (never written) chunks past the end, which for a large budget on a short corpus
-    would be hundreds of thousands of deletions."""
-    meta_path = array_dir / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    meta["shape"][0] = n_rows
-    write_atomic(meta_path, json.dumps(meta, indent=2).encode())
-
-
-def _pad(a: np.ndarray, rows: int) -> np.ndarray:
-    if len(a) == rows:
-        return a
-    out = np.zeros((rows,) + a.shape[1:], dtype=a.dtype)
-    out[: len(a)] = a
-    return out
-
-
-def read_ledger(root: str | os.PathLike) -> dict[int, dict[str, Any]]:
-    """All committed shard records, by shard index. A corrupt record raises CacheError naming it."""
-    layout = Layout(root)
-    out = {}
-    if not layout.ledger.is_dir():
-        return out
-    for p in sorted(layout.ledger.glob("shard-*.json")):
-        try:
-            rec = json.loads(p.read_text())
-            out[int(rec["shard"])] = rec
-        except (ValueError, KeyError, TypeError) as e:
-            raise CacheError(
-                f"ledger record {p} is corrupt ({e}); `harvest verify --repair {p.parent.parent}` moves it aside and "
-                "prints the harvest command that redoes that shard"
-            ) from None
-    return out
+from shared.cache_errors import CacheError
+from shared.cache_layout import Layout
+from shared.cache_records import Seal, ShardRecord, SiteStatistics, read_ledger, read_seal
+from shared.cache_sources import CacheSource, LocalSource, open_source
+from shared.cache_spec import CacheSpec, SiteRecord, read_group_spec
+from shared.cache_stats import merge_statistics
+from shared.cache_storage import COMPRESSIONS, STORAGE_DTYPES, numpy_storage_dtype, to_storage
+from shared.cache_writer import CacheWriter, ShardWriter
+
+__all__ = ["COMPRESSIONS", "STORAGE_DTYPES", "Cache", "CacheError", "CacheSpec", "CacheWriter", "Layout", "Seal",
+           "ShardRecord", "ShardWriter", "SiteRecord", "SiteStatistics", "read_ledger", "to_storage"]
 
 
 # --------------------------------------------------------------------------- reader
@@ -700,17 +58,22 @@ def read_ledger(root: str | os.PathLike) -> dict[int, dict[str, Any]]:
 class Cache:
     """A cache opened for reading. Use `Cache.open(path or URL)`.
 
-    For a URL, `root` is the local read-through mirror and `remote` (a shared.remote.RemoteCache)
-    fetches each chunk file into it when first read.
+    root: the local cache folder files are read from (for a URL: its read-through mirror);
+    source: where its bytes come from (shared.cache_sources: the folder itself, or the mirror,
+    which fetches each chunk file when first read).
     """
 
     root: Path
     spec: CacheSpec
     attrs: dict[str, Any]
-    ledger: dict[int, dict[str, Any]]
-    seal: dict[str, Any] | None
+    ledger: dict[int, ShardRecord]
+    seal: Seal | None
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
-    remote: Any = field(default=None, repr=False)
+    source: CacheSource | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            self.source = LocalSource(self.root)
 
     @classmethod
     def open(
@@ -728,34 +91,21 @@ class Cache:
         are fetched there, checksum-checked, when first read. storage_options: fsspec options
         (merged over $SAEFORGE_STORAGE_OPTIONS).
         """
-        from shared.remote import RemoteCache, is_remote
-
-        if is_remote(root):
-            remote = RemoteCache.mirror(str(root), mirror, storage_options)
-            remote.pull()
-            root = remote.layout.root
-        else:
-            root = Path(root)
-            remote = RemoteCache.of_local_copy(root, storage_options)  # a mirror folder opened by path
-        where = remote.url if remote else None
-        spec, attrs = read_group_spec(root, where)
-        layout = Layout(root, where)
-        try:
-            seal = json.loads(layout.seal.read_text()) if layout.seal.exists() else None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CacheError(f"{layout.where}: seal.json is corrupt ({e}); `harvest verify --repair {layout.where}` "
-                             "moves it aside, then rerun the harvest command to seal again") from None
+        source = open_source(root, mirror, storage_options)
+        spec, attrs = read_group_spec(source.root, source.where)
+        layout = Layout(source.root, source.where)
+        seal = read_seal(layout)
         if seal is None and not allow_unsealed:
             raise CacheError(
                 f"{layout.where} is not sealed (harvest unfinished); finish it with the same harvest command, "
                 "or train on the completed shards only (train run --allow-unsealed; allow_unsealed=True in Python)"
             )
-        return cls(root, spec, attrs, read_ledger(root), seal, remote=remote)
+        return cls(source.root, spec, attrs, read_ledger(source.root), seal, source=source)
 
     @property
     def where(self) -> str:
         """How messages name this cache: its URL, or its folder."""
-        return self.remote.url if self.remote else str(self.root)
+        return self.source.where
 
     @property
     def sealed(self) -> bool:
@@ -764,28 +114,28 @@ class Cache:
     @property
     def shards(self) -> list[int]:
         """Shards available for reading: all when sealed, else the contiguous-or-not committed ones."""
-        if self.seal:
-            return list(range(self.seal["n_shards"]))
+        if self.seal is not None:
+            return list(range(self.seal.n_shards))
         return sorted(k for k in self.ledger if k < self.spec.n_shards)
 
     def shard_rows(self, shard: int) -> int:
-        return self._record(shard)["rows"]
+        return self._record(shard).rows
 
     @property
     def n_rows(self) -> int:
         return sum(self.shard_rows(k) for k in self.shards)
 
-    def _record(self, shard: int) -> dict[str, Any]:
+    def _record(self, shard: int) -> ShardRecord:
         if shard not in self.ledger:
             raise CacheError(f"{self.where}: shard {shard} is not committed (no ledger record)")
         return self.ledger[shard]
 
-    def stats(self, site: str) -> dict[str, Any]:
+    def stats(self, site: str) -> SiteStatistics:
         """Aggregated statistics of a site over the readable shards (mean_sq_norm, mean, ...)."""
         self.check_site(site)
-        if self.seal:
-            return self.seal["stats"][site]
-        return merge_statistics((self.ledger[k]["stats"][site] for k in self.shards), self.spec.d_model)
+        if self.seal is not None:
+            return self.seal.stats[site]
+        return merge_statistics((self.ledger[k].stats[site] for k in self.shards), self.spec.d_model)
 
     def check_site(self, site: str) -> None:
         if site not in self.spec.site_names:
@@ -799,16 +149,14 @@ class Cache:
     def _checked_file(self, name: str, shard: int) -> Path:
         path = Layout(self.root).chunk_files(self.spec.site_names, shard)[name]
         rec = self._record(shard)
-        if self.remote is not None and not path.exists():
-            # read-through: download, check size and checksum against the ledger, rename into place
-            self.remote.fetch(path, rec["sizes"][name], rec["checksums"][name], f"shard {shard} ({name})")
+        self.source.ensure_file(path, rec.sizes[name], rec.checksums[name], f"shard {shard} ({name})")
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise CacheError(f"{self.where}: shard {shard} file {path} is missing; re-harvest that shard") from None
-        if size != rec["sizes"][name]:
+        if size != rec.sizes[name]:
             raise CacheError(
-                f"{self.where}: shard {shard} file {path} is {size} bytes, ledger says {rec['sizes'][name]} "
+                f"{self.where}: shard {shard} file {path} is {size} bytes, ledger says {rec.sizes[name]} "
                 "(truncated or replaced); re-harvest that shard"
             )
         return path
@@ -843,7 +191,7 @@ class Cache:
         For a URL the objects on the store are checked (streamed, not copied into the mirror).
         """
         problems = []
-        n = self.seal["n_shards"] if self.seal else self.spec.n_shards
+        n = self.seal.n_shards if self.seal is not None else self.spec.n_shards
         layout = Layout(self.root)
         for k in range(n):
             rec = self.ledger.get(k)
@@ -851,20 +199,11 @@ class Cache:
                 problems.append(f"shard {k}: missing (no ledger record)")
                 continue
             for name, path in layout.chunk_files(self.spec.site_names, k).items():
-                if self.remote is not None:
-                    where = f"object {self.remote.url}/{layout.key(path)}"
-                    digest = self.remote.checksum(path)  # None when the object is missing
-                    problem = ("is missing" if digest is None else
-                               "fails its checksum" if digest != rec["checksums"][name] else None)
-                else:
-                    where = f"file {path}"
-                    problem = file_problem(path, rec["sizes"][name], rec["checksums"][name])
+                where, problem = self.source.check_file(path, rec.sizes[name], rec.checksums[name])
                 if problem:
                     problems.append(f"shard {k}: {name} {where} {problem}")
         return problems
 
     def disk_bytes(self) -> int:
         """Bytes of the cache: of its objects on the store for a URL, else of its folder."""
-        if self.remote is not None:
-            return self.remote.total_bytes()
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        return self.source.total_bytes()

@@ -86,7 +86,8 @@ import numpy as np
 import torch
 import xxhash
 
-from shared.cache import Cache, CacheError, Layout, file_checksum
+from shared.cache import Cache, CacheError, Layout
+from shared.durable import file_checksum
 from train.mapped_files import MADV_POPULATE_READ, MappedFiles, mappable
 from train.permutation import ORDER_VERSION, derive_key, permute, permutation
 
@@ -100,7 +101,7 @@ def cache_identity(cache: Cache) -> str:
     """xxh3-128 hex of the cache spec and the (index, rows, checksums) of every readable shard."""
     payload = {
         "spec": cache.spec.to_dict(),
-        "shards": [[k, cache.shard_rows(k), cache.ledger[k]["checksums"]] for k in cache.shards],
+        "shards": [[k, cache.shard_rows(k), cache.ledger[k].checksums] for k in cache.shards],
     }
     return xxhash.xxh3_128(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -281,7 +282,7 @@ class ActivationStore:
         if self.order.rows_per_epoch == 0:
             raise CacheError(f"{self.cache.root}: no training rows left (drop_bos removed every row)")
         self.cache_id = cache_identity(self.cache)
-        self.scaling_factors = {s: float(self.cache.stats(s)["norm_scaling_factor"]) for s in self.sites}
+        self.scaling_factors = {s: float(self.cache.stats(s).norm_scaling_factor) for s in self.sites}
 
         self._rps = spec.rows_per_shard
         self._storage = _TORCH_STORAGE[spec.dtype]
@@ -681,7 +682,7 @@ class ActivationStore:
         arr = self.cache.read_acts(site, shard)  # CacheError if missing / wrong size
         path, rows = arr.filename, arr.shape[0]
         del arr
-        size = self.cache.ledger[shard]["sizes"][f"acts/{site}"]
+        size = self.cache.ledger[shard].sizes[f"acts/{site}"]
         row_bytes = self.d_model * self._itemsize
         file_rows = size // row_bytes
         if size % row_bytes or not rows <= file_rows <= self._rps:
@@ -693,7 +694,7 @@ class ActivationStore:
         return self.verify == "always" or (self.verify == "once" and (site, shard) not in self._verified)
 
     def _check_digest(self, shard: int, name: str, digest: str) -> None:
-        if digest != self.cache.ledger[shard]["checksums"][name]:
+        if digest != self.cache.ledger[shard].checksums[name]:
             raise CacheError(f"{self.cache.root}: shard {shard} ({name}) fails its checksum (corrupt); re-harvest that shard")
 
 

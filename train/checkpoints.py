@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.cache import file_checksum, fsync_path, write_atomic
+from shared.durable import file_checksum, fsync_path, write_atomic
 from shared.faults import fault_point
 
 CHECKPOINT_FORMAT = 1

@@ -19,7 +19,7 @@ LM recorded in the cache (spec.model["id"], or --model) runs on them clean and w
 replaced (shared.hook_sites.splice) by
     spliced   the SAE reconstruction decode(encode(x * s)) / s  (s = the run's scaling factor)
     zero      zeros
-    mean      the cache's mean activation of the site (Cache.stats(site)["mean"])
+    mean      the cache's mean activation of the site (Cache.stats(site).mean)
 and we report the mean next-token cross-entropy of each (ce_clean, ce_spliced, ce_zero_ablation,
 ce_mean_ablation), ce_loss_score = (ce_zero - ce_spliced) / (ce_zero - ce_clean) (SAEBench's
 definition), ce_degradation = ce_spliced - ce_clean, kl_spliced = KL(clean || spliced) of the
@@ -55,7 +55,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shared.cache import Cache, write_atomic
+from shared.cache import Cache
+from shared.durable import write_atomic
 from shared.remote import is_remote
 from train.activation_store import ActivationStore, cache_identity
 from train.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
@@ -121,7 +122,7 @@ def open_cache_checked(cfg: TrainConfig, state: dict[str, Any], store_path: str 
 
 def scaling_factor(cfg: TrainConfig, cache: Cache) -> float:
     """The dataset-level factor s the SAE's inputs were multiplied by (1 without normalize)."""
-    return float(cache.stats(cfg.site)["norm_scaling_factor"]) if cfg.normalize else 1.0
+    return float(cache.stats(cfg.site).norm_scaling_factor) if cfg.normalize else 1.0
 
 
 def _store_for(cfg: TrainConfig, store_path: str | None, heldout_shards: int | None, device) -> ActivationStore:
@@ -379,7 +380,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         contexts = heldout_contexts(cache, held_shards, max_contexts)
         if contexts.shape[1] - start < 1:
             raise EvalError("contexts are too short to splice anything after position 0")
-        mean = torch.tensor(cache.stats(cfg.site)["mean"], dtype=torch.float32, device=dev)
+        mean = torch.tensor(cache.stats(cfg.site).mean, dtype=torch.float32, device=dev)
         interventions = {
             "zero": splice_fn(lambda x: torch.zeros_like(x), start),
             "mean": splice_fn(lambda x: mean.expand_as(x), start),

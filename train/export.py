@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from shared.cache import software_version, write_atomic
+from shared.cache_spec import software_version
+from shared.durable import write_atomic
 from train.evaluation import load_sae_checkpoint, open_cache_checked, scaling_factor
 from train.sae import BaseAutoencoder
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from shared.cache import write_atomic
+from shared.durable import write_atomic
 from train.checkpoints import CheckpointError, create_run_dir, list_checkpoints, read_checkpoint
 from train.config import ConfigError, TrainConfig, cfg_from_dict, get_default_cfg, post_init_cfg, update_cfg
 from train.distributed import SoloWorld, World

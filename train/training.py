@@ -27,7 +27,7 @@ from train.distributed import World
 from train.logs import RunLogger, density_histogram
 from train.sae import BaseAutoencoder, build_sae, explained_variance
 from shared.devices import DeviceError, resolve_device as resolve_any_device
-from shared.cache import write_atomic
+from shared.durable import write_atomic
 from shared.faults import fault_point
 
 
