@@ -1,0 +1,83 @@
+"""BatchTopK SAE: the k*B largest entries of relu(z) over a batch of B tokens; a calibrated threshold at inference."""
+
+import torch
+from torch import Tensor
+
+from train.kernels import BatchTopKEncode
+from train.sae.base import Active, BaseAutoencoder
+from train.sae.registry import register
+
+_THRESHOLD_KINDS = ("none", "global", "per_feature")
+
+
+class BatchTopK:
+    """Sparsity rule: training keeps the k*B largest entries of relu(z) over the batch (k per token
+    on average); inference, once a threshold is set (set_threshold), keeps z where z > threshold,
+    JumpReLU style.
+
+    `threshold` [m] is a buffer and `threshold_kind` is "none", "global" (one value for all
+    features) or "per_feature"; both travel in the state dict. The fast path stores the batch's
+    active set as a flat row-sorted list of k*B entries (see train.kernels); rows may hold any
+    number of them, so there is no padding.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, *, k: int, fast: bool = True, aux_coeff: float = 1 / 32, **base):
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
+        super().__init__(d_in, d_sae, aux_coeff=aux_coeff, **base)
+        self.k, self.fast = k, fast
+        device, dtype = self.W_dec.device, self.W_dec.dtype
+        self.register_buffer("threshold", torch.zeros(d_sae, device=device, dtype=dtype))
+        self.register_buffer("threshold_kind_id", torch.zeros((), dtype=torch.long, device=device))
+        self.threshold_kind = "none"
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_threshold_kind())
+
+    def _sync_threshold_kind(self) -> None:
+        self.threshold_kind = _THRESHOLD_KINDS[int(self.threshold_kind_id)]
+
+    @torch.no_grad()
+    def set_threshold(self, value: float | Tensor) -> None:
+        """Calibrated inference threshold: a scalar ("global") or a [m] tensor ("per_feature")."""
+        value = torch.as_tensor(value, dtype=self.threshold.dtype, device=self.threshold.device)
+        if value.dim() == 0:
+            kind = "global"
+        elif value.shape == (self.d_sae,):
+            kind = "per_feature"
+        else:
+            raise ValueError(f"threshold must be a scalar or shape ({self.d_sae},), got {tuple(value.shape)}")
+        self.threshold.copy_(value.expand(self.d_sae))
+        self.threshold_kind_id.fill_(_THRESHOLD_KINDS.index(kind))
+        self.threshold_kind = kind
+
+    def activation(self, pre: Tensor) -> Tensor:
+        z = pre.relu().flatten()
+        top, idx = z.topk(self.k * pre.shape[0], sorted=False)
+        return torch.zeros_like(z).scatter_(0, idx, top).view_as(pre)
+
+    def encode(self, x: Tensor, use_threshold: bool | None = None) -> Tensor:
+        """x [..., d] -> f [..., m]. use_threshold: None = the threshold if calibrated, else batch top-k."""
+        if use_threshold is None:
+            use_threshold = self.threshold_kind != "none"
+        if not use_threshold:
+            return super().encode(x)
+        if self.threshold_kind == "none":
+            raise ValueError(f"{type(self).__name__} has no calibrated threshold; call set_threshold() first")
+        z = self.pre_acts(x.reshape(-1, self.d_in)).relu()
+        return (z * (z > self.threshold)).reshape(*x.shape[:-1], self.d_sae)
+
+    def sparse_encode(self, centered: Tensor) -> tuple[Tensor, Tensor, Active, tuple]:
+        vals, rows, cols, offsets, pre = BatchTopKEncode.apply(centered, self.W_enc, self.b_enc, self.k)
+        f = torch.zeros_like(pre).index_put_((rows, cols), vals)
+        return f, pre, Active(vals, rows, cols), (vals, cols, offsets)
+
+    def inference_threshold(self) -> Tensor | None:
+        return None if self.threshold_kind == "none" else self.threshold.detach().clone()
+
+
+@register("batchtopk")
+class BatchTopKSAE(BatchTopK, BaseAutoencoder):
+    """Training: keep the k*B largest entries of relu(z) over the batch (k per token on average).
+
+    Inference: once a threshold is set (set_threshold), encode keeps z where z > threshold,
+    JumpReLU style (see BatchTopK).
+    """
