@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="Tokens to harvest (7 shards of 32,768; the last shard is held out for evaluation).")
     ap.add_argument("--train-tokens", type=int, default=300_000, help="Tokens to train the SAE on.")
     ap.add_argument("--layer", type=int, default=8)
-    ap.add_argument("--arch", default="topk", choices=["vanilla", "topk", "batchtopk", "jumprelu"])
+    from train.sae.registry import arch_names
+
+    ap.add_argument("--arch", default="topk", choices=arch_names())
     ap.add_argument("--k", type=int, default=32)
     args = ap.parse_args(argv)
     out = Path(args.out)

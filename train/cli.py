@@ -8,7 +8,8 @@ import click
 
 from shared.cache import CacheError
 from train.checkpoints import CheckpointError
-from train.config import ARCHS, ConfigError, field_help, get_default_cfg, load_toml, parse_set, update_cfg
+from train.sae.registry import arch_names
+from train.config import ConfigError, field_help, get_default_cfg, load_toml, parse_set, update_cfg
 
 USER_ERRORS = (CacheError, ConfigError, CheckpointError)
 
@@ -46,7 +47,7 @@ def main() -> None:
 @main.command()
 @click.option("--store", help=HELP["store"])
 @click.option("--site", help=HELP["site"])
-@click.option("--arch", type=click.Choice(ARCHS), help=HELP["arch"] + " [default: topk]")
+@click.option("--arch", type=click.Choice(arch_names()), help=HELP["arch"] + " [default: topk]")
 @click.option("--k", type=int, help=HELP["k"] + " [default: 32]")
 @click.option("--dict-size", type=int, help=HELP["dict_size"])
 @click.option("--expansion", type=int, help=HELP["expansion"] + " [default: 8]")

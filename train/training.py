@@ -25,7 +25,8 @@ from train.checkpoints import create_run_dir, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig, cfg_from_dict, post_init_cfg, update_cfg
 from train.distributed import World
 from train.logs import RunLogger, density_histogram
-from train.sae import BaseAutoencoder, build_sae, explained_variance
+from train.sae import BaseAutoencoder
+from train.sae.registry import build_from_cfg  # noqa: F401 (importable from here, as before)
 from shared.devices import DeviceError, resolve_device as resolve_any_device
 from shared.cache import write_atomic
 from shared.faults import fault_point
@@ -65,21 +66,6 @@ def open_store(cfg: TrainConfig, device: torch.device, world: World = World()) -
         normalize=cfg.normalize, device=device, rank=world.rank, world_size=world.size,
         allow_unsealed=cfg.allow_unsealed, threads=cfg.store_threads, window_io=cfg.store_io,
     )
-
-
-def build_from_cfg(cfg: TrainConfig, device: torch.device) -> BaseAutoencoder:
-    """The SAE a (post-initialised) config describes, initialised from cfg.seed."""
-    arch_args: dict[str, Any] = {
-        "vanilla": {"l1_coeff": cfg.l1_coeff},
-        "topk": {"k": cfg.k, "aux_coeff": cfg.aux_coeff, "fast": cfg.sparse_kernels},
-        "batchtopk": {"k": cfg.k, "aux_coeff": cfg.aux_coeff, "fast": cfg.sparse_kernels},
-        "jumprelu": {"l0_coeff": cfg.l0_coeff, "sparsity": cfg.jumprelu_sparsity,
-                     "bandwidth": cfg.jumprelu_bandwidth, "threshold_init": cfg.threshold_init},
-    }[cfg.arch]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    return build_sae(cfg.arch, d_in=cfg.d_in, d_sae=cfg.dict_size, aux_k=cfg.aux_k,
-                     dead_tokens_threshold=cfg.dead_tokens_threshold, generator=gen,
-                     device=device, **arch_args)
 
 
 def generate_checkpoint_dir(cfg: TrainConfig) -> Path:

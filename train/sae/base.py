@@ -73,6 +73,28 @@ class BaseAutoencoder(nn.Module):
 
     arch = "base"
     fast = False  # True: train through sparse_encode (the sparse kernels of train.kernels)
+    # Constructor keyword -> TrainConfig key, for the keys this variant reads beyond the shared ones.
+    config_keys: dict[str, str] = {}
+
+    # ----- what the variant declares about a training config (train.config, train.sae.registry)
+    @classmethod
+    def config_args(cls, cfg) -> dict:
+        """Constructor keyword arguments (plain JSON values) of the SAE a post-initialised
+        TrainConfig describes: d_in, d_sae and the shared keys, then the variant's `config_keys`."""
+        args = {"d_in": cfg.d_in, "d_sae": cfg.dict_size, "aux_k": cfg.aux_k,
+                "dead_tokens_threshold": cfg.dead_tokens_threshold}
+        args.update({kw: getattr(cfg, key) for kw, key in cls.config_keys.items()})
+        return args
+
+    @classmethod
+    def config_error(cls, cfg) -> str | None:
+        """What is impossible about `cfg` for this variant (a one-line message naming the keys), or None."""
+        return None
+
+    @classmethod
+    def run_label(cls, cfg) -> str:
+        """The sparsity part of a default run name, e.g. "k32" or "l1_5" (train.config.default_run_name)."""
+        raise NotImplementedError(f"{cls.__name__} must define run_label(cfg) to be trained from a config")
 
     def __init__(self, d_in: int, d_sae: int, *, aux_k: int | None = None, aux_coeff: float = 0.0,
                  dead_tokens_threshold: int = 10_000_000, generator: torch.Generator | None = None,

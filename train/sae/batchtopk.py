@@ -6,14 +6,15 @@ from torch import Tensor
 from train.kernels import BatchTopKEncode
 from train.sae.base import Active, BaseAutoencoder
 from train.sae.registry import register
+from train.sae.topk import TopK
 
 _THRESHOLD_KINDS = ("none", "global", "per_feature")
 
 
-class BatchTopK:
+class BatchTopK(TopK):
     """Sparsity rule: training keeps the k*B largest entries of relu(z) over the batch (k per token
-    on average); inference, once a threshold is set (set_threshold), keeps z where z > threshold,
-    JumpReLU style.
+    on average; TopK's arguments, config keys and run label); inference, once a threshold is set
+    (set_threshold), keeps z where z > threshold, JumpReLU style.
 
     `threshold` [m] is a buffer and `threshold_kind` is "none", "global" (one value for all
     features) or "per_feature"; both travel in the state dict. The fast path stores the batch's
@@ -21,11 +22,8 @@ class BatchTopK:
     number of them, so there is no padding.
     """
 
-    def __init__(self, d_in: int, d_sae: int, *, k: int, fast: bool = True, aux_coeff: float = 1 / 32, **base):
-        if not 0 < k <= d_sae:
-            raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")
-        super().__init__(d_in, d_sae, aux_coeff=aux_coeff, **base)
-        self.k, self.fast = k, fast
+    def __init__(self, d_in: int, d_sae: int, **rule):
+        super().__init__(d_in, d_sae, **rule)
         device, dtype = self.W_dec.device, self.W_dec.dtype
         self.register_buffer("threshold", torch.zeros(d_sae, device=device, dtype=dtype))
         self.register_buffer("threshold_kind_id", torch.zeros((), dtype=torch.long, device=device))

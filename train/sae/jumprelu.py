@@ -20,6 +20,13 @@ class JumpReLU:
     aux_coeff > 0.
     """
 
+    config_keys = {"l0_coeff": "l0_coeff", "sparsity": "jumprelu_sparsity", "bandwidth": "jumprelu_bandwidth",
+                   "threshold_init": "threshold_init"}
+
+    @classmethod
+    def run_label(cls, cfg) -> str:
+        return f"l0_{cfg.l0_coeff:g}"
+
     def __init__(self, d_in: int, d_sae: int, *, l0_coeff: float = 1.0, sparsity: str = "l0",
                  tanh_c: float = 4.0, threshold_init: float = 0.001, bandwidth: float = 0.05, **base):
         if sparsity not in ("l0", "tanh"):

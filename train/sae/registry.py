@@ -1,12 +1,15 @@
 """The registry of SAE architectures: name -> class, in registration order.
 
-`register(name)` is a class decorator; `build_sae(name, **kwargs)` constructs one. The registry is
-the list of architectures: the CLI's --arch choices and the config's validation of `arch` read it.
+`register(name)` is a class decorator; `build_sae(name, **kwargs)` constructs one and
+`build_from_cfg(cfg, device)` the one a training config describes. The registry is the list of
+architectures: the CLI's --arch choices and the config's validation of `arch` read it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from train.sae.base import BaseAutoencoder
@@ -42,3 +45,10 @@ def sae_class(arch: str) -> type[BaseAutoencoder]:
 def build_sae(arch: str, **kwargs) -> BaseAutoencoder:
     """Construct a registered SAE, e.g. build_sae("topk", d_in=768, d_sae=24576, k=32)."""
     return sae_class(arch)(**kwargs)
+
+
+def build_from_cfg(cfg, device: torch.device | str | None = None) -> BaseAutoencoder:
+    """The SAE a post-initialised TrainConfig describes (its class's config_args), initialised from cfg.seed."""
+    cls = sae_class(cfg.arch)
+    return build_sae(cfg.arch, **cls.config_args(cfg), generator=torch.Generator().manual_seed(cfg.seed),
+                     device=device)

@@ -15,6 +15,18 @@ class TopK:
     dense reference path. AuxK is on by default (aux_coeff = 1/32).
     """
 
+    config_keys = {"k": "k", "aux_coeff": "aux_coeff", "fast": "sparse_kernels"}
+
+    @classmethod
+    def config_error(cls, cfg) -> str | None:
+        if cfg.dict_size is not None and cfg.k > cfg.dict_size:
+            return f"k={cfg.k} is larger than dict_size={cfg.dict_size}"
+        return None
+
+    @classmethod
+    def run_label(cls, cfg) -> str:
+        return f"k{cfg.k}"
+
     def __init__(self, d_in: int, d_sae: int, *, k: int, fast: bool = True, aux_coeff: float = 1 / 32, **base):
         if not 0 < k <= d_sae:
             raise ValueError(f"k must be in 1..d_sae={d_sae}, got {k}")

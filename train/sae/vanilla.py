@@ -9,6 +9,12 @@ from train.sae.registry import register
 class ReLUL1:
     """Sparsity rule: f = relu(z), penalised by the decoder-norm-weighted L1 of f (no AuxK by default)."""
 
+    config_keys = {"l1_coeff": "l1_coeff"}
+
+    @classmethod
+    def run_label(cls, cfg) -> str:
+        return f"l1_{cfg.l1_coeff:g}"
+
     def __init__(self, d_in: int, d_sae: int, *, l1_coeff: float = 5.0, **base):
         super().__init__(d_in, d_sae, **base)
         self.l1_coeff = l1_coeff
