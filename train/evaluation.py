@@ -34,7 +34,8 @@ next-token prediction of a context (positions 0..T-2 predicting tokens 1..T-1); 
 With position 0 kept clean, the prediction made at position 0 is identical in every run (causal
 attention), so it adds the same amount to each CE and nothing to the KL.
 
-Encodings: TopK, vanilla and JumpReLU have one ("inference"). BatchTopK has two, labelled:
+Encodings (each variant's `encodings()`, train.sae): TopK, vanilla and JumpReLU have one
+("inference"). BatchTopK has two, labelled:
 "threshold" (JumpReLU-style with the calibrated threshold: what `train export` writes and what
 per-token inference uses) and "batch_topk" (the training-time rule: the k*B largest pre-activations
 of each batch of B tokens; B is the run's batch_size for the reconstruction figures and the
@@ -61,16 +62,11 @@ from train.activation_store import ActivationStore, cache_identity
 from train.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
 from train.config import TrainConfig, update_cfg
 from train.logs import density_histogram, resolve_wandb_mode
+from train.heldout import evaluate_heldout
 from train.sae import BaseAutoencoder
-from train.training import (
-    build_from_cfg,
-    evaluate_heldout,
-    load_run_config,
-    open_store,
-    resolve_device,
-    threshold_loop_collect,
-    threshold_loop_compute,
-)
+from train.sae.base import Encoding
+from train.sae.registry import SAE_REGISTRY, build_from_cfg
+from train.training import load_run_config, open_store, resolve_device
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens counts as dense
 DEFAULT_BATCHES = 50  # held-out store batches (of the run's batch_size) for reconstruction figures
@@ -138,36 +134,12 @@ def _store_for(cfg: TrainConfig, store_path: str | None, heldout_shards: int | N
     return open_store(cfg, device)
 
 
-# --------------------------------------------------------------------------- encodings
-
-
-@dataclass(frozen=True)
-class Encoding:
-    name: str
-    label: str
-    use_threshold: bool | None  # passed to BatchTopKSAE.encode; None for the other variants
-
-
-def encodings(sae: BaseAutoencoder) -> list[Encoding]:
-    """The ways this SAE encodes, first the one `train export` writes."""
-    if sae.arch != "batchtopk":
-        return [Encoding("inference", f"{sae.arch} encoder (per token)", None)]
-    out = []
-    if sae.threshold_kind != "none":
-        out.append(Encoding("threshold", f"JumpReLU with the calibrated {sae.threshold_kind} threshold "
-                                         "(per token; as exported)", True))
-    out.append(Encoding("batch_topk", f"training-time batch top-k (k={sae.k} per token on average over each batch)",
-                        False))
-    return out
-
-
-def _encode(sae: BaseAutoencoder, x: Tensor, enc: Encoding) -> Tensor:
-    return sae.encode(x) if enc.use_threshold is None else sae.encode(x, use_threshold=enc.use_threshold)
+# --------------------------------------------------------------------------- encodings (sae.encodings())
 
 
 def reconstruct_raw(sae: BaseAutoencoder, x: Tensor, scale: float, enc: Encoding) -> Tensor:
     """decode(encode(x * s)) / s for raw activations x [N, d] (float32)."""
-    return sae.decode(_encode(sae, x * scale, enc)) / scale
+    return sae.decode(enc.encode(sae, x * scale)) / scale
 
 
 # --------------------------------------------------------------------------- reconstruction
@@ -177,18 +149,10 @@ def reconstruct_raw(sae: BaseAutoencoder, x: Tensor, scale: float, enc: Encoding
 def reconstruction_metrics(sae: BaseAutoencoder, store: ActivationStore, enc: Encoding, scale: float,
                            max_batches: int = DEFAULT_BATCHES) -> dict[str, Any]:
     """evaluate_heldout's figures plus cosine similarity, L1, dead/dense latents and the density histogram."""
-    dev = sae.W_dec.device
-    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)
-    sums = {"cos": torch.zeros((), dtype=torch.float64, device=dev), "l1": torch.zeros((), dtype=torch.float64, device=dev)}
-
-    def on_batch(x: Tensor, f: Tensor, x_hat: Tensor) -> None:
-        fired.add_((f > 0).sum(0))
-        sums["cos"] += torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).double().sum()
-        sums["l1"] += f.abs().double().sum()
-
-    base = evaluate_heldout(sae, store, max_batches=max_batches, use_threshold=enc.use_threshold, on_batch=on_batch)
-    sae.eval()
+    sums = _LatentSums(sae.d_sae, sae.W_dec.device)
+    base = evaluate_heldout(sae, store, max_batches=max_batches, encoding=enc, accumulators=[sums])
     n = base["rows"]
+    fired = sums.fired
     density = fired.double() / n
     dead = int((fired == 0).sum())
     dense = int((density > DENSE_THRESHOLD).sum())
@@ -197,15 +161,29 @@ def reconstruction_metrics(sae: BaseAutoencoder, store: ActivationStore, enc: En
         "mse": base["mse"],
         "mse_raw": base["mse"] / scale**2,
         "explained_variance": base["explained_variance"],
-        "cosine_similarity": float(sums["cos"]) / n,
+        "cosine_similarity": float(sums.cos) / n,
         "l0": base["l0"],
-        "l1": float(sums["l1"]) / n,
+        "l1": float(sums.l1) / n,
         "dead": dead,
         "dead_fraction": dead / sae.d_sae,
         "dense": dense,
         "dense_fraction": dense / sae.d_sae,
         "density_hist": density_histogram(fired, n),
     }
+
+
+class _LatentSums:
+    """Accumulator (train.heldout): tokens each latent fired on [m], sums of cos(x, x_hat) and of sum_i |f_i|."""
+
+    def __init__(self, d_sae: int, device: torch.device):
+        self.fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.cos = torch.zeros((), dtype=torch.float64, device=device)
+        self.l1 = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, x: Tensor, f: Tensor, x_hat: Tensor) -> None:
+        self.fired.add_((f > 0).sum(0))
+        self.cos += torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).double().sum()
+        self.l1 += f.abs().double().sum()
 
 
 # --------------------------------------------------------------------------- language-model figures
@@ -361,7 +339,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
     scale = scaling_factor(cfg, cache)
     store = _store_for(cfg, str(cache.root), heldout_shards, dev)
     try:
-        modes = encodings(sae)
+        modes = sae.encodings()
         per_mode: dict[str, Any] = {}
         for enc in modes:
             per_mode[enc.name] = {"label": enc.label,
@@ -402,8 +380,9 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
                 "kl_spliced": r["kl"],
                 "kl_div_score": (res["zero"]["kl"] - r["kl"]) / res["zero"]["kl"] if res["zero"]["kl"] > 0 else float("nan"),
             })
-        if sae.arch == "batchtopk":
-            per_mode["batch_topk"]["lm_batch_tokens"] = min(lm_batch_size, contexts.shape[0]) * (contexts.shape[1] - start)
+        for enc in modes:
+            if enc.per_batch:  # the batch its rule selected over: one LM batch's spliced tokens
+                per_mode[enc.name]["lm_batch_tokens"] = min(lm_batch_size, contexts.shape[0]) * (contexts.shape[1] - start)
         del lm_model
 
     results = {
@@ -416,8 +395,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         "site": cfg.site,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
-        "k": cfg.k if cfg.arch in ("topk", "batchtopk") else None,
-        "threshold_kind": getattr(sae, "threshold_kind", None),
+        "k": sae.describe()["k"],
+        "threshold_kind": sae.describe()["threshold_kind"],
         "scaling_factor": scale,
         "cache": str(cache.root),
         "settings": {
@@ -431,7 +410,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         "encodings": per_mode,
         "lm": lm,
     }
-    if sae.arch == "batchtopk" and sae.threshold_kind == "none":
+    if sae.needs_calibration and not sae.calibrated:
         results["note"] = (f"no calibrated threshold: run `train calibrate {run.checkpoint}` for the "
                            "inference (exported) encoding")
     dest = Path(out) if out else Path(path) / "eval.json"
@@ -552,14 +531,17 @@ def _fmt(v: float | None, spec: str) -> str:
 def calibrate_checkpoint(path: str | os.PathLike, *, kind: str | None = None, batches: int | None = None,
                          device: str | None = None, store_path: str | None = None,
                          heldout_shards: int | None = None) -> dict[str, Any]:
-    """Calibrate a BatchTopK checkpoint's inference threshold on held-out rows and rewrite that
-    checkpoint (atomically, same step) with it. Returns the calibration record (also in state.json)."""
+    """Calibrate the inference threshold of a checkpoint whose variant needs one (BatchTopK) on
+    held-out rows and rewrite that checkpoint (atomically, same step) with it. Returns the
+    calibration record (also in state.json)."""
     run = load_sae_checkpoint(path)
     cfg, sae = run.cfg, run.sae
     dev = resolve_device(device or cfg.device)
     sae.to(dev)
-    if cfg.arch != "batchtopk":
-        raise EvalError(f"{run.checkpoint} is a {cfg.arch} SAE; only batchtopk needs a threshold calibration")
+    if not sae.needs_calibration:
+        need = [a for a, cls in SAE_REGISTRY.items() if cls.needs_calibration]
+        raise EvalError(f"{run.checkpoint} is a {sae.arch} SAE; only {', '.join(need)} "
+                        f"{'needs' if len(need) == 1 else 'need'} a threshold calibration")
     kind = kind or cfg.threshold_kind
     if kind not in ("global", "per_feature"):
         raise EvalError(f"threshold kind {kind!r} is not one of global, per_feature")
@@ -567,14 +549,13 @@ def calibrate_checkpoint(path: str | os.PathLike, *, kind: str | None = None, ba
     cache = open_cache_checked(cfg, run.state, store_path)
     store = _store_for(cfg, str(cache.root), heldout_shards, dev)
     try:
-        stats = threshold_loop_collect(sae, store.eval_batches(), n_batches)
-        sae.set_threshold(threshold_loop_compute(stats, kind))
-        held = evaluate_heldout(sae, store, max_batches=n_batches, use_threshold=True)
+        sae.calibrate(store.eval_batches(), kind, n_batches)
+        held = evaluate_heldout(sae, store, max_batches=n_batches, encoding=sae.encodings()[0])
         held_shards = list(store.heldout_shards)
     finally:
         store.close()
     record = {"threshold_kind": kind, "batches": n_batches, "heldout_shards": held_shards,
-              "inference_l0": held["l0"], "k": cfg.k, "explained_variance": held["explained_variance"]}
+              "inference_l0": held["l0"], "k": sae.describe()["k"], "explained_variance": held["explained_variance"]}
     state = {k: v for k, v in run.state.items() if k not in ("step", "checkpoint_format", "checksums")}
     state["threshold_kind"] = kind
     state["calibration"] = record

@@ -24,16 +24,14 @@ from train.activation_store import ActivationStore
 from train.checkpoints import create_run_dir, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig, cfg_from_dict, post_init_cfg, update_cfg
 from train.distributed import World
+from train.errors import TrainingError
+from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
 from train.logs import RunLogger, density_histogram
 from train.sae import BaseAutoencoder
 from train.sae.registry import build_from_cfg  # noqa: F401 (importable from here, as before)
 from shared.devices import DeviceError, resolve_device as resolve_any_device
 from shared.cache import write_atomic
 from shared.faults import fault_point
-
-
-class TrainingError(Exception):
-    """Training stopped (NaN loss, bad store); the message says what to do."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -312,100 +310,18 @@ def _as_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
     return cfg if isinstance(cfg, TrainConfig) else cfg_from_dict(cfg)
 
 
-# --------------------------------------------------------------------------- thresholds
-
-
-@torch.no_grad()
-def threshold_loop_collect(sae: BaseAutoencoder, batches, n_batches: int) -> dict[str, torch.Tensor]:
-    """Statistics of BatchTopK's selections over held-out batches (training-mode batch top-k).
-
-    Returns sums over batches of: the smallest kept activation of each batch (global), and each
-    latent's smallest kept activation in batches where it fired (per-feature), with counts.
-    """
-    m = sae.d_sae
-    dev = sae.W_dec.device
-    stats = {"global_sum": torch.zeros((), dtype=torch.float64, device=dev), "global_n": torch.zeros((), device=dev),
-             "feature_sum": torch.zeros(m, dtype=torch.float64, device=dev), "feature_n": torch.zeros(m, device=dev)}
-    for i, x in enumerate(batches):
-        if i >= n_batches:
-            break
-        f = sae.encode(x.to(dev), use_threshold=False)
-        kept = f > 0
-        if not kept.any():
-            continue
-        stats["global_sum"] += f[kept].min().double()
-        stats["global_n"] += 1
-        fired = kept.any(0)
-        mins = torch.where(kept, f, torch.full_like(f, float("inf"))).min(0).values
-        stats["feature_sum"] += torch.where(fired, mins, torch.zeros_like(mins)).double()
-        stats["feature_n"] += fired.float()
-    return stats
-
-
-def threshold_loop_compute(stats: dict[str, torch.Tensor], kind: str) -> torch.Tensor | float:
-    """Global threshold (mean over batches of the smallest kept activation), or per-feature
-    thresholds (each latent's mean smallest kept activation; the global value where it never fired)."""
-    if float(stats["global_n"]) == 0:
-        raise TrainingError("no held-out batch produced an active latent; cannot calibrate a threshold")
-    global_t = float(stats["global_sum"] / stats["global_n"])
-    if kind == "global":
-        return global_t
-    per = stats["feature_sum"] / stats["feature_n"].clamp_min(1)
-    return torch.where(stats["feature_n"] > 0, per, torch.full_like(per, global_t)).float()
-
-
-@torch.no_grad()
-def evaluate_heldout(sae: BaseAutoencoder, store: ActivationStore, max_batches: int = 50,
-                     use_threshold: bool | None = None, on_batch=None) -> dict[str, float]:
-    """Reconstruction on held-out rows: MSE (per token, summed over d), explained variance, L0,
-    and latents that never fired over the evaluated rows.
-
-    on_batch(x, f, x_hat), if given, sees every evaluated batch (used by train.evaluation)."""
-    sae.eval()
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
-    sq_err = total_var = l0 = 0.0
-    n = 0
-    xs_sum = xs_sq = 0.0
-    for i, x in enumerate(store.eval_batches()):
-        if i >= max_batches:
-            break
-        x = x.to(sae.W_dec.device)
-        f = sae.encode(x, use_threshold=use_threshold) if use_threshold is not None else sae.encode(x)
-        x_hat = sae.decode(f)
-        if on_batch is not None:
-            on_batch(x, f, x_hat)
-        sq_err += float(((x - x_hat) ** 2).sum())
-        xs_sum = xs_sum + x.double().sum(0)
-        xs_sq += float((x.double() ** 2).sum())
-        l0 += float((f > 0).sum())
-        fired |= (f > 0).any(0)
-        n += x.shape[0]
-    sae.train()
-    if n == 0:
-        raise TrainingError("the store has no held-out rows to evaluate on; set heldout_shards >= 1")
-    total_var = xs_sq - float((xs_sum**2).sum()) / n
-    return {"mse": sq_err / n, "explained_variance": 1 - sq_err / total_var, "l0": l0 / n,
-            "never_fired": int((~fired).sum()), "never_fired_fraction": float((~fired).float().mean()),
-            "rows": n}
+# --------------------------------------------------------------------------- after training
 
 
 def calibrate_and_evaluate(trainer: Trainer) -> dict[str, Any]:
-    """After training: BatchTopK threshold calibration, held-out reconstruction figures."""
+    """After training: the variant's calibration (if it needs one: cfg.threshold_kind on
+    cfg.threshold_batches held-out batches), then its held-out results (sae.final_results)."""
     cfg, sae, store = trainer.cfg, trainer.sae, trainer.store
-    results: dict[str, Any] = {}
     if cfg.heldout_shards == 0:
-        return results
-    if cfg.arch == "batchtopk":
-        stats = threshold_loop_collect(sae, store.eval_batches(), cfg.threshold_batches)
-        sae.set_threshold(threshold_loop_compute(stats, cfg.threshold_kind))
-        results["threshold_kind"] = cfg.threshold_kind
-        results["heldout_batchtopk"] = evaluate_heldout(sae, store, use_threshold=False)
-        results["heldout"] = evaluate_heldout(sae, store, use_threshold=True)
-        results["inference_l0"] = results["heldout"]["l0"]
-        results["k"] = cfg.k
-    else:
-        results["heldout"] = evaluate_heldout(sae, store)
-    return results
+        return {}
+    if sae.needs_calibration:
+        sae.calibrate(store.eval_batches(), cfg.threshold_kind, cfg.threshold_batches)
+    return sae.final_results(lambda encoding: evaluate_heldout(sae, store, encoding=encoding))
 
 
 # --------------------------------------------------------------------------- entry points

@@ -23,7 +23,8 @@ dead-latent update and `SAEOutput.fired` are taken from it, so beyond the encode
 selection only `latents` (a zero fill and a scatter) touches [B, m] memory.
 """
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,24 @@ class Active(NamedTuple):
     vals: Tensor
     rows: Tensor
     cols: Tensor
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One way an SAE encodes at inference / evaluation (BaseAutoencoder.encodings).
+
+    name: its key in eval.json; label: for people; use_threshold: passed to encode when not None
+    (True: the calibrated threshold, False: the training-time batch rule); per_batch: a token's
+    latents depend on the other tokens of its batch."""
+
+    name: str
+    label: str
+    use_threshold: bool | None
+    per_batch: bool = False
+
+    def encode(self, sae: "BaseAutoencoder", x: Tensor) -> Tensor:
+        """sae's latents of x [..., d] under this encoding -> [..., m]."""
+        return sae.encode(x) if self.use_threshold is None else sae.encode(x, use_threshold=self.use_threshold)
 
 
 def geometric_median(points: Tensor, n_iter: int = 50, eps: float = 1e-8) -> Tensor:
@@ -233,3 +252,29 @@ class BaseAutoencoder(nn.Module):
     def inference_threshold(self) -> Tensor | None:
         """Per-feature threshold [m] for export as JumpReLU, or None when the variant has none."""
         return None
+
+    # ----- inference encodings and calibration (train.training after training, train.evaluation)
+    needs_calibration = False  # True: inference needs calibrate() on held-out rows after training
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the inference encoding is ready (always, unless the variant needs a calibration)."""
+        return True
+
+    def calibrate(self, batches, kind: str, n_batches: int) -> None:
+        """Calibrate inference on up to n_batches held-out batches [B, d] (variants that need it)."""
+        raise NotImplementedError(f"{type(self).__name__} has nothing to calibrate")
+
+    def encodings(self) -> list[Encoding]:
+        """The ways this SAE encodes, first the one inference (and `train export`) uses."""
+        return [Encoding("inference", f"{self.arch} encoder (per token)", None)]
+
+    def final_results(self, evaluate: Callable[[Encoding], dict[str, Any]]) -> dict[str, Any]:
+        """done.json's held-out results after training (and calibration); evaluate(encoding) gives
+        train.heldout.evaluate_heldout's figures of one encoding."""
+        return {"heldout": evaluate(self.encodings()[0])}
+
+    def describe(self) -> dict[str, Any]:
+        """Facts that reports record: k (active latents per token, None when not fixed) and
+        threshold_kind (of a calibrated inference threshold; None when the variant has none)."""
+        return {"k": None, "threshold_kind": None}

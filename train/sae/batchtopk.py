@@ -3,8 +3,9 @@
 import torch
 from torch import Tensor
 
+from train.heldout import threshold_loop_collect, threshold_loop_compute
 from train.kernels import BatchTopKEncode
-from train.sae.base import Active, BaseAutoencoder
+from train.sae.base import Active, BaseAutoencoder, Encoding
 from train.sae.registry import register
 from train.sae.topk import TopK
 
@@ -70,6 +71,39 @@ class BatchTopK(TopK):
 
     def inference_threshold(self) -> Tensor | None:
         return None if self.threshold_kind == "none" else self.threshold.detach().clone()
+
+    # ----- calibration and encodings
+    needs_calibration = True
+
+    @property
+    def calibrated(self) -> bool:
+        return self.threshold_kind != "none"
+
+    def calibrate(self, batches, kind: str, n_batches: int) -> None:
+        """Set the inference threshold ("global" or "per_feature", train.heldout.threshold_loop_compute)
+        from the training-time selections on up to n_batches held-out batches."""
+        self.set_threshold(threshold_loop_compute(threshold_loop_collect(self, batches, n_batches), kind))
+
+    def encodings(self) -> list[Encoding]:
+        """The calibrated threshold (when set; what export writes), then the training-time batch top-k."""
+        out = []
+        if self.calibrated:
+            out.append(Encoding("threshold", f"JumpReLU with the calibrated {self.threshold_kind} threshold "
+                                             "(per token; as exported)", True))
+        out.append(Encoding("batch_topk", f"training-time batch top-k (k={self.k} per token on average over each "
+                                          "batch)", False, per_batch=True))
+        return out
+
+    def final_results(self, evaluate) -> dict:
+        """Both encodings' figures; "heldout" is the threshold's, and inference L0 is reported against k."""
+        threshold, batch_topk = self.encodings()
+        batch_figures = evaluate(batch_topk)
+        figures = evaluate(threshold)
+        return {"threshold_kind": self.threshold_kind, "heldout_batchtopk": batch_figures, "heldout": figures,
+                "inference_l0": figures["l0"], "k": self.k}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "threshold_kind": self.threshold_kind}
 
 
 @register("batchtopk")

@@ -33,6 +33,9 @@ class TopK:
         super().__init__(d_in, d_sae, aux_coeff=aux_coeff, **base)
         self.k, self.fast = k, fast
 
+    def describe(self) -> dict:
+        return {**super().describe(), "k": self.k}
+
     def activation(self, pre: Tensor) -> Tensor:
         top, idx = pre.topk(self.k, dim=1, sorted=False)
         return torch.zeros_like(pre).scatter_(1, idx, top.relu())
