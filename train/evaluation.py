@@ -66,6 +66,7 @@ from train.heldout import evaluate_heldout
 from train.sae import BaseAutoencoder
 from train.sae.base import Encoding
 from train.sae.registry import SAE_REGISTRY, build_from_cfg
+from train.scaling import Scaling
 from train.training import load_run_config, open_store, resolve_device
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens counts as dense
@@ -115,9 +116,13 @@ def open_cache_checked(cfg: TrainConfig, state: dict[str, Any], store_path: str 
     return cache
 
 
-def scaling_factor(cfg: TrainConfig, cache: Cache) -> float:
-    """The dataset-level factor s the SAE's inputs were multiplied by (1 without normalize)."""
-    return float(cache.stats(cfg.site)["norm_scaling_factor"]) if cfg.normalize else 1.0
+def checkpoint_scaling(run: LoadedCheckpoint, cache: Cache) -> Scaling:
+    """The dataset scaling the checkpoint's SAE was trained with: its state.json's record, else
+    (a checkpoint older than the record) the cache statistics and the run's normalize setting."""
+    scaling = Scaling.from_state(run.state, run.cfg.normalize)
+    if scaling is None or not scaling.has(run.cfg.site):
+        scaling = Scaling.from_cache(cache, [run.cfg.site], run.cfg.normalize)
+    return scaling
 
 
 def _store_for(cfg: TrainConfig, store_path: str | None, heldout_shards: int | None, device) -> ActivationStore:
@@ -336,7 +341,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
     dev = resolve_device(device or cfg.device)
     sae.to(dev)
     cache = open_cache_checked(cfg, run.state, store_path)
-    scale = scaling_factor(cfg, cache)
+    scale = checkpoint_scaling(run, cache).factor(cfg.site)
     store = _store_for(cfg, str(cache.root), heldout_shards, dev)
     try:
         modes = sae.encodings()

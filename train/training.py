@@ -28,6 +28,7 @@ from train.errors import TrainingError
 from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
 from train.logs import RunLogger, density_histogram
 from train.sae import BaseAutoencoder
+from train.scaling import Scaling
 from train.sae.registry import build_from_cfg  # noqa: F401 (importable from here, as before)
 from shared.devices import DeviceError, resolve_device as resolve_any_device
 from shared.cache import write_atomic
@@ -235,9 +236,9 @@ class Trainer:
             "fire_counts": self.fire_counts,
             "density_tokens": self.density_tokens,
         }
-        state = {"tokens": self.tokens, "store": self.store.state_dict(), "arch": self.cfg.arch,
-                 "scaling_factors": self.store.scaling_factors,
-                 "threshold_kind": getattr(self.sae, "threshold_kind", None), **(extra_state or {})}
+        state = {"tokens": self.tokens, "store": self.store.state_dict(), "arch": self.sae.arch,
+                 **Scaling.from_store(self.store).to_state(),
+                 "threshold_kind": self.sae.describe()["threshold_kind"], **(extra_state or {})}
         self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.sae.state_dict(), trainer, state,
                                                keep=self.cfg.keep_checkpoints)
         self.world.barrier()

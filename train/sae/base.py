@@ -278,3 +278,39 @@ class BaseAutoencoder(nn.Module):
         """Facts that reports record: k (active latents per token, None when not fixed) and
         threshold_kind (of a calibrated inference threshold; None when the variant has none)."""
         return {"k": None, "threshold_kind": None}
+
+    # ----- export (train.export)
+    saelens_arch: str | None = None  # the SAELens architecture this variant exports as; None: not exportable
+
+    @torch.no_grad()
+    def fold_scaling(self, scale_in: float, scale_out: float) -> dict[str, Tensor]:
+        """W_enc, b_enc, W_dec, b_dec (float32, CPU) of the same SAE for raw activations: it was
+        trained on s_in x and predicts s_out x, and
+
+            f     = act((s x - b_dec) W_enc + b_enc) = act((x - b_dec / s)(s W_enc) + b_enc)
+            x_hat = (f W_dec + b_dec) / s            = f (W_dec / s) + b_dec / s
+
+        so W_enc' = s_in W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s_out; b_enc (and any
+        threshold: the pre-activations are the same numbers) unchanged. b_dec is on both sides of
+        an SAE, so s_in must equal s_out (ValueError otherwise)."""
+        if scale_in != scale_out:
+            raise ValueError(f"an SAE reads and predicts the same activations: its input scaling {scale_in} and "
+                             f"output scaling {scale_out} must be equal")
+        f32 = {name: p.detach().to("cpu", torch.float32) for name, p in
+               (("W_enc", self.W_enc), ("b_enc", self.b_enc), ("W_dec", self.W_dec), ("b_dec", self.b_dec))}
+        return {"W_enc": f32["W_enc"] * scale_in, "b_enc": f32["b_enc"].clone(), "W_dec": f32["W_dec"] / scale_out,
+                "b_dec": f32["b_dec"] / scale_out}
+
+    @torch.no_grad()
+    def export_tensors(self, scale_in: float, scale_out: float) -> dict[str, Tensor]:
+        """The tensors of the exported form with the dataset scaling folded in (float32, CPU):
+        fold_scaling's, then the inference threshold [m] where the variant has one."""
+        out = self.fold_scaling(scale_in, scale_out)
+        threshold = self.inference_threshold()
+        if threshold is not None:
+            out["threshold"] = threshold.to("cpu", torch.float32)
+        return out
+
+    def export_config(self) -> dict[str, Any]:
+        """Keys of the exported cfg.json that depend on the variant (e.g. SAELens topk's k)."""
+        return {}

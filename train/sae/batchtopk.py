@@ -105,6 +105,12 @@ class BatchTopK(TopK):
     def describe(self) -> dict:
         return {**super().describe(), "threshold_kind": self.threshold_kind}
 
+    # ----- export: as JumpReLU with the calibrated threshold (per feature), so no k
+    saelens_arch = "jumprelu"
+
+    def export_config(self) -> dict:
+        return {}
+
 
 @register("batchtopk")
 class BatchTopKSAE(BatchTopK, BaseAutoencoder):

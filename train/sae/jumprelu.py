@@ -22,6 +22,7 @@ class JumpReLU:
 
     config_keys = {"l0_coeff": "l0_coeff", "sparsity": "jumprelu_sparsity", "bandwidth": "jumprelu_bandwidth",
                    "threshold_init": "threshold_init"}
+    saelens_arch = "jumprelu"  # with threshold = exp(log_threshold)
 
     @classmethod
     def run_label(cls, cfg) -> str:

@@ -16,6 +16,7 @@ class TopK:
     """
 
     config_keys = {"k": "k", "aux_coeff": "aux_coeff", "fast": "sparse_kernels"}
+    saelens_arch = "topk"
 
     @classmethod
     def config_error(cls, cfg) -> str | None:
@@ -35,6 +36,9 @@ class TopK:
 
     def describe(self) -> dict:
         return {**super().describe(), "k": self.k}
+
+    def export_config(self) -> dict:
+        return {"k": int(self.k), "rescale_acts_by_decoder_norm": False}
 
     def activation(self, pre: Tensor) -> Tensor:
         top, idx = pre.topk(self.k, dim=1, sorted=False)

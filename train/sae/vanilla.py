@@ -10,6 +10,7 @@ class ReLUL1:
     """Sparsity rule: f = relu(z), penalised by the decoder-norm-weighted L1 of f (no AuxK by default)."""
 
     config_keys = {"l1_coeff": "l1_coeff"}
+    saelens_arch = "standard"
 
     @classmethod
     def run_label(cls, cfg) -> str:
