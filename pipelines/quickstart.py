@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     from train.config import get_default_cfg, update_cfg
     from train.evaluation import evaluate_checkpoint, format_table
     from train.export import export_checkpoint
+    from train.layout import RunLayout
     from train.report import write_report
     from train.training import train_sae
 
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  corpus              {corpus}")
     print(f"  activation cache    {cache}   (inspect: harvest info {cache})")
     print(f"  SAE run folder      {run_dir}")
-    print(f"  metrics             {run_dir / 'metrics.jsonl'}")
-    print(f"  held-out results    {run_dir / 'done.json'}")
+    print(f"  metrics             {RunLayout(run_dir).metrics}")
+    print(f"  held-out results    {RunLayout(run_dir).done}")
     print(f"  evaluation          {eval_json}")
     print(f"  SAELens export      {export_dir}   (SAE.load_from_disk(...))")
     print(f"  report              {report}")

@@ -155,11 +155,13 @@ def _is_rank0() -> bool:
 
 def _print_sweep(sweep_dir) -> None:
     import json
-    from pathlib import Path
 
-    for rec in json.loads((Path(sweep_dir) / "sweep.json").read_text())["runs"]:
+    from train.layout import SweepLayout
+
+    layout = SweepLayout(sweep_dir)
+    for rec in json.loads(layout.spec.read_text())["runs"]:
         click.echo(f"{rec['run_dir']}:", err=True)
-        _print_results(Path(sweep_dir) / rec["run_dir"])
+        _print_results(layout.run(rec["run_dir"]).root)
 
 
 @main.command()
@@ -270,9 +272,10 @@ def export(checkpoint, fmt, out_dir, model_name, store_path, force) -> None:
 
 def _print_results(run_dir) -> None:
     import json
-    from pathlib import Path
 
-    done = Path(run_dir) / "done.json"
+    from train.layout import RunLayout
+
+    done = RunLayout(run_dir).done
     if not done.exists():
         return
     res = json.loads(done.read_text()).get("results", {})

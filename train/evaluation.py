@@ -63,6 +63,7 @@ from train.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoi
 from train.config import TrainConfig, update_cfg
 from train.logs import density_histogram, resolve_wandb_mode
 from train.heldout import evaluate_heldout
+from train.layout import EVAL
 from train.sae import BaseAutoencoder
 from train.sae.base import Encoding
 from train.sae.registry import SAE_REGISTRY, build_from_cfg
@@ -418,7 +419,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
     if sae.needs_calibration and not sae.calibrated:
         results["note"] = (f"no calibrated threshold: run `train calibrate {run.checkpoint}` for the "
                            "inference (exported) encoding")
-    dest = Path(out) if out else Path(path) / "eval.json"
+    dest = Path(out) if out else Path(path) / EVAL
     write_atomic(dest, json.dumps(_jsonable(results), indent=1).encode())
     mode = wandb_mode or cfg.wandb_mode
     log_to_wandb(run.run_dir, cfg, results, mode)

@@ -1,4 +1,4 @@
-"""Run logging: a local metrics.jsonl in the checkpoint folder, mirrored to wandb when enabled.
+"""Run logging: a local metrics.jsonl in the run folder (train.layout), mirrored to wandb when enabled.
 
 wandb never crashes a run: mode "online" without an API key falls back to "offline", and a wandb
 failure at start-up downgrades to local logging with a warning.
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from train.layout import RunLayout
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -36,7 +38,7 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, config: dict[str, Any], mode: str, project: str,
                  group: str | None = None, resume_step: int | None = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunLayout(run_dir).metrics
         if resume_step is not None:
             self._truncate_after(resume_step)
         self._file = open(self.path, "a")

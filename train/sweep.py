@@ -47,6 +47,7 @@ from shared.cache import write_atomic
 from train.checkpoints import CheckpointError, create_run_dir, list_checkpoints, read_checkpoint
 from train.config import ConfigError, TrainConfig, cfg_from_dict, get_default_cfg, post_init_cfg, update_cfg
 from train.distributed import SoloWorld, World
+from train.layout import RunLayout, SweepLayout, step_of
 from train.logs import RunLogger
 from train.training import (Trainer, build_from_cfg, finish_run, make_optimizer, open_store, resolve_device,
                             train_loop, _init_b_dec)
@@ -133,9 +134,9 @@ def run_sweep(spec_path: str | Path, overrides: dict[str, Any] | None = None, pr
                 if dev is not None:
                     cfg = update_cfg(cfg, device=str(dev))
                 run_dir = create_run_dir(sweep_dir, cfg.run_name)
-                write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+                write_atomic(RunLayout(run_dir).config, json.dumps(cfg.to_dict(), indent=1).encode())
                 records.append({"run_dir": run_dir.name, "config": cfg.to_dict()})
-            write_atomic(sweep_dir / "sweep.json", json.dumps({"name": name, "runs": records}, indent=1).encode())
+            write_atomic(SweepLayout(sweep_dir).spec, json.dumps({"name": name, "runs": records}, indent=1).encode())
             created = str(sweep_dir)
         sweep_dir = Path(world.broadcast(created))
         runs = _read_runs(sweep_dir, world)
@@ -153,12 +154,13 @@ def _device(cfg: TrainConfig, world: World) -> torch.device:
 
 def _read_runs(sweep_dir: Path, world: World) -> list[tuple[Path, TrainConfig]]:
     """(run folder, config) of every SAE of a sweep, in sweep.json's order."""
+    layout = SweepLayout(sweep_dir)
     try:
-        record = json.loads((sweep_dir / "sweep.json").read_text())
+        record = json.loads(layout.spec.read_text())
     except FileNotFoundError:
         where = f" (rank {world.rank} of {world.size}: the out folder must be on a filesystem every rank shares)"
-        raise ConfigError(f"{sweep_dir / 'sweep.json'} does not exist{where if world.size > 1 else ''}") from None
-    return [(sweep_dir / r["run_dir"], cfg_from_dict(r["config"])) for r in record["runs"]]
+        raise ConfigError(f"{layout.spec} does not exist{where if world.size > 1 else ''}") from None
+    return [(layout.run(r["run_dir"]).root, cfg_from_dict(r["config"])) for r in record["runs"]]
 
 
 def _train_share(runs: list[tuple[Path, TrainConfig]], store, world: World, progress: bool,
@@ -184,7 +186,7 @@ def _train_share(runs: list[tuple[Path, TrainConfig]], store, world: World, prog
         # comes after all of this rank's SAEs committed the step: no rank gets a checkpoint ahead
         solo = SoloWorld(group=group) if world.size > 1 and j == mine[-1] else World.single()
         if step:
-            tensors, trainer_state, state = read_checkpoint(run_dir / "checkpoints" / f"step-{step:09d}")
+            tensors, trainer_state, state = read_checkpoint(RunLayout(run_dir).step_dir(step))
             t = _trainer(cfg, sae, store, run_dir, progress, resume_step=step, world=solo)
             t.restore({k: v.to(t.device) for k, v in tensors.items()}, trainer_state, state)
         else:
@@ -217,13 +219,13 @@ def _train_and_finish(trainers: list[Trainer], store, progress: bool) -> None:
 
 
 def is_sweep_dir(path: str | Path) -> bool:
-    return (Path(path) / "sweep.json").exists()
+    return SweepLayout.is_sweep(path)
 
 
 def _resume_plan(runs: list[tuple[Path, TrainConfig]]) -> tuple[list[int], int]:
     """(indices of the unfinished SAEs, newest step all of them committed; 0 when none)."""
-    pending = [i for i, (d, _) in enumerate(runs) if not (d / "done.json").exists()]
-    steps = [{int(p.name.split("-")[1]) for p in list_checkpoints(runs[i][0])} for i in pending]
+    pending = [i for i, (d, _) in enumerate(runs) if not RunLayout(d).done.exists()]
+    steps = [{step_of(p) for p in list_checkpoints(runs[i][0])} for i in pending]
     common = set.intersection(*steps) if steps else set()
     return pending, max(common, default=0)
 

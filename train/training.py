@@ -24,6 +24,7 @@ from train.activation_store import ActivationStore
 from train.checkpoints import create_run_dir, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig, cfg_from_dict, post_init_cfg, update_cfg
 from train.distributed import World
+from train.layout import RunLayout
 from train.errors import TrainingError
 from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
 from train.logs import RunLogger, density_histogram
@@ -342,7 +343,7 @@ def finish_run(trainer: Trainer) -> None:
     final = trainer.checkpoint(extra_state={"results": results})
     done = {"checkpoint": str(final.relative_to(trainer.run_dir)), "step": trainer.step, "tokens": trainer.tokens,
             "results": results}
-    write_atomic(trainer.run_dir / "done.json", json.dumps(done, indent=1).encode())
+    write_atomic(RunLayout(trainer.run_dir).done, json.dumps(done, indent=1).encode())
     if results:
         trainer.log({f"final/{k}": v for k, v in _flatten(results).items()})
 
@@ -376,7 +377,7 @@ def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -
         _init_b_dec(cfg, sae, store, world)
         run_dir = world.broadcast(generate_checkpoint_dir(cfg) if world.is_main else None)
         if world.is_main:
-            write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+            write_atomic(RunLayout(run_dir).config, json.dumps(cfg.to_dict(), indent=1).encode())
         _run_to_end(cfg, sae, store, run_dir, world, progress)
     finally:
         store.close()
@@ -401,7 +402,7 @@ def _run_to_end(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, 
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    return cfg_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    return cfg_from_dict(json.loads(RunLayout(run_dir).config.read_text()))
 
 
 def resume_training(model, cfg: TrainConfig | dict[str, Any] | None, checkpoint_path: str | Path,
