@@ -98,7 +98,8 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
     The run finishes exactly as it would have without the interruption.
     """
     from train.sweep import is_sweep_dir, resume_sweep
-    from train.training import load_run_config, resume_training
+    from train.runs import load_run_config
+    from train.training import resume_training
 
     if is_sweep_dir(checkpoint):  # under torchrun its unfinished SAEs are spread over the ranks again
         sweep_dir = _user_errors(resume_sweep, checkpoint, progress=not quiet)

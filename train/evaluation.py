@@ -48,7 +48,6 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,16 +58,16 @@ from torch import Tensor
 from shared.cache import Cache, write_atomic
 from shared.remote import is_remote
 from train.activation_store import ActivationStore, cache_identity
-from train.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
+from train.checkpoints import list_checkpoints, save_checkpoint
 from train.config import TrainConfig, update_cfg
-from train.logs import density_histogram, resolve_wandb_mode
 from train.heldout import evaluate_heldout
 from train.layout import EVAL
+from train.logs import density_histogram, resolve_wandb_mode
+from train.runs import LoadedCheckpoint, load_sae_checkpoint, open_store, resolve_device  # noqa: F401 (as before)
 from train.sae import BaseAutoencoder
 from train.sae.base import Encoding
-from train.sae.registry import SAE_REGISTRY, build_from_cfg
+from train.sae.registry import SAE_REGISTRY
 from train.scaling import Scaling
-from train.training import load_run_config, open_store, resolve_device
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens counts as dense
 DEFAULT_BATCHES = 50  # held-out store batches (of the run's batch_size) for reconstruction figures
@@ -81,27 +80,6 @@ class EvalError(Exception):
 
 
 # --------------------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedCheckpoint:
-    run_dir: Path
-    checkpoint: Path
-    cfg: TrainConfig
-    sae: BaseAutoencoder
-    state: dict[str, Any]
-    trainer_state: dict[str, Any]
-
-
-def load_sae_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """The SAE of a run folder (its newest loadable checkpoint) or of one checkpoint folder."""
-    run_dir, ckpt, tensors, trainer_state, state = latest_checkpoint(path)
-    cfg = load_run_config(run_dir)
-    device = torch.device(device)
-    sae = build_from_cfg(cfg, device)
-    sae.load_state_dict({k: v.to(device) for k, v in tensors.items()})
-    sae.eval()
-    return LoadedCheckpoint(run_dir, ckpt, cfg, sae, state, trainer_state)
 
 
 def open_cache_checked(cfg: TrainConfig, state: dict[str, Any], store_path: str | None = None) -> Cache:

@@ -44,11 +44,13 @@ import torch
 from safetensors.torch import save_file
 
 from shared.cache import software_version, write_atomic
-from train.evaluation import checkpoint_scaling, load_sae_checkpoint, open_cache_checked
+from train.evaluation import checkpoint_scaling, open_cache_checked
+from train.runs import load_sae_checkpoint
 from train.sae import BaseAutoencoder
 from train.sae.registry import SAE_REGISTRY
 
 SAELENS_SCHEMA_VERSION = "6.0.0"  # cfg.json layout written here (SAELens >= 6.0 reads it as-is)
+SAELENS_TITLES = {"standard": "standard", "topk": "TopK", "jumprelu": "JumpReLU"}  # SAELens' architectures
 SAELENS_KEYS = {  # the exact tensor set of each SAELens class (its load_state_dict is strict)
     "standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
@@ -72,8 +74,8 @@ def check_exportable(sae: BaseAutoencoder, checkpoint: Path | str = "CHECKPOINT"
                           f"(exportable: {', '.join(exportable)})")
     if sae.needs_calibration and not sae.calibrated:
         raise ExportError(
-            f"{checkpoint} is a {sae.arch} SAE without a calibrated inference threshold, so it has no faithful "
-            f"per-token ({arch}) form: only a run's final checkpoint is calibrated. Calibrate this one with "
+            f"{checkpoint} is a {sae.title} SAE without a calibrated inference threshold, so it has no faithful "
+            f"per-token ({SAELENS_TITLES[arch]}) form: only a run's final checkpoint is calibrated. Calibrate this one with "
             f"`train calibrate {checkpoint}` (held-out rows; --kind global|per_feature), then export again")
     threshold = sae.inference_threshold()
     if threshold is not None and bool((threshold < 0).any()):
@@ -91,7 +93,10 @@ def saelens_state_dict(sae: BaseAutoencoder, scale_in: float, scale_out: float |
     for s in scales:
         if not float(s) > 0 or float(s) != float(s) or float(s) == float("inf"):
             raise ExportError(f"scaling factor {s!r} must be a positive finite number")
-    out = sae.export_tensors(*map(float, scales))
+    try:
+        out = sae.export_tensors(*map(float, scales))
+    except ValueError as e:  # e.g. an SAE's input and output scaling differ
+        raise ExportError(str(e)) from None
     if tuple(out) != SAELENS_KEYS[arch]:
         raise ExportError(f"{sae.arch} exports tensors {', '.join(out)}, but SAELens' {arch} class has "
                           f"{', '.join(SAELENS_KEYS[arch])}")

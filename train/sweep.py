@@ -49,8 +49,9 @@ from train.config import ConfigError, TrainConfig, cfg_from_dict, get_default_cf
 from train.distributed import SoloWorld, World
 from train.layout import RunLayout, SweepLayout, step_of
 from train.logs import RunLogger
-from train.training import (Trainer, build_from_cfg, finish_run, make_optimizer, open_store, resolve_device,
-                            train_loop, _init_b_dec)
+from train.runs import open_store, resolve_device
+from train.sae.registry import build_from_cfg
+from train.training import Trainer, _init_b_dec, finish_run, make_optimizer, train_loop
 
 # Keys that define the shared data stream and schedule: equal for every SAE of a sweep.
 SHARED_KEYS = ("store", "site", "batch_size", "tokens", "window_shards", "heldout_shards", "normalize", "drop_bos",

@@ -20,27 +20,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from shared.cache import write_atomic
+from shared.faults import fault_point
 from train.activation_store import ActivationStore
 from train.checkpoints import create_run_dir, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig, cfg_from_dict, post_init_cfg, update_cfg
 from train.distributed import World
-from train.layout import RunLayout
 from train.errors import TrainingError
 from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
+from train.layout import RunLayout
 from train.logs import RunLogger, density_histogram
+from train.runs import load_run_config, open_store, resolve_device  # noqa: F401 (importable from here, as before)
 from train.sae import BaseAutoencoder
+from train.sae.registry import build_from_cfg, sae_record
 from train.scaling import Scaling
-from train.sae.registry import build_from_cfg  # noqa: F401 (importable from here, as before)
-from shared.devices import DeviceError, resolve_device as resolve_any_device
-from shared.cache import write_atomic
-from shared.faults import fault_point
-
-
-def resolve_device(device: str) -> torch.device:
-    try:
-        return resolve_any_device(device, "config key device:")
-    except DeviceError as e:
-        raise TrainingError(str(e)) from None
 
 
 def use_deterministic_kernels(device: torch.device, deterministic: bool) -> None:
@@ -55,17 +48,6 @@ def use_deterministic_kernels(device: torch.device, deterministic: bool) -> None
 
 
 # --------------------------------------------------------------------------- construction
-
-
-def open_store(cfg: TrainConfig, device: torch.device, world: World = World()) -> ActivationStore:
-    """The training store of a config (training rows only; held-out shards for evaluation).
-    Under torchrun each rank is served its slice of every global batch."""
-    return ActivationStore(
-        cfg.store, sites=cfg.site, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
-        seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos,
-        normalize=cfg.normalize, device=device, rank=world.rank, world_size=world.size,
-        allow_unsealed=cfg.allow_unsealed, threads=cfg.store_threads, window_io=cfg.store_io,
-    )
 
 
 def generate_checkpoint_dir(cfg: TrainConfig) -> Path:
@@ -237,8 +219,9 @@ class Trainer:
             "fire_counts": self.fire_counts,
             "density_tokens": self.density_tokens,
         }
+        record = sae_record(self.sae)  # what rebuilds the SAE from this checkpoint alone (train.runs.load_sae)
         state = {"tokens": self.tokens, "store": self.store.state_dict(), "arch": self.sae.arch,
-                 **Scaling.from_store(self.store).to_state(),
+                 **({"sae": record} if record is not None else {}), **Scaling.from_store(self.store).to_state(),
                  "threshold_kind": self.sae.describe()["threshold_kind"], **(extra_state or {})}
         self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.sae.state_dict(), trainer, state,
                                                keep=self.cfg.keep_checkpoints)
@@ -399,10 +382,6 @@ def _run_to_end(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, 
     finally:
         if logger is not None:
             logger.close()
-
-
-def load_run_config(run_dir: Path) -> TrainConfig:
-    return cfg_from_dict(json.loads(RunLayout(run_dir).config.read_text()))
 
 
 def resume_training(model, cfg: TrainConfig | dict[str, Any] | None, checkpoint_path: str | Path,

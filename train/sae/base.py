@@ -90,7 +90,8 @@ class BaseAutoencoder(nn.Module):
       generator: torch.Generator for the init (else the global RNG); device, dtype.
     """
 
-    arch = "base"
+    arch = "base"  # the registered name (train.sae.registry.register sets it, and `title`, the name for people)
+    title = "base"
     fast = False  # True: train through sparse_encode (the sparse kernels of train.kernels)
     # Constructor keyword -> TrainConfig key, for the keys this variant reads beyond the shared ones.
     config_keys: dict[str, str] = {}
