@@ -48,10 +48,8 @@ from train.checkpoints import CheckpointError, create_run_dir, list_checkpoints,
 from train.config import ConfigError, TrainConfig, cfg_from_dict, get_default_cfg, post_init_cfg, update_cfg
 from train.distributed import SoloWorld, World
 from train.layout import RunLayout, SweepLayout, step_of
-from train.logs import RunLogger
 from train.runs import open_store, resolve_device
-from train.sae.registry import build_from_cfg
-from train.training import Trainer, _init_b_dec, finish_run, make_optimizer, train_loop
+from train.training import Restore, build_trainer, run_to_end
 
 # Keys that define the shared data stream and schedule: equal for every SAE of a sweep.
 SHARED_KEYS = ("store", "site", "batch_size", "tokens", "window_shards", "heldout_shards", "normalize", "drop_bos",
@@ -182,41 +180,21 @@ def _train_share(runs: list[tuple[Path, TrainConfig]], store, world: World, prog
     trainers = []
     for j in mine:
         run_dir, cfg = runs[j]
-        sae = build_from_cfg(cfg, _device(cfg, world))
         # every SAE trains as in one process; the rank's last trainer checkpoints last, so its barrier
         # comes after all of this rank's SAEs committed the step: no rank gets a checkpoint ahead
         solo = SoloWorld(group=group) if world.size > 1 and j == mine[-1] else World.single()
+        restore = None
         if step:
-            tensors, trainer_state, state = read_checkpoint(RunLayout(run_dir).step_dir(step))
-            t = _trainer(cfg, sae, store, run_dir, progress, resume_step=step, world=solo)
-            t.restore({k: v.to(t.device) for k, v in tensors.items()}, trainer_state, state)
+            ckpt = RunLayout(run_dir).step_dir(step)
+            restore = Restore(ckpt, *read_checkpoint(ckpt))
         else:
             store.seek(0)
-            _init_b_dec(cfg, sae, store)
-            t = _trainer(cfg, sae, store, run_dir, progress, resume_step=None if fresh else 0, world=solo)
-        trainers.append(t)
+        trainers.append(build_trainer(cfg, store, run_dir, _device(cfg, world), world=solo, progress=progress,
+                                      restore=restore, restart=not step and not fresh))
     if not step:
         store.seek(0)
-    _train_and_finish(trainers, store, progress)
+    run_to_end(trainers, store, progress)
     world.barrier()
-
-
-def _trainer(cfg: TrainConfig, sae, store, run_dir: Path, progress: bool, resume_step: int | None = None,
-             world: World | None = None) -> Trainer:
-    logger = RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
-                       resume_step=resume_step)
-    return Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress,
-                   world=world or World.single())
-
-
-def _train_and_finish(trainers: list[Trainer], store, progress: bool) -> None:
-    try:
-        train_loop(trainers, store, progress)
-        for t in trainers:
-            finish_run(t)
-    finally:
-        for t in trainers:
-            t.logger.close()
 
 
 def is_sweep_dir(path: str | Path) -> bool:

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -291,6 +291,40 @@ def _init_b_dec(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, 
     sae.init_b_dec(sample[:4096].float(), method=cfg.b_dec_init)
 
 
+class Restore(NamedTuple):
+    """A checkpoint to continue from: its folder and what train.checkpoints.read_checkpoint returns."""
+
+    checkpoint: Path
+    tensors: dict[str, torch.Tensor]
+    trainer: dict[str, Any]
+    state: dict[str, Any]
+
+
+def build_trainer(cfg: TrainConfig, store: ActivationStore, run_dir: Path, device: torch.device, *,
+                  world: World = World(), progress: bool = True, restore: Restore | None = None,
+                  restart: bool = False) -> Trainer:
+    """The one way to make a Trainer (train_sae, resume_training and train.sweep).
+
+    The SAE `cfg` describes, on `device`, with its optimiser and (rank 0) its logger; then either
+    restored from `restore` (weights, optimiser, RNG states, counters, store position) or new: b_dec
+    from the store's first global batch, which must be at position 0 (it is rewound there).
+    restart: a new start of an existing run folder (a sweep resumed without a common checkpoint),
+    whose old metrics are dropped.
+    """
+    sae = build_from_cfg(cfg, device)
+    if restore is None:
+        _init_b_dec(cfg, sae, store, world)
+    resume_step = restore.state["step"] if restore is not None else (0 if restart else None)
+    logger = (RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
+                        resume_step=resume_step) if world.is_main else None)
+    trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress,
+                      world=world)
+    if restore is not None:
+        trainer.restore({k: v.to(trainer.device) for k, v in restore.tensors.items()}, restore.trainer, restore.state)
+        trainer.last_checkpoint = restore.checkpoint
+    return trainer
+
+
 def _as_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
     return cfg if isinstance(cfg, TrainConfig) else cfg_from_dict(cfg)
 
@@ -312,9 +346,16 @@ def calibrate_and_evaluate(trainer: Trainer) -> dict[str, Any]:
 # --------------------------------------------------------------------------- entry points
 
 
-def _finish(trainer: Trainer) -> None:
-    train_loop([trainer], trainer.store, trainer.progress)
-    finish_run(trainer)
+def run_to_end(trainers: list[Trainer], store: ActivationStore, progress: bool = True) -> None:
+    """Train every trainer to the token budget (train_loop), finish each (finish_run), close the loggers."""
+    try:
+        train_loop(trainers, store, progress)
+        for t in trainers:
+            finish_run(t)
+    finally:
+        for t in trainers:
+            if t.logger is not None:
+                t.logger.close()
 
 
 def finish_run(trainer: Trainer) -> None:
@@ -356,32 +397,14 @@ def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -
     try:
         cfg = post_init_cfg(cfg, store.d_model, store.sites[0])
         store.check_compatible(cfg.site, cfg.d_in)
-        sae = build_from_cfg(cfg, device)
-        _init_b_dec(cfg, sae, store, world)
         run_dir = world.broadcast(generate_checkpoint_dir(cfg) if world.is_main else None)
         if world.is_main:
             write_atomic(RunLayout(run_dir).config, json.dumps(cfg.to_dict(), indent=1).encode())
-        _run_to_end(cfg, sae, store, run_dir, world, progress)
+        trainer = build_trainer(cfg, store, run_dir, device, world=world, progress=progress)
+        run_to_end([trainer], store, progress)
     finally:
         store.close()
-    return sae, run_dir
-
-
-def _run_to_end(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, run_dir: Path, world: World,
-                progress: bool, restore: tuple | None = None) -> None:
-    logger = (RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
-                        resume_step=restore[2]["step"] if restore else None) if world.is_main else None)
-    trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress,
-                      world=world)
-    if restore:
-        tensors, trainer_state, state, ckpt = restore
-        trainer.restore({k: v.to(trainer.device) for k, v in tensors.items()}, trainer_state, state)
-        trainer.last_checkpoint = ckpt
-    try:
-        _finish(trainer)
-    finally:
-        if logger is not None:
-            logger.close()
+    return trainer.sae, run_dir
 
 
 def resume_training(model, cfg: TrainConfig | dict[str, Any] | None, checkpoint_path: str | Path,
@@ -404,8 +427,9 @@ def resume_training(model, cfg: TrainConfig | dict[str, Any] | None, checkpoint_
     device = world.device(resolve_device(cfg.device))
     store = open_store(cfg, device, world)
     try:
-        sae = build_from_cfg(cfg, device)
-        _run_to_end(cfg, sae, store, run_dir, world, progress, restore=(tensors, trainer_state, state, ckpt))
+        trainer = build_trainer(cfg, store, run_dir, device, world=world, progress=progress,
+                                restore=Restore(ckpt, tensors, trainer_state, state))
+        run_to_end([trainer], store, progress)
     finally:
         store.close()
-    return sae, run_dir
+    return trainer.sae, run_dir
