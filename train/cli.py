@@ -8,15 +8,14 @@ import click
 
 from shared.cache import CacheError
 from train.checkpoints import CheckpointError
-from train.sae.registry import arch_names
 from train.config import ConfigError, field_help, get_default_cfg, load_toml, parse_set, update_cfg
+from train.errors import EvalError, TrainingError
+from train.sae.registry import arch_names
 
 USER_ERRORS = (CacheError, ConfigError, CheckpointError)
 
 
 def _user_errors(fn, *args, **kwargs):
-    from train.training import TrainingError
-
     try:
         return fn(*args, **kwargs)
     except (*USER_ERRORS, TrainingError) as e:
@@ -187,9 +186,7 @@ def _tool_errors(fn, *args, **kwargs):
     """User errors of eval / calibrate / export: one line on stderr, exit code 2."""
     from shared.hook_sites import HookSiteError
     from shared.models import ModelLoadError
-    from train.evaluation import EvalError
     from train.export import ExportError
-    from train.training import TrainingError
 
     try:
         return fn(*args, **kwargs)

@@ -1,6 +1,10 @@
-"""TrainingError: training or its held-out figures stopped (NaN loss, no held-out rows, a bad
-store); the message says what to do. Defined here, below every module that raises it."""
+"""The errors of train/ that users can hit, defined below every module that raises them; each
+message says what to do (the CLI prints it on one line and exits with status 2)."""
 
 
 class TrainingError(Exception):
-    """Training stopped (NaN loss, bad store); the message says what to do."""
+    """Training stopped (NaN loss, bad store, no held-out rows); the message says what to do."""
+
+
+class EvalError(Exception):
+    """A checkpoint cannot be evaluated/calibrated as asked; the message says what to do."""

@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import save_file
 
 from shared.cache import software_version, write_atomic
+from train.errors import EvalError
 from train.evaluation import checkpoint_scaling, open_cache_checked
 from train.runs import load_sae_checkpoint
 from train.sae import BaseAutoencoder
@@ -164,8 +165,6 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *, fm
         raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     run = load_sae_checkpoint(path)
     check_exportable(run.sae, run.checkpoint)
-    from train.evaluation import EvalError
-
     try:
         cache = open_cache_checked(run.cfg, run.state, store_path)
     except EvalError as e:
