@@ -122,3 +122,18 @@ def test_an_sae_folds_one_scaling_on_both_sides():
         saelens_state_dict(sae, 2.0, 4.0)
     a, b = saelens_state_dict(sae, 2.0), saelens_state_dict(sae, 2.0, 2.0)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_metrics_drop_later_steps_final_results_and_a_cut_line(tmp_path):
+    from train.logs import RunLogger
+
+    log = RunLogger(tmp_path, {}, "disabled", "p")
+    for step in (5, 10, 15):
+        log.log(step, {"loss": 1.0})
+    log.log(15, {"final/heldout/l0": 4.0})  # logged by a run killed before its done.json
+    log.close()
+    with open(RunLayout(tmp_path).metrics, "a") as f:
+        f.write('{"step": 20, "lo')  # a record cut short by the kill
+    RunLogger(tmp_path, {}, "disabled", "p", resume_step=15).close()
+    lines = [json.loads(line) for line in RunLayout(tmp_path).metrics.read_text().splitlines()]
+    assert lines == [{"step": 5, "loss": 1.0}, {"step": 10, "loss": 1.0}, {"step": 15, "loss": 1.0}]

@@ -29,7 +29,7 @@ from train.distributed import World
 from train.errors import TrainingError
 from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
 from train.layout import RunLayout
-from train.logs import RunLogger, density_histogram
+from train.logs import FINAL, RunLogger, density_histogram
 from train.runs import load_run_config, open_store, resolve_device  # noqa: F401 (importable from here, as before)
 from train.sae import BaseAutoencoder
 from train.sae.registry import build_from_cfg, sae_record
@@ -359,17 +359,18 @@ def run_to_end(trainers: list[Trainer], store: ActivationStore, progress: bool =
 
 
 def finish_run(trainer: Trainer) -> None:
-    """After training: calibrate, evaluate, write the final checkpoint and done.json (rank 0)."""
+    """After training: calibrate, evaluate, write the final checkpoint, log the results, and last
+    done.json, which marks the run finished (rank 0)."""
     if not trainer.world.is_main:
         trainer.world.barrier()
         return
     results = calibrate_and_evaluate(trainer)
     final = trainer.checkpoint(extra_state={"results": results})
+    if results:
+        trainer.log({f"{FINAL}{k}": v for k, v in _flatten(results).items()})
     done = {"checkpoint": str(final.relative_to(trainer.run_dir)), "step": trainer.step, "tokens": trainer.tokens,
             "results": results}
     write_atomic(RunLayout(trainer.run_dir).done, json.dumps(done, indent=1).encode())
-    if results:
-        trainer.log({f"final/{k}": v for k, v in _flatten(results).items()})
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
