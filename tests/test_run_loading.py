@@ -46,7 +46,8 @@ def test_layout_names(tmp_path):
     assert run.config == tmp_path / "r" / "config.json" and run.metrics.name == "metrics.jsonl"
     assert run.done.name == "done.json" and run.eval.name == "eval.json"
     assert run.step_dir(1234) == tmp_path / "r" / "checkpoints" / "step-000001234"
-    assert run.tmp_step_dir(7).name == ".tmp-step-000000007" and RunLayout.retired(run.step_dir(7)).name == ".del-step-000000007"
+    assert run.tmp_step_dir(7).name == ".tmp-step-000000007"
+    assert RunLayout.retired(run.step_dir(7)).name == ".del-step-000000007"
     assert step_of(run.step_dir(1234)) == 1234 and step_name(5) == "step-000000005"
     assert step_of(run.tmp_step_dir(7)) is None and step_of(tmp_path / "step-x") is None
     sweep = SweepLayout(tmp_path / "s")

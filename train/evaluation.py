@@ -1,9 +1,11 @@
-"""Evaluation of a trained SAE checkpoint (`train eval`) and BatchTopK calibration (`train calibrate`).
+"""Evaluation of a trained SAE checkpoint (`train eval`) and its calibration (`train calibrate`,
+for variants whose inference needs one: BatchTopK).
 
-Two families of figures, for each *encoding* of the SAE:
+The checkpoint is loaded by train.runs, its dataset scaling read back by train.scaling, the
+held-out sums taken by train.heldout. Two families of figures, for each *encoding* of the SAE:
 
-Reconstruction, on the run's held-out cache rows (the rows `evaluate_heldout` serves: the held-out
-shards, without the position-0 rows when the run used drop_bos):
+Reconstruction, on the run's held-out cache rows (the rows `evaluate_heldout` serves: the
+held-out shards, without the position-0 rows when the run used drop_bos):
     mse                 mean over tokens of sum_d (x - x_hat)^2, in the training (normalised) space
     mse_raw             the same in raw activation units (mse / scaling_factor^2)
     explained_variance  1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
@@ -22,7 +24,8 @@ Encodings (each variant's `encodings()`, train.sae): TopK, vanilla and JumpReLU 
 "threshold" (JumpReLU-style with the calibrated threshold: what `train export` writes and what
 per-token inference uses) and "batch_topk" (the training-time rule: the k*B largest pre-activations
 of each batch of B tokens; B is the run's batch_size for the reconstruction figures and the
-spliced tokens of one LM batch for the CE figures).
+spliced tokens of one LM batch for the CE figures). How a variant calibrates is its own
+(`needs_calibration`, `calibrate`); this module only drives it.
 """
 
 from __future__ import annotations
@@ -216,7 +219,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
             })
         for enc in modes:
             if enc.per_batch:  # the batch its rule selected over: one LM batch's spliced tokens
-                per_mode[enc.name]["lm_batch_tokens"] = min(lm_batch_size, contexts.shape[0]) * (contexts.shape[1] - start)
+                batch_contexts = min(lm_batch_size, contexts.shape[0])
+                per_mode[enc.name]["lm_batch_tokens"] = batch_contexts * (contexts.shape[1] - start)
         del lm_model
 
     results = {

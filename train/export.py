@@ -76,8 +76,8 @@ def check_exportable(sae: BaseAutoencoder, checkpoint: Path | str = "CHECKPOINT"
     if sae.needs_calibration and not sae.calibrated:
         raise ExportError(
             f"{checkpoint} is a {sae.title} SAE without a calibrated inference threshold, so it has no faithful "
-            f"per-token ({SAELENS_TITLES[arch]}) form: only a run's final checkpoint is calibrated. Calibrate this one with "
-            f"`train calibrate {checkpoint}` (held-out rows; --kind global|per_feature), then export again")
+            f"per-token ({SAELENS_TITLES[arch]}) form: only a run's final checkpoint is calibrated. Calibrate this "
+            f"one with `train calibrate {checkpoint}` (held-out rows; --kind global|per_feature), then export again")
     threshold = sae.inference_threshold()
     if threshold is not None and bool((threshold < 0).any()):
         raise ExportError(f"{checkpoint}: negative thresholds cannot be expressed in SAELens' JumpReLU "
@@ -86,7 +86,8 @@ def check_exportable(sae: BaseAutoencoder, checkpoint: Path | str = "CHECKPOINT"
 
 
 @torch.no_grad()
-def saelens_state_dict(sae: BaseAutoencoder, scale_in: float, scale_out: float | None = None) -> dict[str, torch.Tensor]:
+def saelens_state_dict(sae: BaseAutoencoder, scale_in: float,
+                       scale_out: float | None = None) -> dict[str, torch.Tensor]:
     """SAELens tensors (float32, CPU, contiguous) with the dataset scaling folded in: the SAE was
     trained on scale_in * x and predicts scale_out * x (default: scale_in; an SAE has one site)."""
     arch = check_exportable(sae)

@@ -11,10 +11,11 @@ A spec is a TOML file::
     arch = ["topk", "batchtopk"]
     k = [16, 32, 64]
 
-Layout: `SWEEP/sweep.json` (the resolved configs, in order) and one run folder per SAE inside
-SWEEP, each with its own checkpoints, metrics.jsonl and wandb run (group = sweep name). All SAEs
-checkpoint at the same steps; resuming restores every unfinished SAE to the newest step all of
-them committed, so the sweep resumes exactly as a whole.
+Layout (train.layout.SweepLayout): `SWEEP/sweep.json` (the resolved configs, in order) and one
+run folder per SAE inside SWEEP, each with its own checkpoints, metrics.jsonl and wandb run (group
+= sweep name). Each SAE's trainer is made by train.training.build_trainer, as a single run's is.
+All SAEs checkpoint at the same steps; resuming restores every unfinished SAE to the newest step
+all of them committed, so the sweep resumes exactly as a whole.
 
 Ranks. Under torchrun (`torchrun --nproc_per_node=R -m train sweep SPEC.toml`) a sweep spreads its
 SAEs over the ranks, `distribute = "sae"` (the default and, for now, the only choice: a sweep is

@@ -5,6 +5,15 @@ the seed's names. Everything a step depends on (weights, Adam moments, step, sto
 dead-latent counters, RNG states) is in each checkpoint, and the learning-rate and sparsity
 schedules are pure functions of the tokens seen, so a resumed run ends bit-identical (on CPU) to
 an uninterrupted one.
+
+Here: the Trainer (one step, logging, checkpoints), train_loop (several trainers on one stream of
+batches, as a sweep does), build_trainer (the one way to make a Trainer: new, or restored from a
+checkpoint; train_sae, resume_training and train.sweep use it), finish_run (the variant's
+calibration and final results, the final checkpoint, done.json). Elsewhere: the SAE and what its
+variant declares (train.sae), held-out figures and threshold statistics (train.heldout), loading
+a run, its config and its store (train.runs), the run folder's names (train.layout), the
+dataset scaling (train.scaling). threshold_loop_collect / threshold_loop_compute, open_store,
+load_run_config, resolve_device and build_from_cfg stay importable from here.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ What a sparsity rule (a mixin placed before this class, e.g. train.sae.topk.TopK
 `sparse_encode(centered)` that selects the active latents through train.kernels. Cost of such a
 training forward: the batch's active latents stay a sparse list (`Active`), and the metrics, the
 dead-latent update and `SAEOutput.fired` are taken from it, so beyond the encoder matmul and the
-selection only `latents` (a zero fill and a scatter) touches [B, m] memory.
+selection only `latents` (a zero fill and a scatter) touches [B, m] memory. The declarations the
+rest of train/ reads (config keys, run label, encodings, calibration, export form) have their
+defaults at the end of this class; the package docstring (train.sae) lists them.
 """
 
 from dataclasses import dataclass
