@@ -56,14 +56,6 @@ def use_deterministic_kernels(device: torch.device, deterministic: bool) -> None
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-# --------------------------------------------------------------------------- construction
-
-
-def generate_checkpoint_dir(cfg: TrainConfig) -> Path:
-    """A new, never reused run folder under cfg.out named after cfg.run_name."""
-    return create_run_dir(cfg.out, cfg.run_name)
-
-
 # --------------------------------------------------------------------------- schedules
 
 
@@ -283,6 +275,14 @@ def train_loop(trainers: list[Trainer], store: ActivationStore, progress: bool =
             t._check_finite()
     finally:
         bar.close()
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def generate_checkpoint_dir(cfg: TrainConfig) -> Path:
+    """A new, never reused run folder under cfg.out named after cfg.run_name."""
+    return create_run_dir(cfg.out, cfg.run_name)
 
 
 def make_optimizer(cfg: TrainConfig, sae: BaseAutoencoder) -> torch.optim.Optimizer:
