@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 from pipelines.measure import heldout_metrics  # noqa: E402
 from train.activation_store import ActivationStore  # noqa: E402
 from train.config import get_default_cfg, update_cfg  # noqa: E402
+from train.layout import RunLayout  # noqa: E402
 from train.training import train_sae  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("saelens_worker.py")
@@ -95,8 +96,8 @@ def train_ours(args: argparse.Namespace, arch: str, out: Path):
     t0 = time.perf_counter()
     sae, run_dir = train_sae(None, cfg, progress=not args.quiet)
     wall = time.perf_counter() - t0
-    done = json.loads((run_dir / "done.json").read_text())
-    rates = [json.loads(line).get("tokens_per_s") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    done = json.loads(RunLayout(run_dir).done.read_text())
+    rates = [json.loads(line).get("tokens_per_s") for line in RunLayout(run_dir).metrics.read_text().splitlines()]
     rates = [r for r in rates if r]
     return sae, run_dir, cfg, done, {"wall_s": wall, "tokens_per_s": float(np.median(rates[1:] or rates)) if rates else
                                      done["tokens"] / wall}

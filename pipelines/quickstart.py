@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="Tokens to harvest (7 shards of 32,768; the last shard is held out for evaluation).")
     ap.add_argument("--train-tokens", type=int, default=300_000, help="Tokens to train the SAE on.")
     ap.add_argument("--layer", type=int, default=8)
-    ap.add_argument("--arch", default="topk", choices=["vanilla", "topk", "batchtopk", "jumprelu"])
+    from train.sae.registry import arch_names
+
+    ap.add_argument("--arch", default="topk", choices=arch_names())
     ap.add_argument("--k", type=int, default=32)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     from train.config import get_default_cfg, update_cfg
     from train.evaluation import evaluate_checkpoint, format_table
     from train.export import export_checkpoint
+    from train.layout import RunLayout
     from train.report import write_report
     from train.training import train_sae
 
@@ -62,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  corpus              {corpus}")
     print(f"  activation cache    {cache}   (inspect: harvest info {cache})")
     print(f"  SAE run folder      {run_dir}")
-    print(f"  metrics             {run_dir / 'metrics.jsonl'}")
-    print(f"  held-out results    {run_dir / 'done.json'}")
+    print(f"  metrics             {RunLayout(run_dir).metrics}")
+    print(f"  held-out results    {RunLayout(run_dir).done}")
     print(f"  evaluation          {eval_json}")
     print(f"  SAELens export      {export_dir}   (SAE.load_from_disk(...))")
     print(f"  report              {report}")

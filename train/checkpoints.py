@@ -1,17 +1,10 @@
 """Run folders and checkpoints, written so that kill -9 at any moment loses at most the work
 since the last checkpoint and never leaves a half-written one that could be loaded.
 
-    RUN/config.json                       the resolved TrainConfig
-    RUN/metrics.jsonl                     logged metrics
-    RUN/checkpoints/step-000001234/       one committed checkpoint:
-        sae.safetensors                   weights and buffers (dead counters, thresholds)
-        trainer.pt                        optimiser state, RNG states, logging accumulators
-        state.json                        step, tokens, store position, checksums of the files above
-    RUN/done.json                         written when training (and calibration) finished
-
-A checkpoint is built in `.tmp-step-N`, every file fsynced, then renamed into place: the rename
-is the commit. Loading checks the checksums in state.json and falls back to the previous
-checkpoint when the newest is damaged.
+The names (RUN/checkpoints/step-N/ with sae.safetensors, trainer.pt, state.json) are
+train.layout's. A checkpoint is built in `.tmp-step-N`, every file fsynced, then renamed into
+place: the rename is the commit. Loading checks the checksums in state.json and falls back to the
+previous checkpoint when the newest is damaged. Turning a checkpoint back into an SAE is train.runs.
 """
 
 from __future__ import annotations
@@ -29,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.durable import file_checksum, fsync_path, write_atomic
 from shared.faults import fault_point
+from train.layout import STATE, TRAINER, WEIGHTS, RunLayout, SweepLayout, is_checkpoint_dir
 
 CHECKPOINT_FORMAT = 1
 
@@ -48,7 +42,7 @@ def create_run_dir(parent: str | os.PathLike, name: str, checkpoints: bool = Tru
         except FileExistsError:
             continue
         if checkpoints:
-            (path / "checkpoints").mkdir()
+            RunLayout(path).checkpoints.mkdir()
         fsync_path(parent)
         return path
     raise CheckpointError(f"too many runs named {name!r} under {parent}")
@@ -57,9 +51,8 @@ def create_run_dir(parent: str | os.PathLike, name: str, checkpoints: bool = Tru
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], trainer: dict[str, Any],
                     state: dict[str, Any], keep: int) -> Path:
     """Commit checkpoint `step` atomically and delete all but the newest `keep`."""
-    ckpts = Path(run_dir) / "checkpoints"
-    final = ckpts / f"step-{step:09d}"
-    tmp = ckpts / f".tmp-step-{step:09d}"
+    layout = RunLayout(run_dir)
+    ckpts, final, tmp = layout.checkpoints, layout.step_dir(step), layout.tmp_step_dir(step)
     try:
         _write_checkpoint_dir(tmp, tensors, trainer, state, step)
     except Exception as e:  # torch.save / safetensors may report a full disk as their own errors
@@ -70,12 +63,12 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
         kept = (f"the previous checkpoint {previous[-1].name} is intact" if previous
                 else "no checkpoint is committed yet")
         sweep = Path(run_dir).parent
-        target = sweep if (sweep / "sweep.json").exists() else Path(run_dir)  # a sweep resumes as a whole
+        target = sweep if SweepLayout.is_sweep(sweep) else Path(run_dir)  # a sweep resumes as a whole
         raise CheckpointError(
             f"disk full (no space left on device) while writing checkpoint {final}; {kept}. Free space, then "
             f"continue with `train resume {target}`"
         ) from None
-    for stale in ckpts.glob(".del-*"):  # left by a kill during an earlier deletion
+    for stale in layout.retired_dirs():  # left by a kill during an earlier deletion
         shutil.rmtree(stale, ignore_errors=True)
     if final.exists():  # same step written again after a resume: replace it
         _retire(final)
@@ -89,7 +82,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
 def _retire(ckpt: Path) -> None:
     """Delete a checkpoint folder so that a kill at any moment leaves it whole or gone: it is
     first renamed out of the committed names (atomic), then removed file by file."""
-    trash = ckpt.with_name(f".del-{ckpt.name}")  # no stale one: save_checkpoint clears them first
+    trash = RunLayout.retired(ckpt)  # no stale one: save_checkpoint clears them first
     os.rename(ckpt, trash)
     fsync_path(ckpt.parent)
     fault_point("checkpoint_retire")
@@ -114,37 +107,34 @@ def _write_checkpoint_dir(tmp: Path, tensors: dict[str, torch.Tensor], trainer: 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "sae.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
     fault_point("checkpoint_mid_write")
-    torch.save(trainer, tmp / "trainer.pt")
+    torch.save(trainer, tmp / TRAINER)
     sums = {}
-    for name in ("sae.safetensors", "trainer.pt"):
+    for name in (WEIGHTS, TRAINER):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
         sums[name] = file_checksum(tmp / name)
     state = {**state, "step": step, "checkpoint_format": CHECKPOINT_FORMAT, "checksums": sums}
-    write_atomic(tmp / "state.json", json.dumps(state, indent=1).encode())
+    write_atomic(tmp / STATE, json.dumps(state, indent=1).encode())
     fsync_path(tmp)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Committed checkpoint folders of a run, oldest first."""
-    ckpts = Path(run_dir) / "checkpoints"
-    if not ckpts.is_dir():
-        return []
-    return sorted(p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return RunLayout(run_dir).step_dirs()
 
 
 def read_checkpoint(path: Path, device: str | torch.device = "cpu") -> tuple[dict, dict, dict]:
     """(tensors, trainer, state) of one checkpoint folder; CheckpointError if damaged."""
     path = Path(path)
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads((path / STATE).read_text())
         for name, digest in state["checksums"].items():
             if file_checksum(path / name) != digest:
                 raise CheckpointError(f"checkpoint {path}: {name} fails its checksum")
-        tensors = load_file(str(path / "sae.safetensors"), device=str(device))
-        trainer = torch.load(path / "trainer.pt", map_location=device, weights_only=False)
+        tensors = load_file(str(path / WEIGHTS), device=str(device))
+        trainer = torch.load(path / TRAINER, map_location=device, weights_only=False)
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -159,9 +149,9 @@ def latest_checkpoint(run_dir_or_ckpt: str | os.PathLike, device: str | torch.de
     warning and the previous one is used.
     """
     p = Path(run_dir_or_ckpt)
-    if (p / "state.json").exists() and p.parent.name == "checkpoints":
-        return (p.parent.parent, p, *read_checkpoint(p, device))
-    if not (p / "config.json").exists():
+    if is_checkpoint_dir(p):
+        return (RunLayout.of_checkpoint(p).root, p, *read_checkpoint(p, device))
+    if not RunLayout(p).config.exists():
         raise CheckpointError(f"{p} is neither a run folder (no config.json) nor a checkpoint folder")
     candidates = list_checkpoints(p)
     for ckpt in reversed(candidates):

@@ -8,14 +8,14 @@ import click
 
 from shared.cache import CacheError
 from train.checkpoints import CheckpointError
-from train.config import ARCHS, ConfigError, field_help, get_default_cfg, load_toml, parse_set, update_cfg
+from train.config import ConfigError, field_help, get_default_cfg, load_toml, parse_set, update_cfg
+from train.errors import EvalError, TrainingError
+from train.sae.registry import arch_names
 
 USER_ERRORS = (CacheError, ConfigError, CheckpointError)
 
 
 def _user_errors(fn, *args, **kwargs):
-    from train.training import TrainingError
-
     try:
         return fn(*args, **kwargs)
     except (*USER_ERRORS, TrainingError) as e:
@@ -46,7 +46,7 @@ def main() -> None:
 @main.command()
 @click.option("--store", help=HELP["store"])
 @click.option("--site", help=HELP["site"])
-@click.option("--arch", type=click.Choice(ARCHS), help=HELP["arch"] + " [default: topk]")
+@click.option("--arch", type=click.Choice(arch_names()), help=HELP["arch"] + " [default: topk]")
 @click.option("--k", type=int, help=HELP["k"] + " [default: 32]")
 @click.option("--dict-size", type=int, help=HELP["dict_size"])
 @click.option("--expansion", type=int, help=HELP["expansion"] + " [default: 8]")
@@ -97,7 +97,8 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
     The run finishes exactly as it would have without the interruption.
     """
     from train.sweep import is_sweep_dir, resume_sweep
-    from train.training import load_run_config, resume_training
+    from train.runs import load_run_config
+    from train.training import resume_training
 
     if is_sweep_dir(checkpoint):  # under torchrun its unfinished SAEs are spread over the ranks again
         sweep_dir = _user_errors(resume_sweep, checkpoint, progress=not quiet)
@@ -154,11 +155,13 @@ def _is_rank0() -> bool:
 
 def _print_sweep(sweep_dir) -> None:
     import json
-    from pathlib import Path
 
-    for rec in json.loads((Path(sweep_dir) / "sweep.json").read_text())["runs"]:
+    from train.layout import SweepLayout
+
+    layout = SweepLayout(sweep_dir)
+    for rec in json.loads(layout.spec.read_text())["runs"]:
         click.echo(f"{rec['run_dir']}:", err=True)
-        _print_results(Path(sweep_dir) / rec["run_dir"])
+        _print_results(layout.run(rec["run_dir"]).root)
 
 
 @main.command()
@@ -183,9 +186,7 @@ def _tool_errors(fn, *args, **kwargs):
     """User errors of eval / calibrate / export: one line on stderr, exit code 2."""
     from shared.hook_sites import HookSiteError
     from shared.models import ModelLoadError
-    from train.evaluation import EvalError
     from train.export import ExportError
-    from train.training import TrainingError
 
     try:
         return fn(*args, **kwargs)
@@ -269,9 +270,10 @@ def export(checkpoint, fmt, out_dir, model_name, store_path, force) -> None:
 
 def _print_results(run_dir) -> None:
     import json
-    from pathlib import Path
 
-    done = Path(run_dir) / "done.json"
+    from train.layout import RunLayout
+
+    done = RunLayout(run_dir).done
     if not done.exists():
         return
     res = json.loads(done.read_text()).get("results", {})

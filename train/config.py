@@ -3,6 +3,10 @@
 The seed's names are kept: `get_default_cfg()`, `update_cfg(cfg, **changes)`,
 `post_init_cfg(cfg, d_in=...)`. Building a config has no side effects (no I/O, no random ids).
 Unknown keys, wrong types and impossible values raise ConfigError naming the key.
+
+What depends on the architecture is declared by its class (train.sae): the valid `arch` names are
+the registry's, and the variant checks its own keys (`config_error`, e.g. k <= dict_size) and
+names its part of the default run name (`run_label`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.devices import DeviceError, parse_device
-
-ARCHS = ("vanilla", "topk", "batchtopk", "jumprelu")
+from train.sae.registry import arch_names, sae_class
 
 
 class ConfigError(ValueError):
@@ -64,7 +67,7 @@ class TrainConfig:
     """Skip rows at context position 0 (the BOS token, whose activations are outliers)."""
     # --- the SAE
     arch: str = "topk"
-    """Architecture: vanilla, topk, batchtopk or jumprelu."""
+    """SAE architecture: one of the names registered in train.sae (the choices of `train run --arch`)."""
     d_in: int | None = None
     """Input width; derived from the cache."""
     dict_size: int | None = None
@@ -252,7 +255,7 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise ConfigError for impossible combinations, naming the keys."""
-    _choice("arch", cfg.arch, ARCHS)
+    _choice("arch", cfg.arch, arch_names())
     _choice("lr_decay", cfg.lr_decay, ("none", "linear", "cosine"))
     _choice("b_dec_init", cfg.b_dec_init, ("geometric_median", "mean", "zeros"))
     _choice("threshold_kind", cfg.threshold_kind, ("global", "per_feature"))
@@ -285,8 +288,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.dict_size is not None:
         if cfg.dict_size <= 0:
             raise ConfigError(f"dict_size={cfg.dict_size} must be positive")
-        if cfg.arch in ("topk", "batchtopk") and cfg.k > cfg.dict_size:
-            raise ConfigError(f"k={cfg.k} is larger than dict_size={cfg.dict_size}")
+    problem = sae_class(cfg.arch).config_error(cfg)
+    if problem:
+        raise ConfigError(problem)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -329,9 +333,8 @@ def post_init_cfg(cfg: TrainConfig, d_in: int, site: str) -> TrainConfig:
 
 
 def sparsity_label(cfg: TrainConfig) -> str:
-    if cfg.arch in ("topk", "batchtopk"):
-        return f"k{cfg.k}"
-    return f"l1_{cfg.l1_coeff:g}" if cfg.arch == "vanilla" else f"l0_{cfg.l0_coeff:g}"
+    """The variant's part of the run name, e.g. k32, l1_5 or l0_1 (its class's run_label)."""
+    return sae_class(cfg.arch).run_label(cfg)
 
 
 def config_hash(cfg: TrainConfig) -> str:

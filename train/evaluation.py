@@ -1,9 +1,11 @@
-"""Evaluation of a trained SAE checkpoint (`train eval`) and BatchTopK calibration (`train calibrate`).
+"""Evaluation of a trained SAE checkpoint (`train eval`) and its calibration (`train calibrate`,
+for variants whose inference needs one: BatchTopK).
 
-Two families of figures, for each *encoding* of the SAE:
+The checkpoint is loaded by train.runs, its dataset scaling read back by train.scaling, the
+held-out sums taken by train.heldout. Two families of figures, for each *encoding* of the SAE:
 
-Reconstruction, on the run's held-out cache rows (the rows `evaluate_heldout` serves: the held-out
-shards, without the position-0 rows when the run used drop_bos):
+Reconstruction, on the run's held-out cache rows (the rows `evaluate_heldout` serves: the
+held-out shards, without the position-0 rows when the run used drop_bos):
     mse                 mean over tokens of sum_d (x - x_hat)^2, in the training (normalised) space
     mse_raw             the same in raw activation units (mse / scaling_factor^2)
     explained_variance  1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
@@ -13,32 +15,17 @@ shards, without the position-0 rows when the run used drop_bos):
     dense               latents firing on more than DENSE_THRESHOLD (10%) of the evaluated rows
     density_hist        histogram of log10 feature density (train.logs.density_histogram)
 
-Model performance, on held-out token contexts: the `tokens` vectors of the same held-out shards,
-reshaped [n_contexts, context_length]: exactly the contexts whose activations were harvested. The
-LM recorded in the cache (spec.model["id"], or --model) runs on them clean and with the hook site
-replaced (shared.hook_sites.splice) by
-    spliced   the SAE reconstruction decode(encode(x * s)) / s  (s = the run's scaling factor)
-    zero      zeros
-    mean      the cache's mean activation of the site (Cache.stats(site).mean)
-and we report the mean next-token cross-entropy of each (ce_clean, ce_spliced, ce_zero_ablation,
-ce_mean_ablation), ce_loss_score = (ce_zero - ce_spliced) / (ce_zero - ce_clean) (SAEBench's
-definition), ce_degradation = ce_spliced - ce_clean, kl_spliced = KL(clean || spliced) of the
-next-token distributions (and kl_zero_ablation, kl_mean_ablation, kl_div_score =
-(kl_zero - kl_spliced) / kl_zero).
+Model performance (train.lm_figures): the LM's next-token CE and KL on the held-out contexts,
+clean, with the SAE's reconstruction spliced in at the site, and zero- / mean-ablated;
+ce_loss_score, ce_degradation, kl_spliced, kl_div_score per encoding.
 
-BOS / position 0: when the run trained with drop_bos (the default), the SAE never saw position-0
-activations, so position 0 keeps its clean activation in *all three* interventions (spliced, zero,
-mean): the interventions touch exactly the positions the SAE was trained on, and the score compares
-like with like. Without drop_bos every position is replaced. The loss itself covers every
-next-token prediction of a context (positions 0..T-2 predicting tokens 1..T-1); nothing is excluded.
-With position 0 kept clean, the prediction made at position 0 is identical in every run (causal
-attention), so it adds the same amount to each CE and nothing to the KL.
-
-Encodings: TopK, vanilla and JumpReLU have one ("inference"). BatchTopK has two, labelled:
+Encodings (each variant's `encodings()`, train.sae): TopK, vanilla and JumpReLU have one
+("inference"). BatchTopK has two, labelled:
 "threshold" (JumpReLU-style with the calibrated threshold: what `train export` writes and what
 per-token inference uses) and "batch_topk" (the training-time rule: the k*B largest pre-activations
 of each batch of B tokens; B is the run's batch_size for the reconstruction figures and the
-spliced tokens of one LM batch for the CE figures).
+spliced tokens of one LM batch for the CE figures). How a variant calibrates is its own
+(`needs_calibration`, `calibrate`); this module only drives it.
 """
 
 from __future__ import annotations
@@ -47,11 +34,9 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -59,52 +44,26 @@ from shared.cache import Cache
 from shared.durable import write_atomic
 from shared.remote import is_remote
 from train.activation_store import ActivationStore, cache_identity
-from train.checkpoints import latest_checkpoint, list_checkpoints, save_checkpoint
+from train.errors import EvalError
+from train.checkpoints import list_checkpoints, save_checkpoint
 from train.config import TrainConfig, update_cfg
+from train.heldout import evaluate_heldout
+from train.layout import EVAL
+from train.lm_figures import (DEFAULT_LM_BATCH_SIZE, autocast_dtype, ce_loss_score, heldout_contexts, lm_losses,
+                              load_lm, splice_fn)
 from train.logs import density_histogram, resolve_wandb_mode
+from train.runs import LoadedCheckpoint, load_sae_checkpoint, open_store, resolve_device  # noqa: F401 (as before)
 from train.sae import BaseAutoencoder
-from train.training import (
-    build_from_cfg,
-    evaluate_heldout,
-    load_run_config,
-    open_store,
-    resolve_device,
-    threshold_loop_collect,
-    threshold_loop_compute,
-)
+from train.sae.base import Encoding
+from train.sae.registry import SAE_REGISTRY
+from train.scaling import Scaling
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens counts as dense
 DEFAULT_BATCHES = 50  # held-out store batches (of the run's batch_size) for reconstruction figures
 DEFAULT_MAX_CONTEXTS = 64  # held-out contexts for the CE / KL figures
-DEFAULT_LM_BATCH_SIZE = 8  # contexts per LM forward pass
-
-
-class EvalError(Exception):
-    """A checkpoint cannot be evaluated/calibrated as asked; the message says what to do."""
 
 
 # --------------------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedCheckpoint:
-    run_dir: Path
-    checkpoint: Path
-    cfg: TrainConfig
-    sae: BaseAutoencoder
-    state: dict[str, Any]
-    trainer_state: dict[str, Any]
-
-
-def load_sae_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """The SAE of a run folder (its newest loadable checkpoint) or of one checkpoint folder."""
-    run_dir, ckpt, tensors, trainer_state, state = latest_checkpoint(path)
-    cfg = load_run_config(run_dir)
-    device = torch.device(device)
-    sae = build_from_cfg(cfg, device)
-    sae.load_state_dict({k: v.to(device) for k, v in tensors.items()})
-    sae.eval()
-    return LoadedCheckpoint(run_dir, ckpt, cfg, sae, state, trainer_state)
 
 
 def open_cache_checked(cfg: TrainConfig, state: dict[str, Any], store_path: str | None = None) -> Cache:
@@ -120,9 +79,13 @@ def open_cache_checked(cfg: TrainConfig, state: dict[str, Any], store_path: str 
     return cache
 
 
-def scaling_factor(cfg: TrainConfig, cache: Cache) -> float:
-    """The dataset-level factor s the SAE's inputs were multiplied by (1 without normalize)."""
-    return float(cache.stats(cfg.site).norm_scaling_factor) if cfg.normalize else 1.0
+def checkpoint_scaling(run: LoadedCheckpoint, cache: Cache) -> Scaling:
+    """The dataset scaling the checkpoint's SAE was trained with: its state.json's record, else
+    (a checkpoint older than the record) the cache statistics and the run's normalize setting."""
+    scaling = Scaling.from_state(run.state, run.cfg.normalize)
+    if scaling is None or not scaling.has(run.cfg.site):
+        scaling = Scaling.from_cache(cache, [run.cfg.site], run.cfg.normalize)
+    return scaling
 
 
 def _store_for(cfg: TrainConfig, store_path: str | None, heldout_shards: int | None, device) -> ActivationStore:
@@ -139,36 +102,12 @@ def _store_for(cfg: TrainConfig, store_path: str | None, heldout_shards: int | N
     return open_store(cfg, device)
 
 
-# --------------------------------------------------------------------------- encodings
-
-
-@dataclass(frozen=True)
-class Encoding:
-    name: str
-    label: str
-    use_threshold: bool | None  # passed to BatchTopKSAE.encode; None for the other variants
-
-
-def encodings(sae: BaseAutoencoder) -> list[Encoding]:
-    """The ways this SAE encodes, first the one `train export` writes."""
-    if sae.arch != "batchtopk":
-        return [Encoding("inference", f"{sae.arch} encoder (per token)", None)]
-    out = []
-    if sae.threshold_kind != "none":
-        out.append(Encoding("threshold", f"JumpReLU with the calibrated {sae.threshold_kind} threshold "
-                                         "(per token; as exported)", True))
-    out.append(Encoding("batch_topk", f"training-time batch top-k (k={sae.k} per token on average over each batch)",
-                        False))
-    return out
-
-
-def _encode(sae: BaseAutoencoder, x: Tensor, enc: Encoding) -> Tensor:
-    return sae.encode(x) if enc.use_threshold is None else sae.encode(x, use_threshold=enc.use_threshold)
+# --------------------------------------------------------------------------- encodings (sae.encodings())
 
 
 def reconstruct_raw(sae: BaseAutoencoder, x: Tensor, scale: float, enc: Encoding) -> Tensor:
     """decode(encode(x * s)) / s for raw activations x [N, d] (float32)."""
-    return sae.decode(_encode(sae, x * scale, enc)) / scale
+    return sae.decode(enc.encode(sae, x * scale)) / scale
 
 
 # --------------------------------------------------------------------------- reconstruction
@@ -178,18 +117,10 @@ def reconstruct_raw(sae: BaseAutoencoder, x: Tensor, scale: float, enc: Encoding
 def reconstruction_metrics(sae: BaseAutoencoder, store: ActivationStore, enc: Encoding, scale: float,
                            max_batches: int = DEFAULT_BATCHES) -> dict[str, Any]:
     """evaluate_heldout's figures plus cosine similarity, L1, dead/dense latents and the density histogram."""
-    dev = sae.W_dec.device
-    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=dev)
-    sums = {"cos": torch.zeros((), dtype=torch.float64, device=dev), "l1": torch.zeros((), dtype=torch.float64, device=dev)}
-
-    def on_batch(x: Tensor, f: Tensor, x_hat: Tensor) -> None:
-        fired.add_((f > 0).sum(0))
-        sums["cos"] += torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).double().sum()
-        sums["l1"] += f.abs().double().sum()
-
-    base = evaluate_heldout(sae, store, max_batches=max_batches, use_threshold=enc.use_threshold, on_batch=on_batch)
-    sae.eval()
+    sums = _LatentSums(sae.d_sae, sae.W_dec.device)
+    base = evaluate_heldout(sae, store, max_batches=max_batches, encoding=enc, accumulators=[sums])
     n = base["rows"]
+    fired = sums.fired
     density = fired.double() / n
     dead = int((fired == 0).sum())
     dense = int((density > DENSE_THRESHOLD).sum())
@@ -198,9 +129,9 @@ def reconstruction_metrics(sae: BaseAutoencoder, store: ActivationStore, enc: En
         "mse": base["mse"],
         "mse_raw": base["mse"] / scale**2,
         "explained_variance": base["explained_variance"],
-        "cosine_similarity": float(sums["cos"]) / n,
+        "cosine_similarity": float(sums.cos) / n,
         "l0": base["l0"],
-        "l1": float(sums["l1"]) / n,
+        "l1": float(sums.l1) / n,
         "dead": dead,
         "dead_fraction": dead / sae.d_sae,
         "dense": dense,
@@ -209,134 +140,18 @@ def reconstruction_metrics(sae: BaseAutoencoder, store: ActivationStore, enc: En
     }
 
 
-# --------------------------------------------------------------------------- language-model figures
+class _LatentSums:
+    """Accumulator (train.heldout): tokens each latent fired on [m], sums of cos(x, x_hat) and of sum_i |f_i|."""
 
+    def __init__(self, d_sae: int, device: torch.device):
+        self.fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.cos = torch.zeros((), dtype=torch.float64, device=device)
+        self.l1 = torch.zeros((), dtype=torch.float64, device=device)
 
-def heldout_contexts(cache: Cache, shards: list[int], max_contexts: int | None) -> Tensor:
-    """Token contexts [n, context_length] (int64) of the given shards, in cache order."""
-    ctx = cache.spec.context_length
-    out: list[np.ndarray] = []
-    have = 0
-    for k in shards:
-        tokens = cache.read_vector("tokens", k)
-        positions = cache.read_vector("positions", k)
-        if len(tokens) % ctx or not np.array_equal(positions, np.tile(np.arange(ctx, dtype=positions.dtype), len(tokens) // ctx)):
-            raise EvalError(f"{cache.root}: shard {k} does not hold whole contexts of {ctx} tokens")
-        out.append(tokens.reshape(-1, ctx))
-        have += out[-1].shape[0]
-        if max_contexts is not None and have >= max_contexts:
-            break
-    if not out:
-        raise EvalError(f"{cache.root}: no held-out shard to take token contexts from")
-    ids = np.concatenate(out)[:max_contexts]
-    return torch.from_numpy(ids.astype(np.int64))
-
-
-def splice_fn(replace: Callable[[Tensor], Tensor], start: int) -> Callable[[Tensor], Tensor]:
-    """Activation hook [B, T, d] -> [B, T, d]: positions start.. become replace(rows [N, d] float32).
-
-    Runs with autocast off so the SAE computes in float32 whatever the LM's compute dtype."""
-
-    def fn(a: Tensor) -> Tensor:
-        out = a.clone()
-        seg = a[:, start:]
-        with torch.autocast(a.device.type, enabled=False):
-            new = replace(seg.reshape(-1, seg.shape[-1]).float()).reshape(seg.shape)
-        out[:, start:] = new.to(a.dtype)
-        return out
-
-    return fn
-
-
-@torch.no_grad()
-def lm_losses(model, site, contexts: Tensor, interventions: dict[str, Callable[[Tensor], Tensor]],
-              batch_size: int = DEFAULT_LM_BATCH_SIZE, autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Mean next-token CE of the clean model and of each intervention (a splice hook on `site`), and
-    the mean KL(clean || intervened) of the next-token distributions. contexts: [n, T] int64.
-
-    Returns {"clean": {"ce"}, name: {"ce", "kl"}, "predictions": n * (T - 1)}.
-    """
-    from shared.hook_sites import splice
-
-    device = next(model.parameters()).device
-    sums = {"clean": {"ce": 0.0}, **{k: {"ce": 0.0, "kl": 0.0} for k in interventions}}
-    n_pred = 0
-
-    def run(ids: Tensor) -> Tensor:
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
-        with ctx:
-            logits = model(input_ids=ids, use_cache=False).logits
-        return torch.log_softmax(logits[:, :-1].float(), dim=-1)
-
-    for i in range(0, contexts.shape[0], batch_size):
-        ids = contexts[i : i + batch_size].to(device)
-        targets = ids[:, 1:].unsqueeze(-1)
-        logp_clean = run(ids)
-        sums["clean"]["ce"] += float(-logp_clean.gather(-1, targets).double().sum())
-        p_clean = logp_clean.exp()
-        for name, fn in interventions.items():
-            with splice(model, site, fn):
-                logp = run(ids)
-            sums[name]["ce"] += float(-logp.gather(-1, targets).double().sum())
-            # per-prediction KL is >= 0; clamp the float32 rounding noise of near-identical distributions
-            sums[name]["kl"] += float((p_clean * (logp_clean - logp)).sum(-1).clamp_min(0).double().sum())
-        n_pred += targets.numel()
-    out: dict[str, Any] = {k: {m: v / n_pred for m, v in d.items()} for k, d in sums.items()}
-    out["predictions"] = n_pred
-    return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def ce_loss_score(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
-    """SAEBench's CE-loss score (L_zero - L_sae) / (L_zero - L_clean): 1 = perfect, 0 = as bad as zeros."""
-    den = ce_zero - ce_clean
-    return (ce_zero - ce_spliced) / den if den != 0 else float("nan")
-
-
-def _autocast_for(choice: str, compute_dtype: str | None, device: torch.device) -> torch.dtype | None:
-    if choice == "none":
-        return None
-    if choice == "bfloat16":
-        return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and compute_dtype == "bfloat16" else None
-
-
-def load_lm(cache: Cache, site_name: str, model: str | None, device: torch.device):
-    """(model, HookSite, model_check) for the cache's LM (or `model`), checked against the provenance."""
-    from shared.hook_sites import resolve_sites
-    from shared.models import load_model
-
-    spec = cache.spec
-    model_id = model or spec.model.get("id")
-    if not model_id:
-        raise EvalError(f"{cache.root} records no model id; pass --model, or --skip-lm")
-    loaded = load_model(str(model_id), device=str(device))
-    info = loaded.info
-    if info.d_model != spec.d_model:
-        raise EvalError(f"model {model_id!r} has d_model={info.d_model} but the cache has {spec.d_model}; "
-                        "pass the harvested model with --model")
-    check = {"model": str(model_id),
-             "config_hash_matches": info.config_hash == spec.model.get("config_hash"),
-             "tokenizer_hash_matches": info.tokenizer_hash == spec.model.get("tokenizer_hash")}
-    if spec.model.get("tokenizer_hash") and not check["tokenizer_hash_matches"]:
-        raise EvalError(f"model {model_id!r} has a different tokenizer from the one the cache was harvested with; "
-                        "its token ids would be meaningless: pass the harvested model with --model")
-    if spec.model.get("config_hash") and not check["config_hash_matches"]:
-        warnings.warn(f"model {model_id!r} has a different config hash from the harvested model; CE figures may not "
-                      "describe the model the SAE was trained on")
-    record = next(s for s in spec.sites if s.name == site_name)
-    site = resolve_sites(loaded.model, [record.layer], record.kind)[0]
-    if site.hf_module != record.hf_module:
-        raise EvalError(f"site {site_name} resolves to module {site.hf_module} in this model, but the cache hooked "
-                        f"{record.hf_module}; pass the harvested model with --model")
-    return loaded.model, site, check
+    def update(self, x: Tensor, f: Tensor, x_hat: Tensor) -> None:
+        self.fired.add_((f > 0).sum(0))
+        self.cos += torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).double().sum()
+        self.l1 += f.abs().double().sum()
 
 
 # --------------------------------------------------------------------------- the evaluation
@@ -359,10 +174,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
     dev = resolve_device(device or cfg.device)
     sae.to(dev)
     cache = open_cache_checked(cfg, run.state, store_path)
-    scale = scaling_factor(cfg, cache)
+    scale = checkpoint_scaling(run, cache).factor(cfg.site)
     store = _store_for(cfg, str(cache.root), heldout_shards, dev)
     try:
-        modes = encodings(sae)
+        modes = sae.encodings()
         per_mode: dict[str, Any] = {}
         for enc in modes:
             per_mode[enc.name] = {"label": enc.label,
@@ -388,7 +203,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         for enc in modes:
             interventions[f"sae:{enc.name}"] = splice_fn(lambda x, enc=enc: reconstruct_raw(sae, x, scale, enc), start)
         res = lm_losses(lm_model, site, contexts, interventions, batch_size=lm_batch_size,
-                        autocast_dtype=_autocast_for(autocast, cache.spec.model.get("compute_dtype"), dev))
+                        autocast_dtype=autocast_dtype(autocast, cache.spec.model.get("compute_dtype"), dev))
         ce_clean, ce_zero = res["clean"]["ce"], res["zero"]["ce"]
         lm = {**check, "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
               "predictions": res["predictions"], "lm_batch_size": lm_batch_size,
@@ -403,8 +218,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
                 "kl_spliced": r["kl"],
                 "kl_div_score": (res["zero"]["kl"] - r["kl"]) / res["zero"]["kl"] if res["zero"]["kl"] > 0 else float("nan"),
             })
-        if sae.arch == "batchtopk":
-            per_mode["batch_topk"]["lm_batch_tokens"] = min(lm_batch_size, contexts.shape[0]) * (contexts.shape[1] - start)
+        for enc in modes:
+            if enc.per_batch:  # the batch its rule selected over: one LM batch's spliced tokens
+                batch_contexts = min(lm_batch_size, contexts.shape[0])
+                per_mode[enc.name]["lm_batch_tokens"] = batch_contexts * (contexts.shape[1] - start)
         del lm_model
 
     results = {
@@ -417,8 +234,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         "site": cfg.site,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
-        "k": cfg.k if cfg.arch in ("topk", "batchtopk") else None,
-        "threshold_kind": getattr(sae, "threshold_kind", None),
+        "k": sae.describe()["k"],
+        "threshold_kind": sae.describe()["threshold_kind"],
         "scaling_factor": scale,
         "cache": str(cache.root),
         "settings": {
@@ -432,10 +249,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         "encodings": per_mode,
         "lm": lm,
     }
-    if sae.arch == "batchtopk" and sae.threshold_kind == "none":
+    if sae.needs_calibration and not sae.calibrated:
         results["note"] = (f"no calibrated threshold: run `train calibrate {run.checkpoint}` for the "
                            "inference (exported) encoding")
-    dest = Path(out) if out else Path(path) / "eval.json"
+    dest = Path(out) if out else Path(path) / EVAL
     write_atomic(dest, json.dumps(_jsonable(results), indent=1).encode())
     mode = wandb_mode or cfg.wandb_mode
     log_to_wandb(run.run_dir, cfg, results, mode)
@@ -553,14 +370,17 @@ def _fmt(v: float | None, spec: str) -> str:
 def calibrate_checkpoint(path: str | os.PathLike, *, kind: str | None = None, batches: int | None = None,
                          device: str | None = None, store_path: str | None = None,
                          heldout_shards: int | None = None) -> dict[str, Any]:
-    """Calibrate a BatchTopK checkpoint's inference threshold on held-out rows and rewrite that
-    checkpoint (atomically, same step) with it. Returns the calibration record (also in state.json)."""
+    """Calibrate the inference threshold of a checkpoint whose variant needs one (BatchTopK) on
+    held-out rows and rewrite that checkpoint (atomically, same step) with it. Returns the
+    calibration record (also in state.json)."""
     run = load_sae_checkpoint(path)
     cfg, sae = run.cfg, run.sae
     dev = resolve_device(device or cfg.device)
     sae.to(dev)
-    if cfg.arch != "batchtopk":
-        raise EvalError(f"{run.checkpoint} is a {cfg.arch} SAE; only batchtopk needs a threshold calibration")
+    if not sae.needs_calibration:
+        need = [a for a, cls in SAE_REGISTRY.items() if cls.needs_calibration]
+        raise EvalError(f"{run.checkpoint} is a {sae.arch} SAE; only {', '.join(need)} "
+                        f"{'needs' if len(need) == 1 else 'need'} a threshold calibration")
     kind = kind or cfg.threshold_kind
     if kind not in ("global", "per_feature"):
         raise EvalError(f"threshold kind {kind!r} is not one of global, per_feature")
@@ -568,14 +388,13 @@ def calibrate_checkpoint(path: str | os.PathLike, *, kind: str | None = None, ba
     cache = open_cache_checked(cfg, run.state, store_path)
     store = _store_for(cfg, str(cache.root), heldout_shards, dev)
     try:
-        stats = threshold_loop_collect(sae, store.eval_batches(), n_batches)
-        sae.set_threshold(threshold_loop_compute(stats, kind))
-        held = evaluate_heldout(sae, store, max_batches=n_batches, use_threshold=True)
+        sae.calibrate(store.eval_batches(), kind, n_batches)
+        held = evaluate_heldout(sae, store, max_batches=n_batches, encoding=sae.encodings()[0])
         held_shards = list(store.heldout_shards)
     finally:
         store.close()
     record = {"threshold_kind": kind, "batches": n_batches, "heldout_shards": held_shards,
-              "inference_l0": held["l0"], "k": cfg.k, "explained_variance": held["explained_variance"]}
+              "inference_l0": held["l0"], "k": sae.describe()["k"], "explained_variance": held["explained_variance"]}
     state = {k: v for k, v in run.state.items() if k not in ("step", "checkpoint_format", "checksums")}
     state["threshold_kind"] = kind
     state["calibration"] = record

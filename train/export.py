@@ -13,19 +13,18 @@ DIR gets the two files `SAE.load_from_disk(DIR)` reads:
                               standard / topk: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
                               b_dec [d_in]; jumprelu: the same plus threshold [d_sae].
 
-Architectures: vanilla -> "standard", topk -> "topk", jumprelu -> "jumprelu" (threshold =
+Each variant declares its exported form (train.sae: `saelens_arch`, `export_tensors`,
+`export_config`): vanilla -> "standard", topk -> "topk", jumprelu -> "jumprelu" (threshold =
 exp(log_threshold)), batchtopk -> "jumprelu" with its calibrated inference threshold (global or
-per-feature, written per feature). A BatchTopK checkpoint without a calibrated threshold is
-refused (intermediate checkpoints are never calibrated): `train calibrate CHECKPOINT` writes one.
+per-feature, written per feature). A checkpoint whose variant needs a calibration and has none
+(BatchTopK's intermediate checkpoints are never calibrated) is refused: `train calibrate
+CHECKPOINT` writes one.
 
 The dataset-level scaling s (the SAE was trained on x' = s x, s = sqrt(d / E||x||^2) from the
-cache statistics) is folded into the weights so the exported SAE takes raw activations:
-
-    f     = act((s x - b_dec) W_enc + b_enc) = act((x - b_dec / s)(s W_enc) + b_enc)
-    x_hat = (f W_dec + b_dec) / s            = f (W_dec / s) + b_dec / s
-
-so W_enc' = s W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s; b_enc and thresholds are unchanged
-(the pre-activations are the same numbers). The exported decoder rows then have norm 1/s.
+cache statistics; train.scaling, read from the checkpoint) is folded into the weights so the
+exported SAE takes raw activations (BaseAutoencoder.fold_scaling): W_enc' = s W_enc,
+b_dec' = b_dec / s, W_dec' = W_dec / s; b_enc and thresholds are unchanged (the pre-activations
+are the same numbers). The exported decoder rows then have norm 1/s.
 SAELens' inference equations (the ones the export targets; see also tests/test_export.py):
 
     standard: f = relu((x - b_dec) W_enc + b_enc)
@@ -46,12 +45,15 @@ from safetensors.torch import save_file
 
 from shared.cache_spec import software_version
 from shared.durable import write_atomic
-from train.evaluation import load_sae_checkpoint, open_cache_checked, scaling_factor
+from train.errors import EvalError
+from train.evaluation import checkpoint_scaling, open_cache_checked
+from train.runs import load_sae_checkpoint
 from train.sae import BaseAutoencoder
+from train.sae.registry import SAE_REGISTRY
 
 SAELENS_SCHEMA_VERSION = "6.0.0"  # cfg.json layout written here (SAELens >= 6.0 reads it as-is)
-SAELENS_ARCH = {"vanilla": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
-SAELENS_KEYS = {
+SAELENS_TITLES = {"standard": "standard", "topk": "TopK", "jumprelu": "JumpReLU"}  # SAELens' architectures
+SAELENS_KEYS = {  # the exact tensor set of each SAELens class (its load_state_dict is strict)
     "standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
@@ -65,41 +67,42 @@ class ExportError(Exception):
 
 
 def check_exportable(sae: BaseAutoencoder, checkpoint: Path | str = "CHECKPOINT") -> str:
-    """The SAELens architecture name for `sae`, or ExportError saying why it cannot be exported."""
-    arch = getattr(sae, "arch", None)
-    if arch not in SAELENS_ARCH:
-        raise ExportError(f"{checkpoint}: architecture {arch!r} has no SAELens equivalent "
-                          f"(exportable: {', '.join(SAELENS_ARCH)})")
-    if arch == "batchtopk" and sae.threshold_kind == "none":
+    """The SAELens architecture name for `sae` (its variant's saelens_arch), or ExportError saying
+    why it cannot be exported."""
+    arch = getattr(sae, "saelens_arch", None)
+    if arch not in SAELENS_KEYS:
+        exportable = [name for name, cls in SAE_REGISTRY.items() if cls.saelens_arch in SAELENS_KEYS]
+        raise ExportError(f"{checkpoint}: architecture {getattr(sae, 'arch', None)!r} has no SAELens equivalent "
+                          f"(exportable: {', '.join(exportable)})")
+    if sae.needs_calibration and not sae.calibrated:
         raise ExportError(
-            f"{checkpoint} is a BatchTopK SAE without a calibrated inference threshold, so it has no faithful "
-            "per-token (JumpReLU) form: only a run's final checkpoint is calibrated. Calibrate this one with "
-            f"`train calibrate {checkpoint}` (held-out rows; --kind global|per_feature), then export again")
+            f"{checkpoint} is a {sae.title} SAE without a calibrated inference threshold, so it has no faithful "
+            f"per-token ({SAELENS_TITLES[arch]}) form: only a run's final checkpoint is calibrated. Calibrate this "
+            f"one with `train calibrate {checkpoint}` (held-out rows; --kind global|per_feature), then export again")
     threshold = sae.inference_threshold()
     if threshold is not None and bool((threshold < 0).any()):
         raise ExportError(f"{checkpoint}: negative thresholds cannot be expressed in SAELens' JumpReLU "
                           "(it applies relu(threshold))")
-    return SAELENS_ARCH[arch]
+    return arch
 
 
 @torch.no_grad()
-def saelens_state_dict(sae: BaseAutoencoder, scale: float) -> dict[str, torch.Tensor]:
-    """SAELens tensors with the scaling s folded in (float32, CPU, contiguous)."""
+def saelens_state_dict(sae: BaseAutoencoder, scale_in: float,
+                       scale_out: float | None = None) -> dict[str, torch.Tensor]:
+    """SAELens tensors (float32, CPU, contiguous) with the dataset scaling folded in: the SAE was
+    trained on scale_in * x and predicts scale_out * x (default: scale_in; an SAE has one site)."""
     arch = check_exportable(sae)
-    s = float(scale)
-    if not s > 0 or s != s or s == float("inf"):
-        raise ExportError(f"scaling factor {scale!r} must be a positive finite number")
-    f32 = {name: p.detach().to("cpu", torch.float32) for name, p in
-           (("W_enc", sae.W_enc), ("b_enc", sae.b_enc), ("W_dec", sae.W_dec), ("b_dec", sae.b_dec))}
-    out = {
-        "W_enc": f32["W_enc"] * s,
-        "b_enc": f32["b_enc"].clone(),
-        "W_dec": f32["W_dec"] / s,
-        "b_dec": f32["b_dec"] / s,
-    }
-    if arch == "jumprelu":
-        out["threshold"] = sae.inference_threshold().to("cpu", torch.float32)
-    assert tuple(out) == SAELENS_KEYS[arch]
+    scales = [scale_in, scale_in if scale_out is None else scale_out]
+    for s in scales:
+        if not float(s) > 0 or float(s) != float(s) or float(s) == float("inf"):
+            raise ExportError(f"scaling factor {s!r} must be a positive finite number")
+    try:
+        out = sae.export_tensors(*map(float, scales))
+    except ValueError as e:  # e.g. an SAE's input and output scaling differ
+        raise ExportError(str(e)) from None
+    if tuple(out) != SAELENS_KEYS[arch]:
+        raise ExportError(f"{sae.arch} exports tensors {', '.join(out)}, but SAELens' {arch} class has "
+                          f"{', '.join(SAELENS_KEYS[arch])}")
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -121,9 +124,7 @@ def saelens_config(sae: BaseAutoencoder, cfg, spec, *, scale: float, checkpoint:
         "normalize_activations": "none",
         "reshape_activations": "none",
     }
-    if arch == "topk":
-        out["k"] = int(sae.k)
-        out["rescale_acts_by_decoder_norm"] = False
+    out.update(sae.export_config())
     out["metadata"] = {
         "sae_lens_version": SAELENS_SCHEMA_VERSION,
         "sae_lens_training_version": None,
@@ -136,9 +137,9 @@ def saelens_config(sae: BaseAutoencoder, cfg, spec, *, scale: float, checkpoint:
         "neuronpedia_id": None,
         "saeforge": {
             "software_version": software_version(),
-            "trained_arch": cfg.arch,
-            "threshold_kind": getattr(sae, "threshold_kind", None) if cfg.arch == "batchtopk" else None,
-            "k": cfg.k if cfg.arch in ("topk", "batchtopk") else None,
+            "trained_arch": sae.arch,
+            "threshold_kind": sae.describe()["threshold_kind"],
+            "k": sae.describe()["k"],
             "folded_scaling_factor": scale,
             "normalize": cfg.normalize,
             "drop_bos": cfg.drop_bos,
@@ -166,15 +167,13 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *, fm
         raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     run = load_sae_checkpoint(path)
     check_exportable(run.sae, run.checkpoint)
-    from train.evaluation import EvalError
-
     try:
         cache = open_cache_checked(run.cfg, run.state, store_path)
     except EvalError as e:
         raise ExportError(f"{e} (the export needs its scaling factor and provenance)") from None
-    scale = scaling_factor(run.cfg, cache)
-    tensors = saelens_state_dict(run.sae, scale)
-    config = saelens_config(run.sae, run.cfg, cache.spec, scale=scale, checkpoint=run.checkpoint,
+    s_in, s_out = checkpoint_scaling(run, cache).fold_factors(run.cfg.site)
+    tensors = saelens_state_dict(run.sae, s_in, s_out)
+    config = saelens_config(run.sae, run.cfg, cache.spec, scale=s_in, checkpoint=run.checkpoint,
                             run_dir=run.run_dir, step=run.state.get("step"), tokens=run.state.get("tokens"),
                             model_name=model_name, cache_path=str(cache.root))
     out = Path(out_dir)

@@ -1,4 +1,4 @@
-"""Run logging: a local metrics.jsonl in the checkpoint folder, mirrored to wandb when enabled.
+"""Run logging: a local metrics.jsonl in the run folder (train.layout), mirrored to wandb when enabled.
 
 wandb never crashes a run: mode "online" without an API key falls back to "offline", and a wandb
 failure at start-up downgrades to local logging with a warning.
@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from train.layout import RunLayout
+
 
 def resolve_wandb_mode(mode: str) -> str:
     """online -> offline when no API key is configured (env or ~/.netrc)."""
@@ -27,16 +29,20 @@ def resolve_wandb_mode(mode: str) -> str:
     return "offline"
 
 
+FINAL = "final/"  # prefix of the after-training results record (train.training.finish_run)
+
+
 class RunLogger:
     """Appends one JSON object per logged step to `run_dir/metrics.jsonl` and to wandb.
 
-    On resume, records after the resumed step are dropped first, so the file always describes
-    one uninterrupted run.
+    On resume, records after the resumed step are dropped first, and so is a record of final
+    results (a run killed after logging them but before done.json finishes again and logs them
+    again), so the file always describes one uninterrupted run.
     """
 
     def __init__(self, run_dir: Path, config: dict[str, Any], mode: str, project: str,
                  group: str | None = None, resume_step: int | None = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunLayout(run_dir).metrics
         if resume_step is not None:
             self._truncate_after(resume_step)
         self._file = open(self.path, "a")
@@ -56,7 +62,7 @@ class RunLogger:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        keep = [line for line in self.path.read_text().splitlines() if _kept(line, step)]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
@@ -76,6 +82,15 @@ class RunLogger:
         self._file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _kept(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line survives a resume at `step` (a line cut short by a kill does not)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return record.get("step", 0) <= step and not any(k.startswith(FINAL) for k in record)
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -14,13 +14,14 @@ from typing import Any
 import matplotlib
 
 from train.checkpoints import CheckpointError
+from train.layout import RunLayout, SweepLayout, is_checkpoint_dir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunLayout(run_dir).metrics
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -29,13 +30,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def final_figures(run_dir: Path) -> dict[str, Any]:
     """Held-out figures of a run: eval.json (from `train eval`) when present, else done.json."""
     out: dict[str, Any] = {}
-    done = Path(run_dir) / "done.json"
+    layout = RunLayout(run_dir)
+    done = layout.done
     if done.exists():
         res = json.loads(done.read_text()).get("results", {})
         held = res.get("heldout", {})
         out.update({"explained_variance": held.get("explained_variance"), "l0": held.get("l0"),
                     "never_fired_fraction": held.get("never_fired_fraction")})
-    ev = Path(run_dir) / "eval.json"
+    ev = layout.eval
     if ev.exists():
         data = json.loads(ev.read_text())
         flat = _find(data, ("ce_loss_score", "explained_variance", "l0"))
@@ -98,12 +100,13 @@ def report_run(run_dir: Path) -> Path:
         _density(axes[3], metrics, "latest")
     fig.suptitle(run_dir.name, fontsize=10)
     fig.tight_layout()
-    png = run_dir / "report.png"
+    layout = RunLayout(run_dir)
+    png = layout.report_png
     fig.savefig(png, dpi=110)
     plt.close(fig)
     figs = final_figures(run_dir)
-    md = run_dir / "report.md"
-    lines = [f"# {run_dir.name}", "", "![training curves and feature density](report.png)", "", "| figure | value |",
+    md = layout.report_md
+    lines = [f"# {run_dir.name}", "", f"![training curves and feature density]({png.name})", "", "| figure | value |",
              "| --- | --- |"]
     lines += [f"| {k} | {v:.4g} |" for k, v in figs.items() if isinstance(v, (int, float))]
     md.write_text("\n".join(lines) + "\n")
@@ -112,15 +115,16 @@ def report_run(run_dir: Path) -> Path:
 
 def report_sweep(sweep_dir: Path) -> Path:
     sweep_dir = Path(sweep_dir)
-    record = json.loads((sweep_dir / "sweep.json").read_text())
-    runs = {r["run_dir"]: sweep_dir / r["run_dir"] for r in record["runs"]}
+    layout = SweepLayout(sweep_dir)
+    record = json.loads(layout.spec.read_text())
+    runs = {r["run_dir"]: layout.run(r["run_dir"]).root for r in record["runs"]}
     metrics = {name: read_metrics(d) for name, d in runs.items()}
     figs = {name: final_figures(d) for name, d in runs.items()}
 
     fig, axes = plt.subplots(1, 3, figsize=(19, 4.5))
     _curves(axes[0], axes[1], axes[2], metrics)
     fig.tight_layout()
-    fig.savefig(sweep_dir / "curves.png", dpi=110)
+    fig.savefig(layout.curves_png, dpi=110)
     plt.close(fig)
 
     frontier_keys = [("explained_variance", "explained variance (held-out)"), ("ce_loss_score", "CE-loss score")]
@@ -137,21 +141,21 @@ def report_sweep(sweep_dir: Path) -> Path:
             ax.set(title=f"L0 vs {title}", xlabel="L0 (held-out)", ylabel=title, xscale="log")
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(sweep_dir / "frontier.png", dpi=110)
+        fig.savefig(layout.frontier_png, dpi=110)
         plt.close(fig)
     for d in runs.values():
         if read_metrics(d):
             report_run(d)
 
     cols = ["explained_variance", "l0", "never_fired_fraction", "ce_loss_score"]
-    lines = [f"# {record['name']}", "", "![training curves](curves.png)", ""]
+    lines = [f"# {record['name']}", "", f"![training curves]({layout.curves_png.name})", ""]
     if frontier_keys:
-        lines += ["![frontier](frontier.png)", ""]
+        lines += [f"![frontier]({layout.frontier_png.name})", ""]
     lines += ["| SAE | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, f in figs.items():
         vals = [f"{f[c]:.4g}" if isinstance(f.get(c), (int, float)) else "" for c in cols]
-        lines.append(f"| [{name}]({name}/report.md) | " + " | ".join(vals) + " |")
-    md = sweep_dir / "report.md"
+        lines.append(f"| [{name}]({name}/{layout.run(name).report_md.name}) | " + " | ".join(vals) + " |")
+    md = layout.report_md
     md.write_text("\n".join(lines) + "\n")
     return md
 
@@ -159,8 +163,8 @@ def report_sweep(sweep_dir: Path) -> Path:
 def write_report(path: str | Path) -> Path:
     """Report for a run folder or a sweep folder; returns the Markdown summary's path."""
     path = Path(path)
-    if (path / "sweep.json").exists():
+    if SweepLayout.is_sweep(path):
         return report_sweep(path)
-    if path.parent.name == "checkpoints":
-        path = path.parent.parent
+    if is_checkpoint_dir(path):
+        path = RunLayout.of_checkpoint(path).root
     return report_run(path)

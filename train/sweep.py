@@ -11,10 +11,11 @@ A spec is a TOML file::
     arch = ["topk", "batchtopk"]
     k = [16, 32, 64]
 
-Layout: `SWEEP/sweep.json` (the resolved configs, in order) and one run folder per SAE inside
-SWEEP, each with its own checkpoints, metrics.jsonl and wandb run (group = sweep name). All SAEs
-checkpoint at the same steps; resuming restores every unfinished SAE to the newest step all of
-them committed, so the sweep resumes exactly as a whole.
+Layout (train.layout.SweepLayout): `SWEEP/sweep.json` (the resolved configs, in order) and one
+run folder per SAE inside SWEEP, each with its own checkpoints, metrics.jsonl and wandb run (group
+= sweep name). Each SAE's trainer is made by train.training.build_trainer, as a single run's is.
+All SAEs checkpoint at the same steps; resuming restores every unfinished SAE to the newest step
+all of them committed, so the sweep resumes exactly as a whole.
 
 Ranks. Under torchrun (`torchrun --nproc_per_node=R -m train sweep SPEC.toml`) a sweep spreads its
 SAEs over the ranks, `distribute = "sae"` (the default and, for now, the only choice: a sweep is
@@ -47,9 +48,9 @@ from shared.durable import write_atomic
 from train.checkpoints import CheckpointError, create_run_dir, list_checkpoints, read_checkpoint
 from train.config import ConfigError, TrainConfig, cfg_from_dict, get_default_cfg, post_init_cfg, update_cfg
 from train.distributed import SoloWorld, World
-from train.logs import RunLogger
-from train.training import (Trainer, build_from_cfg, finish_run, make_optimizer, open_store, resolve_device,
-                            train_loop, _init_b_dec)
+from train.layout import RunLayout, SweepLayout, step_of
+from train.runs import open_store, resolve_device
+from train.training import Restore, build_trainer, run_to_end
 
 # Keys that define the shared data stream and schedule: equal for every SAE of a sweep.
 SHARED_KEYS = ("store", "site", "batch_size", "tokens", "window_shards", "heldout_shards", "normalize", "drop_bos",
@@ -133,9 +134,9 @@ def run_sweep(spec_path: str | Path, overrides: dict[str, Any] | None = None, pr
                 if dev is not None:
                     cfg = update_cfg(cfg, device=str(dev))
                 run_dir = create_run_dir(sweep_dir, cfg.run_name)
-                write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+                write_atomic(RunLayout(run_dir).config, json.dumps(cfg.to_dict(), indent=1).encode())
                 records.append({"run_dir": run_dir.name, "config": cfg.to_dict()})
-            write_atomic(sweep_dir / "sweep.json", json.dumps({"name": name, "runs": records}, indent=1).encode())
+            write_atomic(SweepLayout(sweep_dir).spec, json.dumps({"name": name, "runs": records}, indent=1).encode())
             created = str(sweep_dir)
         sweep_dir = Path(world.broadcast(created))
         runs = _read_runs(sweep_dir, world)
@@ -153,12 +154,13 @@ def _device(cfg: TrainConfig, world: World) -> torch.device:
 
 def _read_runs(sweep_dir: Path, world: World) -> list[tuple[Path, TrainConfig]]:
     """(run folder, config) of every SAE of a sweep, in sweep.json's order."""
+    layout = SweepLayout(sweep_dir)
     try:
-        record = json.loads((sweep_dir / "sweep.json").read_text())
+        record = json.loads(layout.spec.read_text())
     except FileNotFoundError:
         where = f" (rank {world.rank} of {world.size}: the out folder must be on a filesystem every rank shares)"
-        raise ConfigError(f"{sweep_dir / 'sweep.json'} does not exist{where if world.size > 1 else ''}") from None
-    return [(sweep_dir / r["run_dir"], cfg_from_dict(r["config"])) for r in record["runs"]]
+        raise ConfigError(f"{layout.spec} does not exist{where if world.size > 1 else ''}") from None
+    return [(layout.run(r["run_dir"]).root, cfg_from_dict(r["config"])) for r in record["runs"]]
 
 
 def _train_share(runs: list[tuple[Path, TrainConfig]], store, world: World, progress: bool,
@@ -179,51 +181,31 @@ def _train_share(runs: list[tuple[Path, TrainConfig]], store, world: World, prog
     trainers = []
     for j in mine:
         run_dir, cfg = runs[j]
-        sae = build_from_cfg(cfg, _device(cfg, world))
         # every SAE trains as in one process; the rank's last trainer checkpoints last, so its barrier
         # comes after all of this rank's SAEs committed the step: no rank gets a checkpoint ahead
         solo = SoloWorld(group=group) if world.size > 1 and j == mine[-1] else World.single()
+        restore = None
         if step:
-            tensors, trainer_state, state = read_checkpoint(run_dir / "checkpoints" / f"step-{step:09d}")
-            t = _trainer(cfg, sae, store, run_dir, progress, resume_step=step, world=solo)
-            t.restore({k: v.to(t.device) for k, v in tensors.items()}, trainer_state, state)
+            ckpt = RunLayout(run_dir).step_dir(step)
+            restore = Restore(ckpt, *read_checkpoint(ckpt))
         else:
             store.seek(0)
-            _init_b_dec(cfg, sae, store)
-            t = _trainer(cfg, sae, store, run_dir, progress, resume_step=None if fresh else 0, world=solo)
-        trainers.append(t)
+        trainers.append(build_trainer(cfg, store, run_dir, _device(cfg, world), world=solo, progress=progress,
+                                      restore=restore, restart=not step and not fresh))
     if not step:
         store.seek(0)
-    _train_and_finish(trainers, store, progress)
+    run_to_end(trainers, store, progress)
     world.barrier()
 
 
-def _trainer(cfg: TrainConfig, sae, store, run_dir: Path, progress: bool, resume_step: int | None = None,
-             world: World | None = None) -> Trainer:
-    logger = RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
-                       resume_step=resume_step)
-    return Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress,
-                   world=world or World.single())
-
-
-def _train_and_finish(trainers: list[Trainer], store, progress: bool) -> None:
-    try:
-        train_loop(trainers, store, progress)
-        for t in trainers:
-            finish_run(t)
-    finally:
-        for t in trainers:
-            t.logger.close()
-
-
 def is_sweep_dir(path: str | Path) -> bool:
-    return (Path(path) / "sweep.json").exists()
+    return SweepLayout.is_sweep(path)
 
 
 def _resume_plan(runs: list[tuple[Path, TrainConfig]]) -> tuple[list[int], int]:
     """(indices of the unfinished SAEs, newest step all of them committed; 0 when none)."""
-    pending = [i for i, (d, _) in enumerate(runs) if not (d / "done.json").exists()]
-    steps = [{int(p.name.split("-")[1]) for p in list_checkpoints(runs[i][0])} for i in pending]
+    pending = [i for i, (d, _) in enumerate(runs) if not RunLayout(d).done.exists()]
+    steps = [{step_of(p) for p in list_checkpoints(runs[i][0])} for i in pending]
     common = set.intersection(*steps) if steps else set()
     return pending, max(common, default=0)
 

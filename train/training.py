@@ -5,6 +5,15 @@ the seed's names. Everything a step depends on (weights, Adam moments, step, sto
 dead-latent counters, RNG states) is in each checkpoint, and the learning-rate and sparsity
 schedules are pure functions of the tokens seen, so a resumed run ends bit-identical (on CPU) to
 an uninterrupted one.
+
+Here: the Trainer (one step, logging, checkpoints), train_loop (several trainers on one stream of
+batches, as a sweep does), build_trainer (the one way to make a Trainer: new, or restored from a
+checkpoint; train_sae, resume_training and train.sweep use it), finish_run (the variant's
+calibration and final results, the final checkpoint, done.json). Elsewhere: the SAE and what its
+variant declares (train.sae), held-out figures and threshold statistics (train.heldout), loading
+a run, its config and its store (train.runs), the run folder's names (train.layout), the
+dataset scaling (train.scaling). threshold_loop_collect / threshold_loop_compute, open_store,
+load_run_config, resolve_device and build_from_cfg stay importable from here.
 """
 
 from __future__ import annotations
@@ -15,31 +24,25 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
+from shared.durable import write_atomic
+from shared.faults import fault_point
 from train.activation_store import ActivationStore
 from train.checkpoints import create_run_dir, latest_checkpoint, save_checkpoint
 from train.config import TrainConfig, cfg_from_dict, post_init_cfg, update_cfg
 from train.distributed import World
-from train.logs import RunLogger, density_histogram
-from train.sae import BaseAutoencoder, build_sae, explained_variance
-from shared.devices import DeviceError, resolve_device as resolve_any_device
-from shared.durable import write_atomic
-from shared.faults import fault_point
-
-
-class TrainingError(Exception):
-    """Training stopped (NaN loss, bad store); the message says what to do."""
-
-
-def resolve_device(device: str) -> torch.device:
-    try:
-        return resolve_any_device(device, "config key device:")
-    except DeviceError as e:
-        raise TrainingError(str(e)) from None
+from train.errors import TrainingError
+from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
+from train.layout import RunLayout
+from train.logs import FINAL, RunLogger, density_histogram
+from train.runs import load_run_config, open_store, resolve_device  # noqa: F401 (importable from here, as before)
+from train.sae import BaseAutoencoder
+from train.sae.registry import build_from_cfg, sae_record
+from train.scaling import Scaling
 
 
 def use_deterministic_kernels(device: torch.device, deterministic: bool) -> None:
@@ -51,40 +54,6 @@ def use_deterministic_kernels(device: torch.device, deterministic: bool) -> None
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-# --------------------------------------------------------------------------- construction
-
-
-def open_store(cfg: TrainConfig, device: torch.device, world: World = World()) -> ActivationStore:
-    """The training store of a config (training rows only; held-out shards for evaluation).
-    Under torchrun each rank is served its slice of every global batch."""
-    return ActivationStore(
-        cfg.store, sites=cfg.site, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
-        seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos,
-        normalize=cfg.normalize, device=device, rank=world.rank, world_size=world.size,
-        allow_unsealed=cfg.allow_unsealed, threads=cfg.store_threads, window_io=cfg.store_io,
-    )
-
-
-def build_from_cfg(cfg: TrainConfig, device: torch.device) -> BaseAutoencoder:
-    """The SAE a (post-initialised) config describes, initialised from cfg.seed."""
-    arch_args: dict[str, Any] = {
-        "vanilla": {"l1_coeff": cfg.l1_coeff},
-        "topk": {"k": cfg.k, "aux_coeff": cfg.aux_coeff, "fast": cfg.sparse_kernels},
-        "batchtopk": {"k": cfg.k, "aux_coeff": cfg.aux_coeff, "fast": cfg.sparse_kernels},
-        "jumprelu": {"l0_coeff": cfg.l0_coeff, "sparsity": cfg.jumprelu_sparsity,
-                     "bandwidth": cfg.jumprelu_bandwidth, "threshold_init": cfg.threshold_init},
-    }[cfg.arch]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    return build_sae(cfg.arch, d_in=cfg.d_in, d_sae=cfg.dict_size, aux_k=cfg.aux_k,
-                     dead_tokens_threshold=cfg.dead_tokens_threshold, generator=gen,
-                     device=device, **arch_args)
-
-
-def generate_checkpoint_dir(cfg: TrainConfig) -> Path:
-    """A new, never reused run folder under cfg.out named after cfg.run_name."""
-    return create_run_dir(cfg.out, cfg.run_name)
 
 
 # --------------------------------------------------------------------------- schedules
@@ -251,9 +220,10 @@ class Trainer:
             "fire_counts": self.fire_counts,
             "density_tokens": self.density_tokens,
         }
-        state = {"tokens": self.tokens, "store": self.store.state_dict(), "arch": self.cfg.arch,
-                 "scaling_factors": self.store.scaling_factors,
-                 "threshold_kind": getattr(self.sae, "threshold_kind", None), **(extra_state or {})}
+        record = sae_record(self.sae)  # what rebuilds the SAE from this checkpoint alone (train.runs.load_sae)
+        state = {"tokens": self.tokens, "store": self.store.state_dict(), "arch": self.sae.arch,
+                 **({"sae": record} if record is not None else {}), **Scaling.from_store(self.store).to_state(),
+                 "threshold_kind": self.sae.describe()["threshold_kind"], **(extra_state or {})}
         self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.sae.state_dict(), trainer, state,
                                                keep=self.cfg.keep_checkpoints)
         self.world.barrier()
@@ -307,6 +277,14 @@ def train_loop(trainers: list[Trainer], store: ActivationStore, progress: bool =
         bar.close()
 
 
+# --------------------------------------------------------------------------- construction
+
+
+def generate_checkpoint_dir(cfg: TrainConfig) -> Path:
+    """A new, never reused run folder under cfg.out named after cfg.run_name."""
+    return create_run_dir(cfg.out, cfg.run_name)
+
+
 def make_optimizer(cfg: TrainConfig, sae: BaseAutoencoder) -> torch.optim.Optimizer:
     # fused: one pass over each parameter instead of about ten (CPU and CUDA kernels; same update rule)
     fused = sae.W_dec.device.type in ("cpu", "cuda")
@@ -322,126 +300,86 @@ def _init_b_dec(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, 
     sae.init_b_dec(sample[:4096].float(), method=cfg.b_dec_init)
 
 
+class Restore(NamedTuple):
+    """A checkpoint to continue from: its folder and what train.checkpoints.read_checkpoint returns."""
+
+    checkpoint: Path
+    tensors: dict[str, torch.Tensor]
+    trainer: dict[str, Any]
+    state: dict[str, Any]
+
+
+def build_trainer(cfg: TrainConfig, store: ActivationStore, run_dir: Path, device: torch.device, *,
+                  world: World = World(), progress: bool = True, restore: Restore | None = None,
+                  restart: bool = False) -> Trainer:
+    """The one way to make a Trainer (train_sae, resume_training and train.sweep).
+
+    The SAE `cfg` describes, on `device`, with its optimiser and (rank 0) its logger; then either
+    restored from `restore` (weights, optimiser, RNG states, counters, store position) or new: b_dec
+    from the store's first global batch, which must be at position 0 (it is rewound there).
+    restart: a new start of an existing run folder (a sweep resumed without a common checkpoint),
+    whose old metrics are dropped.
+    """
+    sae = build_from_cfg(cfg, device)
+    if restore is None:
+        _init_b_dec(cfg, sae, store, world)
+    resume_step = restore.state["step"] if restore is not None else (0 if restart else None)
+    logger = (RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
+                        resume_step=resume_step) if world.is_main else None)
+    trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress,
+                      world=world)
+    if restore is not None:
+        trainer.restore({k: v.to(trainer.device) for k, v in restore.tensors.items()}, restore.trainer, restore.state)
+        trainer.last_checkpoint = restore.checkpoint
+    return trainer
+
+
 def _as_config(cfg: TrainConfig | dict[str, Any]) -> TrainConfig:
     return cfg if isinstance(cfg, TrainConfig) else cfg_from_dict(cfg)
 
 
-# --------------------------------------------------------------------------- thresholds
-
-
-@torch.no_grad()
-def threshold_loop_collect(sae: BaseAutoencoder, batches, n_batches: int) -> dict[str, torch.Tensor]:
-    """Statistics of BatchTopK's selections over held-out batches (training-mode batch top-k).
-
-    Returns sums over batches of: the smallest kept activation of each batch (global), and each
-    latent's smallest kept activation in batches where it fired (per-feature), with counts.
-    """
-    m = sae.d_sae
-    dev = sae.W_dec.device
-    stats = {"global_sum": torch.zeros((), dtype=torch.float64, device=dev), "global_n": torch.zeros((), device=dev),
-             "feature_sum": torch.zeros(m, dtype=torch.float64, device=dev), "feature_n": torch.zeros(m, device=dev)}
-    for i, x in enumerate(batches):
-        if i >= n_batches:
-            break
-        f = sae.encode(x.to(dev), use_threshold=False)
-        kept = f > 0
-        if not kept.any():
-            continue
-        stats["global_sum"] += f[kept].min().double()
-        stats["global_n"] += 1
-        fired = kept.any(0)
-        mins = torch.where(kept, f, torch.full_like(f, float("inf"))).min(0).values
-        stats["feature_sum"] += torch.where(fired, mins, torch.zeros_like(mins)).double()
-        stats["feature_n"] += fired.float()
-    return stats
-
-
-def threshold_loop_compute(stats: dict[str, torch.Tensor], kind: str) -> torch.Tensor | float:
-    """Global threshold (mean over batches of the smallest kept activation), or per-feature
-    thresholds (each latent's mean smallest kept activation; the global value where it never fired)."""
-    if float(stats["global_n"]) == 0:
-        raise TrainingError("no held-out batch produced an active latent; cannot calibrate a threshold")
-    global_t = float(stats["global_sum"] / stats["global_n"])
-    if kind == "global":
-        return global_t
-    per = stats["feature_sum"] / stats["feature_n"].clamp_min(1)
-    return torch.where(stats["feature_n"] > 0, per, torch.full_like(per, global_t)).float()
-
-
-@torch.no_grad()
-def evaluate_heldout(sae: BaseAutoencoder, store: ActivationStore, max_batches: int = 50,
-                     use_threshold: bool | None = None, on_batch=None) -> dict[str, float]:
-    """Reconstruction on held-out rows: MSE (per token, summed over d), explained variance, L0,
-    and latents that never fired over the evaluated rows.
-
-    on_batch(x, f, x_hat), if given, sees every evaluated batch (used by train.evaluation)."""
-    sae.eval()
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=sae.W_dec.device)
-    sq_err = total_var = l0 = 0.0
-    n = 0
-    xs_sum = xs_sq = 0.0
-    for i, x in enumerate(store.eval_batches()):
-        if i >= max_batches:
-            break
-        x = x.to(sae.W_dec.device)
-        f = sae.encode(x, use_threshold=use_threshold) if use_threshold is not None else sae.encode(x)
-        x_hat = sae.decode(f)
-        if on_batch is not None:
-            on_batch(x, f, x_hat)
-        sq_err += float(((x - x_hat) ** 2).sum())
-        xs_sum = xs_sum + x.double().sum(0)
-        xs_sq += float((x.double() ** 2).sum())
-        l0 += float((f > 0).sum())
-        fired |= (f > 0).any(0)
-        n += x.shape[0]
-    sae.train()
-    if n == 0:
-        raise TrainingError("the store has no held-out rows to evaluate on; set heldout_shards >= 1")
-    total_var = xs_sq - float((xs_sum**2).sum()) / n
-    return {"mse": sq_err / n, "explained_variance": 1 - sq_err / total_var, "l0": l0 / n,
-            "never_fired": int((~fired).sum()), "never_fired_fraction": float((~fired).float().mean()),
-            "rows": n}
+# --------------------------------------------------------------------------- after training
 
 
 def calibrate_and_evaluate(trainer: Trainer) -> dict[str, Any]:
-    """After training: BatchTopK threshold calibration, held-out reconstruction figures."""
+    """After training: the variant's calibration (if it needs one: cfg.threshold_kind on
+    cfg.threshold_batches held-out batches), then its held-out results (sae.final_results)."""
     cfg, sae, store = trainer.cfg, trainer.sae, trainer.store
-    results: dict[str, Any] = {}
     if cfg.heldout_shards == 0:
-        return results
-    if cfg.arch == "batchtopk":
-        stats = threshold_loop_collect(sae, store.eval_batches(), cfg.threshold_batches)
-        sae.set_threshold(threshold_loop_compute(stats, cfg.threshold_kind))
-        results["threshold_kind"] = cfg.threshold_kind
-        results["heldout_batchtopk"] = evaluate_heldout(sae, store, use_threshold=False)
-        results["heldout"] = evaluate_heldout(sae, store, use_threshold=True)
-        results["inference_l0"] = results["heldout"]["l0"]
-        results["k"] = cfg.k
-    else:
-        results["heldout"] = evaluate_heldout(sae, store)
-    return results
+        return {}
+    if sae.needs_calibration:
+        sae.calibrate(store.eval_batches(), cfg.threshold_kind, cfg.threshold_batches)
+    return sae.final_results(lambda encoding: evaluate_heldout(sae, store, encoding=encoding))
 
 
 # --------------------------------------------------------------------------- entry points
 
 
-def _finish(trainer: Trainer) -> None:
-    train_loop([trainer], trainer.store, trainer.progress)
-    finish_run(trainer)
+def run_to_end(trainers: list[Trainer], store: ActivationStore, progress: bool = True) -> None:
+    """Train every trainer to the token budget (train_loop), finish each (finish_run), close the loggers."""
+    try:
+        train_loop(trainers, store, progress)
+        for t in trainers:
+            finish_run(t)
+    finally:
+        for t in trainers:
+            if t.logger is not None:
+                t.logger.close()
 
 
 def finish_run(trainer: Trainer) -> None:
-    """After training: calibrate, evaluate, write the final checkpoint and done.json (rank 0)."""
+    """After training: calibrate, evaluate, write the final checkpoint, log the results, and last
+    done.json, which marks the run finished (rank 0)."""
     if not trainer.world.is_main:
         trainer.world.barrier()
         return
     results = calibrate_and_evaluate(trainer)
     final = trainer.checkpoint(extra_state={"results": results})
+    if results:
+        trainer.log({f"{FINAL}{k}": v for k, v in _flatten(results).items()})
     done = {"checkpoint": str(final.relative_to(trainer.run_dir)), "step": trainer.step, "tokens": trainer.tokens,
             "results": results}
-    write_atomic(trainer.run_dir / "done.json", json.dumps(done, indent=1).encode())
-    if results:
-        trainer.log({f"final/{k}": v for k, v in _flatten(results).items()})
+    write_atomic(RunLayout(trainer.run_dir).done, json.dumps(done, indent=1).encode())
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -469,36 +407,14 @@ def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -
     try:
         cfg = post_init_cfg(cfg, store.d_model, store.sites[0])
         store.check_compatible(cfg.site, cfg.d_in)
-        sae = build_from_cfg(cfg, device)
-        _init_b_dec(cfg, sae, store, world)
         run_dir = world.broadcast(generate_checkpoint_dir(cfg) if world.is_main else None)
         if world.is_main:
-            write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
-        _run_to_end(cfg, sae, store, run_dir, world, progress)
+            write_atomic(RunLayout(run_dir).config, json.dumps(cfg.to_dict(), indent=1).encode())
+        trainer = build_trainer(cfg, store, run_dir, device, world=world, progress=progress)
+        run_to_end([trainer], store, progress)
     finally:
         store.close()
-    return sae, run_dir
-
-
-def _run_to_end(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, run_dir: Path, world: World,
-                progress: bool, restore: tuple | None = None) -> None:
-    logger = (RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
-                        resume_step=restore[2]["step"] if restore else None) if world.is_main else None)
-    trainer = Trainer(cfg, sae, store, make_optimizer(cfg, sae), run_dir, logger=logger, progress=progress,
-                      world=world)
-    if restore:
-        tensors, trainer_state, state, ckpt = restore
-        trainer.restore({k: v.to(trainer.device) for k, v in tensors.items()}, trainer_state, state)
-        trainer.last_checkpoint = ckpt
-    try:
-        _finish(trainer)
-    finally:
-        if logger is not None:
-            logger.close()
-
-
-def load_run_config(run_dir: Path) -> TrainConfig:
-    return cfg_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    return trainer.sae, run_dir
 
 
 def resume_training(model, cfg: TrainConfig | dict[str, Any] | None, checkpoint_path: str | Path,
@@ -521,8 +437,9 @@ def resume_training(model, cfg: TrainConfig | dict[str, Any] | None, checkpoint_
     device = world.device(resolve_device(cfg.device))
     store = open_store(cfg, device, world)
     try:
-        sae = build_from_cfg(cfg, device)
-        _run_to_end(cfg, sae, store, run_dir, world, progress, restore=(tensors, trainer_state, state, ckpt))
+        trainer = build_trainer(cfg, store, run_dir, device, world=world, progress=progress,
+                                restore=Restore(ckpt, tensors, trainer_state, state))
+        run_to_end([trainer], store, progress)
     finally:
         store.close()
-    return sae, run_dir
+    return trainer.sae, run_dir

@@ -1,0 +1,10 @@
+"""The errors of train/ that users can hit, defined below every module that raises them; each
+message says what to do (the CLI prints it on one line and exits with status 2)."""
+
+
+class TrainingError(Exception):
+    """Training stopped (NaN loss, bad store, no held-out rows); the message says what to do."""
+
+
+class EvalError(Exception):
+    """A checkpoint cannot be evaluated/calibrated as asked; the message says what to do."""

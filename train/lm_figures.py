@@ -1,0 +1,167 @@
+"""Model-performance figures of an SAE: the LM's loss with the SAE spliced in at its hook site.
+
+On held-out token contexts: the `tokens` vectors of the run's held-out shards, reshaped
+[n_contexts, context_length]: exactly the contexts whose activations were harvested. The LM
+recorded in the cache (spec.model["id"], or --model) runs on them clean and with the hook site
+replaced (shared.hook_sites.splice) by
+    spliced   the SAE reconstruction decode(encode(x * s)) / s  (s = the run's scaling factor)
+    zero      zeros
+    mean      the cache's mean activation of the site (Cache.stats(site).mean)
+and we report the mean next-token cross-entropy of each (ce_clean, ce_spliced, ce_zero_ablation,
+ce_mean_ablation), ce_loss_score = (ce_zero - ce_spliced) / (ce_zero - ce_clean) (SAEBench's
+definition), ce_degradation = ce_spliced - ce_clean, kl_spliced = KL(clean || spliced) of the
+next-token distributions (and kl_zero_ablation, kl_mean_ablation, kl_div_score =
+(kl_zero - kl_spliced) / kl_zero).
+
+BOS / position 0: when the run trained with drop_bos (the default), the SAE never saw position-0
+activations, so position 0 keeps its clean activation in *all three* interventions (spliced, zero,
+mean): the interventions touch exactly the positions the SAE was trained on, and the score compares
+like with like. Without drop_bos every position is replaced. The loss itself covers every
+next-token prediction of a context (positions 0..T-2 predicting tokens 1..T-1); nothing is excluded.
+With position 0 kept clean, the prediction made at position 0 is identical in every run (causal
+attention), so it adds the same amount to each CE and nothing to the KL.
+
+train.evaluation assembles these per encoding into eval.json.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shared.cache import Cache
+from train.errors import EvalError
+
+DEFAULT_LM_BATCH_SIZE = 8  # contexts per LM forward pass
+
+
+def heldout_contexts(cache: Cache, shards: list[int], max_contexts: int | None) -> Tensor:
+    """Token contexts [n, context_length] (int64) of the given shards, in cache order."""
+    ctx = cache.spec.context_length
+    out: list[np.ndarray] = []
+    have = 0
+    for k in shards:
+        tokens = cache.read_vector("tokens", k)
+        positions = cache.read_vector("positions", k)
+        if len(tokens) % ctx or not np.array_equal(positions, np.tile(np.arange(ctx, dtype=positions.dtype), len(tokens) // ctx)):
+            raise EvalError(f"{cache.root}: shard {k} does not hold whole contexts of {ctx} tokens")
+        out.append(tokens.reshape(-1, ctx))
+        have += out[-1].shape[0]
+        if max_contexts is not None and have >= max_contexts:
+            break
+    if not out:
+        raise EvalError(f"{cache.root}: no held-out shard to take token contexts from")
+    ids = np.concatenate(out)[:max_contexts]
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+def splice_fn(replace: Callable[[Tensor], Tensor], start: int) -> Callable[[Tensor], Tensor]:
+    """Activation hook [B, T, d] -> [B, T, d]: positions start.. become replace(rows [N, d] float32).
+
+    Runs with autocast off so the SAE computes in float32 whatever the LM's compute dtype."""
+
+    def fn(a: Tensor) -> Tensor:
+        out = a.clone()
+        seg = a[:, start:]
+        with torch.autocast(a.device.type, enabled=False):
+            new = replace(seg.reshape(-1, seg.shape[-1]).float()).reshape(seg.shape)
+        out[:, start:] = new.to(a.dtype)
+        return out
+
+    return fn
+
+
+@torch.no_grad()
+def lm_losses(model, site, contexts: Tensor, interventions: dict[str, Callable[[Tensor], Tensor]],
+              batch_size: int = DEFAULT_LM_BATCH_SIZE, autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Mean next-token CE of the clean model and of each intervention (a splice hook on `site`), and
+    the mean KL(clean || intervened) of the next-token distributions. contexts: [n, T] int64.
+
+    Returns {"clean": {"ce"}, name: {"ce", "kl"}, "predictions": n * (T - 1)}.
+    """
+    from shared.hook_sites import splice
+
+    device = next(model.parameters()).device
+    sums = {"clean": {"ce": 0.0}, **{k: {"ce": 0.0, "kl": 0.0} for k in interventions}}
+    n_pred = 0
+
+    def run(ids: Tensor) -> Tensor:
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+        with ctx:
+            logits = model(input_ids=ids, use_cache=False).logits
+        return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+    for i in range(0, contexts.shape[0], batch_size):
+        ids = contexts[i : i + batch_size].to(device)
+        targets = ids[:, 1:].unsqueeze(-1)
+        logp_clean = run(ids)
+        sums["clean"]["ce"] += float(-logp_clean.gather(-1, targets).double().sum())
+        p_clean = logp_clean.exp()
+        for name, fn in interventions.items():
+            with splice(model, site, fn):
+                logp = run(ids)
+            sums[name]["ce"] += float(-logp.gather(-1, targets).double().sum())
+            # per-prediction KL is >= 0; clamp the float32 rounding noise of near-identical distributions
+            sums[name]["kl"] += float((p_clean * (logp_clean - logp)).sum(-1).clamp_min(0).double().sum())
+        n_pred += targets.numel()
+    out: dict[str, Any] = {k: {m: v / n_pred for m, v in d.items()} for k, d in sums.items()}
+    out["predictions"] = n_pred
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def ce_loss_score(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
+    """SAEBench's CE-loss score (L_zero - L_sae) / (L_zero - L_clean): 1 = perfect, 0 = as bad as zeros."""
+    den = ce_zero - ce_clean
+    return (ce_zero - ce_spliced) / den if den != 0 else float("nan")
+
+
+def autocast_dtype(choice: str, compute_dtype: str | None, device: torch.device) -> torch.dtype | None:
+    """The LM's autocast dtype for --autocast `choice` (auto: bfloat16 on CUDA when the cache was harvested so)."""
+    if choice == "none":
+        return None
+    if choice == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and compute_dtype == "bfloat16" else None
+
+
+def load_lm(cache: Cache, site_name: str, model: str | None, device: torch.device):
+    """(model, HookSite, model_check) for the cache's LM (or `model`), checked against the provenance."""
+    from shared.hook_sites import resolve_sites
+    from shared.models import load_model
+
+    spec = cache.spec
+    model_id = model or spec.model.get("id")
+    if not model_id:
+        raise EvalError(f"{cache.root} records no model id; pass --model, or --skip-lm")
+    loaded = load_model(str(model_id), device=str(device))
+    info = loaded.info
+    if info.d_model != spec.d_model:
+        raise EvalError(f"model {model_id!r} has d_model={info.d_model} but the cache has {spec.d_model}; "
+                        "pass the harvested model with --model")
+    check = {"model": str(model_id),
+             "config_hash_matches": info.config_hash == spec.model.get("config_hash"),
+             "tokenizer_hash_matches": info.tokenizer_hash == spec.model.get("tokenizer_hash")}
+    if spec.model.get("tokenizer_hash") and not check["tokenizer_hash_matches"]:
+        raise EvalError(f"model {model_id!r} has a different tokenizer from the one the cache was harvested with; "
+                        "its token ids would be meaningless: pass the harvested model with --model")
+    if spec.model.get("config_hash") and not check["config_hash_matches"]:
+        warnings.warn(f"model {model_id!r} has a different config hash from the harvested model; CE figures may not "
+                      "describe the model the SAE was trained on")
+    record = next(s for s in spec.sites if s.name == site_name)
+    site = resolve_sites(loaded.model, [record.layer], record.kind)[0]
+    if site.hf_module != record.hf_module:
+        raise EvalError(f"site {site_name} resolves to module {site.hf_module} in this model, but the cache hooked "
+                        f"{record.hf_module}; pass the harvested model with --model")
+    return loaded.model, site, check

@@ -1,0 +1,103 @@
+"""Loading a run or a checkpoint: its config, its SAE, its store (the names are train.layout's).
+
+    load_sae(path)             the SAE of a checkpoint folder, from that folder alone: state.json
+                               records its architecture and constructor arguments
+                               (train.sae.registry.sae_record). A checkpoint older than that
+                               record is rebuilt from its run's config.json instead.
+    load_sae_checkpoint(path)  the same for a run folder's newest loadable checkpoint (or one
+                               checkpoint folder), with the run's config and the checkpoint's
+                               state: what evaluation, calibration and export start from
+    load_run_config(run_dir)   the run's resolved TrainConfig (config.json)
+    open_store(cfg, device)    the run's ActivationStore (training rows; held-out shards for evaluation)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.devices import DeviceError, resolve_device as resolve_any_device
+from train.activation_store import ActivationStore
+from train.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
+from train.config import TrainConfig, cfg_from_dict
+from train.distributed import World
+from train.errors import TrainingError
+from train.layout import STATE, RunLayout, is_checkpoint_dir
+from train.sae import BaseAutoencoder
+from train.sae.registry import build_from_cfg, sae_from_record
+
+
+def resolve_device(device: str) -> torch.device:
+    """A config's device setting (auto, cpu, cuda, cuda:N) as a torch.device; TrainingError if absent."""
+    try:
+        return resolve_any_device(device, "config key device:")
+    except DeviceError as e:
+        raise TrainingError(str(e)) from None
+
+
+def open_store(cfg: TrainConfig, device: torch.device, world: World = World()) -> ActivationStore:
+    """The training store of a config (training rows only; held-out shards for evaluation).
+    Under torchrun each rank is served its slice of every global batch."""
+    return ActivationStore(
+        cfg.store, sites=cfg.site, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
+        seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos,
+        normalize=cfg.normalize, device=device, rank=world.rank, world_size=world.size,
+        allow_unsealed=cfg.allow_unsealed, threads=cfg.store_threads, window_io=cfg.store_io,
+    )
+
+
+def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    return cfg_from_dict(json.loads(RunLayout(run_dir).config.read_text()))
+
+
+@dataclass
+class LoadedCheckpoint:
+    run_dir: Path
+    checkpoint: Path
+    cfg: TrainConfig
+    sae: BaseAutoencoder
+    state: dict[str, Any]
+    trainer_state: dict[str, Any]
+
+
+def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> BaseAutoencoder:
+    """The SAE (eval mode) of a checkpoint folder, wherever it lies, or of a run folder's newest
+    loadable checkpoint. Checksums are checked (train.checkpoints.read_checkpoint)."""
+    p = Path(path)
+    if (p / STATE).exists() and not is_checkpoint_dir(p):  # a checkpoint folder outside its run
+        tensors, _, state = read_checkpoint(p)
+        return _rebuild(p, state, tensors, None, torch.device(device))
+    run_dir, ckpt, tensors, _, state = latest_checkpoint(p)
+    return _rebuild(ckpt, state, tensors, run_dir, torch.device(device))
+
+
+def load_sae_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """The SAE of a run folder (its newest loadable checkpoint) or of one checkpoint folder, with
+    the run's config and the checkpoint's state."""
+    run_dir, ckpt, tensors, trainer_state, state = latest_checkpoint(path)
+    sae = _rebuild(ckpt, state, tensors, run_dir, torch.device(device))
+    return LoadedCheckpoint(run_dir, ckpt, load_run_config(run_dir), sae, state, trainer_state)
+
+
+def _rebuild(ckpt: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], run_dir: Path | None,
+             device: torch.device) -> BaseAutoencoder:
+    """The checkpoint's SAE with its weights: from its record, else from the run's config.json."""
+    record = state.get("sae")
+    try:
+        if record is not None:
+            sae = sae_from_record(record, device)
+        elif run_dir is not None and RunLayout(run_dir).config.exists():  # a checkpoint older than the record
+            sae = build_from_cfg(load_run_config(run_dir), device)
+        else:
+            raise CheckpointError(f"checkpoint {ckpt} does not record its SAE's architecture (it predates that "
+                                  "record); load it from inside its run folder, whose config.json describes it")
+    except ValueError as e:  # e.g. an architecture no longer registered
+        raise CheckpointError(f"checkpoint {ckpt}: {e}") from None
+    sae.load_state_dict({k: v.to(device) for k, v in tensors.items()})
+    sae.eval()
+    return sae

@@ -1,0 +1,319 @@
+"""The SAE's shape: parameters, init, encode/decode, the loss assembly, dead latents, decoder upkeep.
+
+Shapes: x [B, d] (d = d_in), latents f [B, m] (m = d_sae), W_enc [d, m], b_enc [m],
+W_dec [m, d], b_dec [d]. The encoder sees x - b_dec; x_hat = f @ W_dec + b_dec.
+
+Loss conventions (the same for every variant):
+- mse = mean over tokens of sum over d of (x_hat - x)^2: the per-token squared error, as in
+  Anthropic's and SAELens's standard/JumpReLU losses. With the dataset scaled so E||x||^2 = d,
+  predicting zero costs about d; the sparsity coefficients are on that scale.
+- loss = mse + sparsity + aux. `losses` holds those three terms (they sum to `loss`) and the
+  detached metrics "l0" (mean active latents per token), "l1" (mean sum_i |f_i|) and
+  "explained_variance". AuxK: train.sae.losses.
+
+Dead latents: `tokens_since_fired` counts tokens (not batches) since each latent was last
+non-zero. forward() updates it in training mode; a latent is dead once the count exceeds
+`dead_tokens_threshold`.
+
+What a sparsity rule (a mixin placed before this class, e.g. train.sae.topk.TopK) provides:
+`activation(pre) -> f`, optionally `sparsity_loss(f, pre)`, and with `fast = True` a
+`sparse_encode(centered)` that selects the active latents through train.kernels. Cost of such a
+training forward: the batch's active latents stay a sparse list (`Active`), and the metrics, the
+dead-latent update and `SAEOutput.fired` are taken from it, so beyond the encoder matmul and the
+selection only `latents` (a zero fill and a scatter) touches [B, m] memory. The declarations the
+rest of train/ reads (config keys, run label, encodings, calibration, export form) have their
+defaults at the end of this class; the package docstring (train.sae) lists them.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from train.kernels import CenteredEncode, sparse_decode
+from train.sae.losses import auxk_loss, explained_variance
+
+
+class SAEOutput(NamedTuple):
+    x_hat: Tensor  # [B, d] reconstruction
+    latents: Tensor  # [B, m] post-activation f
+    pre_acts: Tensor  # [B, m] pre-activations z (without grad on the fast TopK/BatchTopK paths)
+    loss: Tensor  # scalar: losses["mse"] + losses["sparsity"] + losses["aux"]
+    losses: dict[str, Tensor]  # scalars: mse, sparsity, aux; detached l0, l1, explained_variance
+    l0: Tensor  # [B] float, number of non-zero latents per token (detached)
+    fired: Tensor  # [m] int64, tokens of the batch on which each latent was non-zero (detached)
+
+
+class Active(NamedTuple):
+    """A batch's selected latents, flat: vals [n] (differentiable), rows [n] and cols [n] int64."""
+
+    vals: Tensor
+    rows: Tensor
+    cols: Tensor
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One way an SAE encodes at inference / evaluation (BaseAutoencoder.encodings).
+
+    name: its key in eval.json; label: for people; use_threshold: passed to encode when not None
+    (True: the calibrated threshold, False: the training-time batch rule); per_batch: a token's
+    latents depend on the other tokens of its batch."""
+
+    name: str
+    label: str
+    use_threshold: bool | None
+    per_batch: bool = False
+
+    def encode(self, sae: "BaseAutoencoder", x: Tensor) -> Tensor:
+        """sae's latents of x [..., d] under this encoding -> [..., m]."""
+        return sae.encode(x) if self.use_threshold is None else sae.encode(x, use_threshold=self.use_threshold)
+
+
+def geometric_median(points: Tensor, n_iter: int = 50, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld iterations from the mean, in float64. points [N, d] -> [d]."""
+    p = points.double()
+    y = p.mean(0)
+    for _ in range(n_iter):
+        w = 1 / (p - y).norm(dim=1).clamp_min(eps)
+        y = (w[:, None] * p).sum(0) / w.sum()
+    return y.to(points.dtype)
+
+
+class BaseAutoencoder(nn.Module):
+    """Parameters, init, decoder constraints, dead-latent counters and the loss assembly.
+
+    Variants define `activation(pre) -> f` and may override `sparsity_loss(f, pre)` and, with
+    fast = True, `sparse_encode(centered)` (the sparse-kernel training path).
+    Keyword args shared by every variant:
+      aux_k: latents used by AuxK (default d_in // 2); aux_coeff: AuxK weight (0 disables);
+      dead_tokens_threshold: tokens without firing before a latent counts as dead;
+      generator: torch.Generator for the init (else the global RNG); device, dtype.
+    """
+
+    arch = "base"  # the registered name (train.sae.registry.register sets it, and `title`, the name for people)
+    title = "base"
+    fast = False  # True: train through sparse_encode (the sparse kernels of train.kernels)
+    # Constructor keyword -> TrainConfig key, for the keys this variant reads beyond the shared ones.
+    config_keys: dict[str, str] = {}
+
+    # ----- what the variant declares about a training config (train.config, train.sae.registry)
+    @classmethod
+    def config_args(cls, cfg) -> dict:
+        """Constructor keyword arguments (plain JSON values) of the SAE a post-initialised
+        TrainConfig describes: d_in, d_sae and the shared keys, then the variant's `config_keys`."""
+        args = {"d_in": cfg.d_in, "d_sae": cfg.dict_size, "aux_k": cfg.aux_k,
+                "dead_tokens_threshold": cfg.dead_tokens_threshold}
+        args.update({kw: getattr(cfg, key) for kw, key in cls.config_keys.items()})
+        return args
+
+    @classmethod
+    def config_error(cls, cfg) -> str | None:
+        """What is impossible about `cfg` for this variant (a one-line message naming the keys), or None."""
+        return None
+
+    @classmethod
+    def run_label(cls, cfg) -> str:
+        """The sparsity part of a default run name, e.g. "k32" or "l1_5" (train.config.default_run_name)."""
+        raise NotImplementedError(f"{cls.__name__} must define run_label(cfg) to be trained from a config")
+
+    def __init__(self, d_in: int, d_sae: int, *, aux_k: int | None = None, aux_coeff: float = 0.0,
+                 dead_tokens_threshold: int = 10_000_000, generator: torch.Generator | None = None,
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.d_in, self.d_sae = d_in, d_sae
+        self.aux_k = d_in // 2 if aux_k is None else aux_k
+        self.aux_coeff = aux_coeff
+        self.dead_tokens_threshold = dead_tokens_threshold
+        # Drawn on the generator's device (CPU by default) in float32, so a seed gives the same init everywhere.
+        gen_device = generator.device if generator is not None else "cpu"
+        W = torch.randn(d_sae, d_in, generator=generator, device=gen_device)
+        W = (W / W.norm(dim=1, keepdim=True)).to(device=device, dtype=dtype)
+        self.W_dec = nn.Parameter(W)
+        self.W_enc = nn.Parameter(W.t().contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long, device=device))
+
+    # ----- encode / decode -----
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """z = (x - b_dec) @ W_enc + b_enc. x [B, d] -> [B, m] (b_dec's gradient is a matvec: CenteredEncode)."""
+        return CenteredEncode.apply(x, self.b_dec, self.W_enc, self.b_enc)
+
+    def activation(self, pre: Tensor) -> Tensor:
+        """f from z, [B, m] -> [B, m]; defined by each variant."""
+        raise NotImplementedError(f"{type(self).__name__} must define activation()")
+
+    def sparse_encode(self, centered: Tensor) -> tuple[Tensor, Tensor, Active, tuple]:
+        """Fast training path of a sparsity rule: centered = x - b_dec [B, d] ->
+        (f [B, m], pre [B, m], the active set, (vals, idx, offsets) for train.kernels.sparse_decode)."""
+        raise NotImplementedError(f"{type(self).__name__} sets fast but defines no sparse_encode()")
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latents f. x [..., d] -> [..., m] (leading dims are flattened into one batch)."""
+        f = self.activation(self.pre_acts(x.reshape(-1, self.d_in)))
+        return f.reshape(*x.shape[:-1], self.d_sae)
+
+    def decode(self, f: Tensor) -> Tensor:
+        """x_hat = f @ W_dec + b_dec. f [..., m] -> [..., d]."""
+        return f @ self.W_dec + self.b_dec
+
+    def _encode_decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Active | None]:
+        """Training path: (f [B, m], pre [B, m], x_hat [B, d], the active set if kept sparse, else None)."""
+        if self.fast:
+            f, pre, active, (vals, idx, offsets) = self.sparse_encode(x - self.b_dec)
+            return f, pre, sparse_decode(vals, idx, self.W_dec, offsets) + self.b_dec, active
+        pre = self.pre_acts(x)
+        f = self.activation(pre)
+        return f, pre, self.decode(f), None
+
+    @torch.no_grad()
+    def _batch_stats(self, f: Tensor, active: Active | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(l0 [B] float, l1 scalar = mean_B sum_i |f_i|, fired [m] int64), from the sparse set when there is one."""
+        B = f.shape[0]
+        if active is None:  # float reductions only: bool masks and integer casts of [B, m] are slow on the CPU
+            on = f.abs()
+            l1 = on.sum(-1).mean()
+            on.sign_()  # 1 where f != 0; exact float counts (B < 2^24)
+            return on.sum(-1), l1, on.sum(0).long()
+        on = active.vals.detach() != 0
+        l0 = torch.zeros(B, dtype=f.dtype, device=f.device).index_add_(0, active.rows, on.to(f.dtype))
+        fired = torch.zeros(self.d_sae, dtype=torch.long, device=f.device).index_add_(0, active.cols, on.long())
+        return l0, active.vals.detach().abs().sum() / B, fired
+
+    # ----- losses -----
+    def sparsity_loss(self, f: Tensor, pre: Tensor) -> Tensor:
+        """Unscaled sparsity penalty (scalar); zero for variants whose sparsity is structural."""
+        return f.new_zeros(())
+
+    def auxk_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
+        """aux_coeff * normalised error of reconstructing x - x_hat.detach() from dead latents (train.sae.losses)."""
+        return auxk_loss(self, x, x_hat, pre)
+
+    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0) -> SAEOutput:
+        """x [B, d] -> SAEOutput. sparsity_coeff_scale multiplies the sparsity term (warm-up).
+
+        In training mode this also updates the dead-latent counters.
+        """
+        f, pre, x_hat, active = self._encode_decode(x)
+        l0, l1, fired = self._batch_stats(f, active)
+        if self.training:
+            self._mark_fired(x.shape[0], fired)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        sparsity = sparsity_coeff_scale * self.sparsity_loss(f, pre)
+        aux = self.auxk_loss(x, x_hat, pre)
+        with torch.no_grad():
+            metrics = {"l0": l0.mean(), "l1": l1, "explained_variance": explained_variance(x, x_hat)}
+        losses = {"mse": mse, "sparsity": sparsity, "aux": aux, **metrics}
+        return SAEOutput(x_hat, f, pre, mse + sparsity + aux, losses, l0, fired)
+
+    # ----- dead latents -----
+    @torch.no_grad()
+    def update_dead_counters(self, latents: Tensor) -> None:
+        """Add the batch's token count to every latent, then zero those that fired. latents [..., m]."""
+        flat = latents.reshape(-1, self.d_sae)
+        self._mark_fired(flat.shape[0], (flat != 0).any(0))
+
+    @torch.no_grad()
+    def _mark_fired(self, n_tokens: int, fired: Tensor) -> None:
+        """Add n_tokens to every counter, then zero those of the latents with fired != 0 ([m], bool or counts)."""
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired.bool(), 0)
+
+    def dead_mask(self, threshold_tokens: int | None = None) -> Tensor:
+        """[m] bool: no activation in more than threshold_tokens tokens (default dead_tokens_threshold)."""
+        limit = self.dead_tokens_threshold if threshold_tokens is None else threshold_tokens
+        return self.tokens_since_fired > limit
+
+    # ----- parameter maintenance -----
+    @torch.no_grad()
+    def init_b_dec(self, sample: Tensor, method: str = "geometric_median") -> None:
+        """Set b_dec from a sample [N, d] of activations: "geometric_median" or "mean"."""
+        if method == "geometric_median":
+            center = geometric_median(sample)
+        elif method == "mean":
+            center = sample.mean(0)
+        else:
+            raise ValueError(f"unknown b_dec init method {method!r}; use 'geometric_median' or 'mean'")
+        self.b_dec.copy_(center)
+
+    @torch.no_grad()
+    def make_decoder_unit_norm(self) -> None:
+        """Renormalise each decoder row to unit L2 norm (call after the optimiser step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out of W_dec.grad each row's component along that row (call before the step)."""
+        if self.W_dec.grad is None:
+            return
+        W, grad = self.W_dec, self.W_dec.grad
+        # grad -= (grad . w / |w|^2) w for each row w: row dot products and one fused update, no [m, d] temporaries
+        coef = torch.linalg.vecdot(grad, W, dim=1) / W.norm(dim=1).clamp_min(1e-12).square()
+        grad.addcmul_(coef.unsqueeze(1), W, value=-1)
+
+    def inference_threshold(self) -> Tensor | None:
+        """Per-feature threshold [m] for export as JumpReLU, or None when the variant has none."""
+        return None
+
+    # ----- inference encodings and calibration (train.training after training, train.evaluation)
+    needs_calibration = False  # True: inference needs calibrate() on held-out rows after training
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the inference encoding is ready (always, unless the variant needs a calibration)."""
+        return True
+
+    def calibrate(self, batches, kind: str, n_batches: int) -> None:
+        """Calibrate inference on up to n_batches held-out batches [B, d] (variants that need it)."""
+        raise NotImplementedError(f"{type(self).__name__} has nothing to calibrate")
+
+    def encodings(self) -> list[Encoding]:
+        """The ways this SAE encodes, first the one inference (and `train export`) uses."""
+        return [Encoding("inference", f"{self.arch} encoder (per token)", None)]
+
+    def final_results(self, evaluate: Callable[[Encoding], dict[str, Any]]) -> dict[str, Any]:
+        """done.json's held-out results after training (and calibration); evaluate(encoding) gives
+        train.heldout.evaluate_heldout's figures of one encoding."""
+        return {"heldout": evaluate(self.encodings()[0])}
+
+    def describe(self) -> dict[str, Any]:
+        """Facts that reports record: k (active latents per token, None when not fixed) and
+        threshold_kind (of a calibrated inference threshold; None when the variant has none)."""
+        return {"k": None, "threshold_kind": None}
+
+    # ----- export (train.export)
+    saelens_arch: str | None = None  # the SAELens architecture this variant exports as; None: not exportable
+
+    @torch.no_grad()
+    def fold_scaling(self, scale_in: float, scale_out: float) -> dict[str, Tensor]:
+        """W_enc, b_enc, W_dec, b_dec (float32, CPU) of the same SAE for raw activations: it was
+        trained on s_in x and predicts s_out x, and
+
+            f     = act((s x - b_dec) W_enc + b_enc) = act((x - b_dec / s)(s W_enc) + b_enc)
+            x_hat = (f W_dec + b_dec) / s            = f (W_dec / s) + b_dec / s
+
+        so W_enc' = s_in W_enc, b_dec' = b_dec / s, W_dec' = W_dec / s_out; b_enc (and any
+        threshold: the pre-activations are the same numbers) unchanged. b_dec is on both sides of
+        an SAE, so s_in must equal s_out (ValueError otherwise)."""
+        if scale_in != scale_out:
+            raise ValueError(f"an SAE reads and predicts the same activations: its input scaling {scale_in} and "
+                             f"output scaling {scale_out} must be equal")
+        f32 = {name: p.detach().to("cpu", torch.float32) for name, p in
+               (("W_enc", self.W_enc), ("b_enc", self.b_enc), ("W_dec", self.W_dec), ("b_dec", self.b_dec))}
+        return {"W_enc": f32["W_enc"] * scale_in, "b_enc": f32["b_enc"].clone(), "W_dec": f32["W_dec"] / scale_out,
+                "b_dec": f32["b_dec"] / scale_out}
+
+    @torch.no_grad()
+    def export_tensors(self, scale_in: float, scale_out: float) -> dict[str, Tensor]:
+        """The tensors of the exported form with the dataset scaling folded in (float32, CPU):
+        fold_scaling's, then the inference threshold [m] where the variant has one."""
+        out = self.fold_scaling(scale_in, scale_out)
+        threshold = self.inference_threshold()
+        if threshold is not None:
+            out["threshold"] = threshold.to("cpu", torch.float32)
+        return out
+
+    def export_config(self) -> dict[str, Any]:
+        """Keys of the exported cfg.json that depend on the variant (e.g. SAELens topk's k)."""
+        return {}
