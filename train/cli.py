@@ -2,38 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from shared.cache import CacheError
-from train.checkpoints import CheckpointError
-from train.config import ConfigError, field_help, get_default_cfg, load_toml, parse_set, update_cfg
-from train.errors import EvalError, TrainingError
+from shared.cli_common import COUNT, run_user_errors
+from train.config import field_help, get_default_cfg, load_toml, parse_set, update_cfg
 from train.sae.registry import arch_names
-
-USER_ERRORS = (CacheError, ConfigError, CheckpointError)
-
-
-def _user_errors(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except (*USER_ERRORS, TrainingError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-
-
-def _count(text: str | None, option: str):
-    """A token count such as 50M or 1e6; a bad one is a usage error naming `option`."""
-    if text is None:
-        return None
-    from harvest.cli import COUNT
-
-    try:
-        return COUNT.convert(text, None, None)
-    except click.BadParameter as e:
-        raise click.BadParameter(e.message, param_hint=f"'{option}'") from None
-
 
 HELP = field_help()
 
@@ -52,12 +25,12 @@ def main() -> None:
 @click.option("--expansion", type=int, help=HELP["expansion"] + " [default: 8]")
 @click.option("--lr", type=float, help=HELP["lr"] + " [default: 4e-4]")
 @click.option("--batch-size", type=int, help=HELP["batch_size"] + " [default: 4096]")
-@click.option("--tokens", help=HELP["tokens"] + " Accepts 50M, 1e6. [default: 10M]")
+@click.option("--tokens", type=COUNT, help=HELP["tokens"] + " Accepts 50M, 1e6. [default: 10M]")
 @click.option("--seed", type=int, help=HELP["seed"] + " [default: 0]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config keys (flat, or under [train]).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key; repeatable (see `train config`).")
 @click.option("--out", help=HELP["out"] + " [default: runs]")
-@click.option("--checkpoint-every", help=HELP["checkpoint_every"] + " Accepts 5M.")
+@click.option("--checkpoint-every", type=COUNT, help=HELP["checkpoint_every"] + " Accepts 5M.")
 @click.option("--allow-unsealed", is_flag=True, default=None, help=HELP["allow_unsealed"])
 @click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]), help=HELP["wandb_mode"])
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -72,22 +45,18 @@ def run(config_file, sets, quiet, **options) -> None:
         cfg = get_default_cfg()
         if config_file:
             cfg = update_cfg(cfg, **load_toml(config_file))
-        given = {k: v for k, v in options.items() if v is not None}
-        for key in ("tokens", "checkpoint_every"):
-            if key in given:
-                given[key] = _count(given[key], "--" + key.replace("_", "-"))
-        cfg = update_cfg(cfg, **given)
+        cfg = update_cfg(cfg, **{k: v for k, v in options.items() if v is not None})
         return update_cfg(cfg, **parse_set(list(sets)))
 
-    cfg = _user_errors(build)
-    sae, run_dir = _user_errors(train_sae, None, cfg, progress=not quiet)
+    cfg = run_user_errors(build)
+    sae, run_dir = run_user_errors(train_sae, None, cfg, progress=not quiet)
     _print_results(run_dir)
     click.echo(str(run_dir))
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--tokens", help="Raise the run's token budget (e.g. 20M).")
+@click.option("--tokens", type=COUNT, help="Raise the run's token budget (e.g. 20M).")
 @click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
@@ -101,7 +70,7 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
     from train.training import resume_training
 
     if is_sweep_dir(checkpoint):  # under torchrun its unfinished SAEs are spread over the ranks again
-        sweep_dir = _user_errors(resume_sweep, checkpoint, progress=not quiet)
+        sweep_dir = run_user_errors(resume_sweep, checkpoint, progress=not quiet)
         if _is_rank0():
             _print_sweep(sweep_dir)
             click.echo(str(sweep_dir))
@@ -112,11 +81,11 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
 
         run_dir = latest_checkpoint(checkpoint)[0]
         cfg = load_run_config(run_dir)
-        changes = {"tokens": _count(tokens, "--tokens"), "wandb_mode": wandb_mode}
+        changes = {"tokens": tokens, "wandb_mode": wandb_mode}
         return update_cfg(cfg, **{k: v for k, v in changes.items() if v is not None})
 
-    cfg = _user_errors(build)
-    sae, run_dir = _user_errors(resume_training, None, cfg, checkpoint, progress=not quiet)
+    cfg = run_user_errors(build)
+    sae, run_dir = run_user_errors(resume_training, None, cfg, checkpoint, progress=not quiet)
     _print_results(run_dir)
     click.echo(str(run_dir))
 
@@ -139,8 +108,8 @@ def sweep(spec, store, out, sets, quiet) -> None:
     from train.sweep import run_sweep
 
     overrides = {k: v for k, v in {"store": store, "out": out}.items() if v is not None}
-    overrides.update(_user_errors(parse_set, list(sets)))
-    sweep_dir = _user_errors(run_sweep, spec, overrides, progress=not quiet)
+    overrides.update(run_user_errors(parse_set, list(sets)))
+    sweep_dir = run_user_errors(run_sweep, spec, overrides, progress=not quiet)
     if _is_rank0():
         _print_sweep(sweep_dir)
         click.echo(str(sweep_dir))
@@ -170,7 +139,7 @@ def report(path) -> None:
     """Write PNG figures and a Markdown summary for a run folder or a sweep folder."""
     from train.report import write_report
 
-    md = _user_errors(write_report, path)
+    md = run_user_errors(write_report, path)
     click.echo(str(md))
 
 
@@ -180,19 +149,6 @@ def show_config() -> None:
     cfg = get_default_cfg().to_dict()
     for key, text in HELP.items():
         click.echo(f"{key:24s} {cfg[key]!r:>14}  {text}")
-
-
-def _tool_errors(fn, *args, **kwargs):
-    """User errors of eval / calibrate / export: one line on stderr, exit code 2."""
-    from shared.hook_sites import HookSiteError
-    from shared.models import ModelLoadError
-    from train.export import ExportError
-
-    try:
-        return fn(*args, **kwargs)
-    except (*USER_ERRORS, TrainingError, EvalError, ExportError, ModelLoadError, HookSiteError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
 
 
 @main.command("eval")
@@ -222,7 +178,7 @@ def eval_cmd(checkpoint, **options) -> None:
     """
     from train.evaluation import evaluate_checkpoint, format_table
 
-    results, dest = _tool_errors(evaluate_checkpoint, checkpoint, **options)
+    results, dest = run_user_errors(evaluate_checkpoint, checkpoint, **options)
     click.echo(format_table(results), err=True)
     click.echo(str(dest))
 
@@ -242,7 +198,7 @@ def calibrate(checkpoint, **options) -> None:
     """
     from train.evaluation import calibrate_checkpoint
 
-    rec = _tool_errors(calibrate_checkpoint, checkpoint, **options)
+    rec = run_user_errors(calibrate_checkpoint, checkpoint, **options)
     click.echo(f"calibrated {rec['threshold_kind']} threshold on {rec['batches']} held-out batches: inference L0 "
                f"{rec['inference_l0']:.2f} (k = {rec['k']}), explained variance {rec['explained_variance']:.4f}",
                err=True)
@@ -263,7 +219,7 @@ def export(checkpoint, fmt, out_dir, model_name, store_path, force) -> None:
     """
     from train.export import export_checkpoint
 
-    out = _tool_errors(export_checkpoint, checkpoint, out_dir, fmt=fmt, model_name=model_name,
+    out = run_user_errors(export_checkpoint, checkpoint, out_dir, fmt=fmt, model_name=model_name,
                        store_path=store_path, force=force)
     click.echo(str(out))
 

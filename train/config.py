@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from shared.devices import DeviceError, parse_device
+from shared.errors import UserError
 from train.sae.registry import arch_names, sae_class
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config key or value; the message names the key and what to do."""
 
 
