@@ -10,7 +10,7 @@ from datetime import timedelta
 import click
 
 from shared.cache import COMPRESSIONS, STORAGE_DTYPES, Cache
-from shared.cli_common import COUNT, run_user_errors
+from shared.cli_common import AUTOCAST_TYPE, COUNT, run_user_errors
 from shared.hook_sites import SITE_KINDS
 from shared.tokens import BOS_POLICIES
 
@@ -37,7 +37,7 @@ def main() -> None:
 @click.option("--shard-tokens", type=COUNT, default="65536", show_default=True, help="Rows per shard, rounded up to whole contexts.")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True, help="none keeps shards memory-mappable.")
 @click.option("--bos", type=click.Choice(BOS_POLICIES), default="context", show_default=True, help="context: each context starts with BOS.")
-@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "none"]), default="auto", show_default=True, help="Compute dtype; auto = bf16 on CUDA, fp32 on CPU.")
+@click.option("--autocast", type=AUTOCAST_TYPE, default="auto", show_default=True, help="Compute dtype; auto = bf16 on CUDA, fp32 on CPU (bfloat16: same as bf16).")
 @click.option("--staging", type=click.Path(file_okay=False), help="Local staging folder when --out is a URL [default: $SAEFORGE_STAGING or ~/.cache/saeforge/staging, one per URL].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(quiet: bool, layers, **options) -> None:

@@ -2,7 +2,8 @@
 
 `COUNT` parses 200000, 200k, 50M, 1.5G, 1e6 into an int. `run_user_errors(fn, ...)` runs a
 command's work: a UserError (and an OSError, e.g. a full disk or a missing permission) becomes one
-line on stderr and exit status 2, with no traceback.
+line on stderr and exit status 2, with no traceback. `AliasedChoice` is a click.Choice that also
+accepts older spellings (e.g. AUTOCAST_TYPE: none | bf16 | auto, with bfloat16 for bf16).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 
 import click
 
+from shared.autocast import AUTOCAST, AUTOCAST_ALIASES
 from shared.errors import UserError
 
 
@@ -45,6 +47,20 @@ def format_count(n: int) -> str:
         if n and n % unit == 0:
             return f"{n // unit}{suffix}"
     return str(n)
+
+
+class AliasedChoice(click.Choice):
+    """click.Choice that maps older spellings (`aliases`: old -> name) onto its choices."""
+
+    def __init__(self, choices, aliases: dict[str, str], case_sensitive: bool = True):
+        super().__init__(choices, case_sensitive)
+        self.aliases = dict(aliases)
+
+    def convert(self, value, param, ctx):
+        return super().convert(self.aliases.get(value, value), param, ctx)
+
+
+AUTOCAST_TYPE = AliasedChoice(AUTOCAST, AUTOCAST_ALIASES)
 
 
 def run_user_errors(fn, *args, **kwargs):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from shared.cli_common import COUNT, run_user_errors
+from shared.cli_common import AUTOCAST_TYPE, COUNT, run_user_errors
 from train.config import field_help, get_default_cfg, load_toml, parse_set, update_cfg
 from train.sae.registry import arch_names
 
@@ -163,8 +163,8 @@ def show_config() -> None:
 @click.option("--device", help="auto, cpu, cuda ... [default: the run's device setting]")
 @click.option("--store", "store_path", help="The run's cache, if it moved.")
 @click.option("--heldout-shards", type=click.IntRange(1), help="Evaluate on the cache's last N shards instead of the run's held-out shards.")
-@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "none"]), default="auto", show_default=True,
-              help="LM compute dtype; auto = the harvest's (bf16 on CUDA when the cache was harvested so).")
+@click.option("--autocast", type=AUTOCAST_TYPE, default="auto", show_default=True,
+              help="LM compute dtype; auto = the harvest's (bf16 on CUDA when the cache was harvested so); bfloat16 = bf16.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Where to write eval.json [default: into CHECKPOINT].")
 @click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]), help="[default: the run's]")
 def eval_cmd(checkpoint, **options) -> None:
