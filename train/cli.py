@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import click
 
-from shared.cli_common import AUTOCAST_TYPE, COUNT, run_user_errors
-from train.config import field_help, get_default_cfg, load_toml, parse_set, update_cfg
-from train.sae.registry import arch_names
+from shared.cli_common import AUTOCAST_TYPE, COUNT, format_count, run_user_errors
+from train.config import field_help, get_default_cfg, key_facts, load_toml, parse_set, update_cfg
 
 HELP = field_help()
+
+
+def config_option(key: str, *, count: bool = False, note: str = ""):
+    """The option --KEY (dashes for underscores) of config key `key`: its type, choices, help and
+    shown default come from TrainConfig's declaration (a count takes 50M, 1e6). It defaults to
+    None, so that only the options given override a --config file."""
+    facts, default = key_facts(key), getattr(get_default_cfg(), key)
+    kind = {bool: None, int: COUNT if count else int, float: float, str: None}[facts.type]
+    if facts.choices is not None:
+        kind = click.Choice(facts.choices)
+    text = " ".join(filter(None, [HELP[key], note]))
+    if default not in (None, "") and facts.type is not bool:
+        shown = format_count(default) if count else f"{default:g}" if facts.type is float else str(default)
+        text += f" [default: {shown}]"
+    name = "--" + key.replace("_", "-")
+    if facts.type is bool:
+        return click.option(name, is_flag=True, default=None, help=text)
+    return click.option(name, type=kind, help=text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,22 +34,22 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--store", help=HELP["store"])
-@click.option("--site", help=HELP["site"])
-@click.option("--arch", type=click.Choice(arch_names()), help=HELP["arch"] + " [default: topk]")
-@click.option("--k", type=int, help=HELP["k"] + " [default: 32]")
-@click.option("--dict-size", type=int, help=HELP["dict_size"])
-@click.option("--expansion", type=int, help=HELP["expansion"] + " [default: 8]")
-@click.option("--lr", type=float, help=HELP["lr"] + " [default: 4e-4]")
-@click.option("--batch-size", type=int, help=HELP["batch_size"] + " [default: 4096]")
-@click.option("--tokens", type=COUNT, help=HELP["tokens"] + " Accepts 50M, 1e6. [default: 10M]")
-@click.option("--seed", type=int, help=HELP["seed"] + " [default: 0]")
+@config_option("store")
+@config_option("site")
+@config_option("arch")
+@config_option("k")
+@config_option("dict_size")
+@config_option("expansion")
+@config_option("lr")
+@config_option("batch_size")
+@config_option("tokens", count=True, note="Accepts 50M, 1e6.")
+@config_option("seed")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config keys (flat, or under [train]).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key; repeatable (see `train config`).")
-@click.option("--out", help=HELP["out"] + " [default: runs]")
-@click.option("--checkpoint-every", type=COUNT, help=HELP["checkpoint_every"] + " Accepts 5M.")
-@click.option("--allow-unsealed", is_flag=True, default=None, help=HELP["allow_unsealed"])
-@click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]), help=HELP["wandb_mode"])
+@config_option("out")
+@config_option("checkpoint_every", count=True, note="Accepts 5M.")
+@config_option("allow_unsealed")
+@config_option("wandb_mode")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(config_file, sets, quiet, **options) -> None:
     """Train one SAE. Precedence: defaults < --config file < options < --set.
@@ -57,7 +74,7 @@ def run(config_file, sets, quiet, **options) -> None:
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--tokens", type=COUNT, help="Raise the run's token budget (e.g. 20M).")
-@click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]))
+@click.option("--wandb-mode", type=click.Choice(key_facts("wandb_mode").choices), help=HELP["wandb_mode"])
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
     """Resume a run folder, one of its checkpoint folders, or a sweep folder, from the newest
@@ -146,9 +163,18 @@ def report(path) -> None:
 @main.command("config")
 def show_config() -> None:
     """List every config key with its default and meaning."""
-    cfg = get_default_cfg().to_dict()
-    for key, text in HELP.items():
-        click.echo(f"{key:24s} {cfg[key]!r:>14}  {text}")
+    for key, value in get_default_cfg().to_dict().items():
+        click.echo(f"{key:24s} {value!r:>14}  {HELP[key]}{_facts_note(key)}")
+
+
+def _facts_note(key: str) -> str:
+    """What `train config` says of a key's facts besides its meaning, e.g. " [resume may change it]"."""
+    facts = key_facts(key)
+    notes = [{False: "not in the run name", "when_set": "in the run name when not the default"}.get(facts.identity),
+             "resume may change it" if facts.resumable else None,
+             "one value for every SAE of a sweep" if facts.sweep_shared else None]
+    notes = [n for n in notes if n]
+    return f" [{'; '.join(notes)}]" if notes else ""
 
 
 @main.command("eval")
@@ -166,7 +192,7 @@ def show_config() -> None:
 @click.option("--autocast", type=AUTOCAST_TYPE, default="auto", show_default=True,
               help="LM compute dtype; auto = the harvest's (bf16 on CUDA when the cache was harvested so); bfloat16 = bf16.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Where to write eval.json [default: into CHECKPOINT].")
-@click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]), help="[default: the run's]")
+@click.option("--wandb-mode", type=click.Choice(key_facts("wandb_mode").choices), help="[default: the run's]")
 def eval_cmd(checkpoint, **options) -> None:
     """Evaluate a run folder's newest checkpoint (or one checkpoint folder) on held-out data.
 
@@ -185,7 +211,8 @@ def eval_cmd(checkpoint, **options) -> None:
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--kind", type=click.Choice(["global", "per_feature"]), help="Threshold definition [default: the run's threshold_kind].")
+@click.option("--kind", type=click.Choice(key_facts("threshold_kind").choices),
+              help="Threshold definition [default: the run's threshold_kind].")
 @click.option("--batches", type=click.IntRange(1), help="Held-out batches to calibrate on [default: the run's threshold_batches].")
 @click.option("--device", help="auto, cpu, cuda ... [default: the run's device setting]")
 @click.option("--store", "store_path", help="The run's cache, if it moved.")
