@@ -1,4 +1,8 @@
-"""`train` command: run / resume / config / eval / calibrate / export."""
+"""`train` command: run / resume / sweep / report / config / eval / calibrate / export.
+
+The options of `run` are config keys (config_option: type, choices, help and default from
+TrainConfig); the commands run their work through shared.cli_common.run_user_errors, which prints a
+user error (shared.errors.UserError) on one line and exits 2."""
 
 from __future__ import annotations
 
