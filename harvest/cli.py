@@ -9,50 +9,10 @@ from datetime import timedelta
 
 import click
 
-from shared.cache import COMPRESSIONS, STORAGE_DTYPES, Cache, CacheError
-from shared.devices import DeviceError
-from shared.hook_sites import SITE_KINDS, HookSiteError
-from shared.models import ModelLoadError
-from shared.tokens import BOS_POLICIES, DatasetError
-
-USER_ERRORS = (CacheError, HookSiteError, ModelLoadError, DatasetError, DeviceError)
-
-
-class Count(click.ParamType):
-    """An integer with an optional k/M/G suffix: 200k, 50M, 1.5G, 1e6."""
-
-    name = "count"
-    _suffix = {"k": 10**3, "m": 10**6, "g": 10**9}
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower().replace("_", "")
-        try:
-            if text and text[-1] in self._suffix:
-                n = float(text[:-1]) * self._suffix[text[-1]]
-            else:
-                n = float(text)
-        except ValueError:
-            self.fail(f"{value!r} is not a count (examples: 200000, 200k, 50M)", param, ctx)
-        if n <= 0 or n != int(n):
-            self.fail(f"{value!r} must be a positive whole number", param, ctx)
-        return int(n)
-
-
-COUNT = Count()
-
-
-def run_user_errors(fn, *args, **kwargs):
-    """Run fn; user errors become a one-line message and exit code 2 (no traceback)."""
-    try:
-        return fn(*args, **kwargs)
-    except USER_ERRORS as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except OSError as e:
-        click.echo(f"error: {e.strerror or e} ({e.filename or ''})", err=True)
-        sys.exit(2)
+from shared.cache import COMPRESSIONS, STORAGE_DTYPES, Cache
+from shared.cli_common import AUTOCAST_TYPE, COUNT, run_user_errors
+from shared.hook_sites import SITE_KINDS
+from shared.tokens import BOS_POLICIES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,7 +37,7 @@ def main() -> None:
 @click.option("--shard-tokens", type=COUNT, default="65536", show_default=True, help="Rows per shard, rounded up to whole contexts.")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True, help="none keeps shards memory-mappable.")
 @click.option("--bos", type=click.Choice(BOS_POLICIES), default="context", show_default=True, help="context: each context starts with BOS.")
-@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "none"]), default="auto", show_default=True, help="Compute dtype; auto = bf16 on CUDA, fp32 on CPU.")
+@click.option("--autocast", type=AUTOCAST_TYPE, default="auto", show_default=True, help="Compute dtype; auto = bf16 on CUDA, fp32 on CPU (bfloat16: same as bf16).")
 @click.option("--staging", type=click.Path(file_okay=False), help="Local staging folder when --out is a URL [default: $SAEFORGE_STAGING or ~/.cache/saeforge/staging, one per URL].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(quiet: bool, layers, **options) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from shared.autocast import autocast_dtype as resolve_autocast
 from shared.devices import resolve_device as resolve_any_device
 from harvest.pipeline import ShardAssembler, background
 from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, ShardWriter, SiteRecord
@@ -33,8 +34,6 @@ from shared.hook_sites import capture, resolve_sites
 from shared.models import load_model
 from shared.remote import RemoteCacheWriter, is_remote
 from shared.tokens import DatasetError, load_documents, pack_contexts, policy_record
-
-AUTOCAST_CHOICES = ("auto", "bfloat16", "none")
 
 
 @dataclass
@@ -56,7 +55,7 @@ class HarvestConfig:
     shard_tokens: int = 65_536  # rows per shard, rounded up to whole contexts (identity)
     compression: str = "none"  # (identity)
     bos: str = "context"  # (identity)
-    autocast: str = "auto"  # compute dtype: bf16 autocast on CUDA by default (identity)
+    autocast: str = "auto"  # compute dtype, shared.autocast: none | bf16 | auto (bf16 on CUDA) (identity)
     rank: int = 0
     world_size: int = 1
     staging: str | None = None  # local staging folder when out is a URL (default: one per URL under ~/.cache)
@@ -74,9 +73,8 @@ def default_batch_size(device: torch.device, context_length: int) -> int:
 
 
 def autocast_dtype(cfg: HarvestConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.autocast == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if cfg.autocast == "bfloat16" else None
+    """The LM's autocast dtype (shared.autocast; auto = bfloat16 on CUDA, none on the CPU)."""
+    return resolve_autocast(cfg.autocast, torch.bfloat16 if device.type == "cuda" else None)
 
 
 def build_spec(cfg: HarvestConfig, info, sites, documents, tokenizer, compute: torch.dtype | None) -> CacheSpec:

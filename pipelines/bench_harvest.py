@@ -64,6 +64,7 @@ import torch  # noqa: E402
 import harvest.runner as runner  # noqa: E402
 from harvest.runner import HarvestConfig, autocast_dtype, default_batch_size, run_harvest  # noqa: E402
 from pipelines.offline_assets import kjv_jsonl, smollm2_hf_folder  # noqa: E402
+from shared.autocast import AUTOCAST, AUTOCAST_ALIASES  # noqa: E402
 from shared.cache import Cache, CacheWriter  # noqa: E402
 from shared.cache_stats import shard_statistics  # noqa: E402
 from shared.cache_storage import numpy_storage_dtype  # noqa: E402
@@ -301,8 +302,8 @@ def main() -> None:
                    help="contexts per forward pass (CUDA; default: harvest's own, 8192 tokens' worth)")
     g.add_argument("--cuda-shard-tokens", type=int, default=65536, help="rows per shard (CUDA)")
     g.add_argument("--context-length", type=int, default=128)
-    g.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "none"],
-                   help="auto = bf16 on CUDA, fp32 on CPU (the harvest default)")
+    g.add_argument("--autocast", default="auto", choices=[*AUTOCAST, *AUTOCAST_ALIASES],
+                   help="auto = bf16 on CUDA, fp32 on CPU (the harvest default); bfloat16 = bf16")
     g.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype")
     w = ap.add_argument_group("cache writes vs raw writes")
     w.add_argument("--write-shards", type=int, default=8)

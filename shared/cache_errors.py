@@ -4,6 +4,8 @@ Its message is one line naming the path, shard or field at fault and what to do;
 print it and exit 2. `shared.object_store.RemoteError` is the object-store kind.
 """
 
+from shared.errors import UserError
 
-class CacheError(Exception):
+
+class CacheError(UserError):
     """A cache problem, with a one-line message naming the path/shard/field and what to do."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from shared.errors import UserError
 
-class DeviceError(ValueError):
+
+class DeviceError(UserError, ValueError):
     pass
 
 

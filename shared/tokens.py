@@ -14,12 +14,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from shared.errors import UserError
+
 FILE_FORMATS = (".txt", ".jsonl", ".parquet")
 BOS_POLICIES = ("context", "none")
 _TOKENIZE_BATCH = 256  # documents per tokenizer call
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A corpus cannot be read or packed; the message is one line naming the file/field at fault."""
 
 

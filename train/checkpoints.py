@@ -21,13 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.durable import file_checksum, fsync_path, write_atomic
+from shared.errors import UserError
 from shared.faults import fault_point
 from train.layout import STATE, TRAINER, WEIGHTS, RunLayout, SweepLayout, is_checkpoint_dir
 
 CHECKPOINT_FORMAT = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """No loadable checkpoint, or a damaged one; the message names the folder."""
 
 

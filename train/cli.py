@@ -1,41 +1,35 @@
-"""`train` command: run / resume / config / eval / calibrate / export."""
+"""`train` command: run / resume / sweep / report / config / eval / calibrate / export.
+
+The options of `run` are config keys (config_option: type, choices, help and default from
+TrainConfig); the commands run their work through shared.cli_common.run_user_errors, which prints a
+user error (shared.errors.UserError) on one line and exits 2."""
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from shared.cache import CacheError
-from train.checkpoints import CheckpointError
-from train.config import ConfigError, field_help, get_default_cfg, load_toml, parse_set, update_cfg
-from train.errors import EvalError, TrainingError
-from train.sae.registry import arch_names
-
-USER_ERRORS = (CacheError, ConfigError, CheckpointError)
-
-
-def _user_errors(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except (*USER_ERRORS, TrainingError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-
-
-def _count(text: str | None, option: str):
-    """A token count such as 50M or 1e6; a bad one is a usage error naming `option`."""
-    if text is None:
-        return None
-    from harvest.cli import COUNT
-
-    try:
-        return COUNT.convert(text, None, None)
-    except click.BadParameter as e:
-        raise click.BadParameter(e.message, param_hint=f"'{option}'") from None
-
+from shared.cli_common import AUTOCAST_TYPE, COUNT, format_count, run_user_errors
+from train.config import field_help, get_default_cfg, key_facts, load_toml, parse_set, update_cfg
 
 HELP = field_help()
+
+
+def config_option(key: str, *, count: bool = False, note: str = ""):
+    """The option --KEY (dashes for underscores) of config key `key`: its type, choices, help and
+    shown default come from TrainConfig's declaration (a count takes 50M, 1e6). It defaults to
+    None, so that only the options given override a --config file."""
+    facts, default = key_facts(key), getattr(get_default_cfg(), key)
+    kind = {bool: None, int: COUNT if count else int, float: float, str: None}[facts.type]
+    if facts.choices is not None:
+        kind = click.Choice(facts.choices)
+    text = " ".join(filter(None, [HELP[key], note]))
+    if default not in (None, "") and facts.type is not bool:
+        shown = format_count(default) if count else f"{default:g}" if facts.type is float else str(default)
+        text += f" [default: {shown}]"
+    name = "--" + key.replace("_", "-")
+    if facts.type is bool:
+        return click.option(name, is_flag=True, default=None, help=text)
+    return click.option(name, type=kind, help=text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,22 +38,22 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--store", help=HELP["store"])
-@click.option("--site", help=HELP["site"])
-@click.option("--arch", type=click.Choice(arch_names()), help=HELP["arch"] + " [default: topk]")
-@click.option("--k", type=int, help=HELP["k"] + " [default: 32]")
-@click.option("--dict-size", type=int, help=HELP["dict_size"])
-@click.option("--expansion", type=int, help=HELP["expansion"] + " [default: 8]")
-@click.option("--lr", type=float, help=HELP["lr"] + " [default: 4e-4]")
-@click.option("--batch-size", type=int, help=HELP["batch_size"] + " [default: 4096]")
-@click.option("--tokens", help=HELP["tokens"] + " Accepts 50M, 1e6. [default: 10M]")
-@click.option("--seed", type=int, help=HELP["seed"] + " [default: 0]")
+@config_option("store")
+@config_option("site")
+@config_option("arch")
+@config_option("k")
+@config_option("dict_size")
+@config_option("expansion")
+@config_option("lr")
+@config_option("batch_size")
+@config_option("tokens", count=True, note="Accepts 50M, 1e6.")
+@config_option("seed")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config keys (flat, or under [train]).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key; repeatable (see `train config`).")
-@click.option("--out", help=HELP["out"] + " [default: runs]")
-@click.option("--checkpoint-every", help=HELP["checkpoint_every"] + " Accepts 5M.")
-@click.option("--allow-unsealed", is_flag=True, default=None, help=HELP["allow_unsealed"])
-@click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]), help=HELP["wandb_mode"])
+@config_option("out")
+@config_option("checkpoint_every", count=True, note="Accepts 5M.")
+@config_option("allow_unsealed")
+@config_option("wandb_mode")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(config_file, sets, quiet, **options) -> None:
     """Train one SAE. Precedence: defaults < --config file < options < --set.
@@ -72,23 +66,19 @@ def run(config_file, sets, quiet, **options) -> None:
         cfg = get_default_cfg()
         if config_file:
             cfg = update_cfg(cfg, **load_toml(config_file))
-        given = {k: v for k, v in options.items() if v is not None}
-        for key in ("tokens", "checkpoint_every"):
-            if key in given:
-                given[key] = _count(given[key], "--" + key.replace("_", "-"))
-        cfg = update_cfg(cfg, **given)
+        cfg = update_cfg(cfg, **{k: v for k, v in options.items() if v is not None})
         return update_cfg(cfg, **parse_set(list(sets)))
 
-    cfg = _user_errors(build)
-    sae, run_dir = _user_errors(train_sae, None, cfg, progress=not quiet)
+    cfg = run_user_errors(build)
+    sae, run_dir = run_user_errors(train_sae, None, cfg, progress=not quiet)
     _print_results(run_dir)
     click.echo(str(run_dir))
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--tokens", help="Raise the run's token budget (e.g. 20M).")
-@click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]))
+@click.option("--tokens", type=COUNT, help="Raise the run's token budget (e.g. 20M).")
+@click.option("--wandb-mode", type=click.Choice(key_facts("wandb_mode").choices), help=HELP["wandb_mode"])
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
     """Resume a run folder, one of its checkpoint folders, or a sweep folder, from the newest
@@ -101,7 +91,7 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
     from train.training import resume_training
 
     if is_sweep_dir(checkpoint):  # under torchrun its unfinished SAEs are spread over the ranks again
-        sweep_dir = _user_errors(resume_sweep, checkpoint, progress=not quiet)
+        sweep_dir = run_user_errors(resume_sweep, checkpoint, progress=not quiet)
         if _is_rank0():
             _print_sweep(sweep_dir)
             click.echo(str(sweep_dir))
@@ -112,11 +102,11 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
 
         run_dir = latest_checkpoint(checkpoint)[0]
         cfg = load_run_config(run_dir)
-        changes = {"tokens": _count(tokens, "--tokens"), "wandb_mode": wandb_mode}
+        changes = {"tokens": tokens, "wandb_mode": wandb_mode}
         return update_cfg(cfg, **{k: v for k, v in changes.items() if v is not None})
 
-    cfg = _user_errors(build)
-    sae, run_dir = _user_errors(resume_training, None, cfg, checkpoint, progress=not quiet)
+    cfg = run_user_errors(build)
+    sae, run_dir = run_user_errors(resume_training, None, cfg, checkpoint, progress=not quiet)
     _print_results(run_dir)
     click.echo(str(run_dir))
 
@@ -139,8 +129,8 @@ def sweep(spec, store, out, sets, quiet) -> None:
     from train.sweep import run_sweep
 
     overrides = {k: v for k, v in {"store": store, "out": out}.items() if v is not None}
-    overrides.update(_user_errors(parse_set, list(sets)))
-    sweep_dir = _user_errors(run_sweep, spec, overrides, progress=not quiet)
+    overrides.update(run_user_errors(parse_set, list(sets)))
+    sweep_dir = run_user_errors(run_sweep, spec, overrides, progress=not quiet)
     if _is_rank0():
         _print_sweep(sweep_dir)
         click.echo(str(sweep_dir))
@@ -170,29 +160,25 @@ def report(path) -> None:
     """Write PNG figures and a Markdown summary for a run folder or a sweep folder."""
     from train.report import write_report
 
-    md = _user_errors(write_report, path)
+    md = run_user_errors(write_report, path)
     click.echo(str(md))
 
 
 @main.command("config")
 def show_config() -> None:
     """List every config key with its default and meaning."""
-    cfg = get_default_cfg().to_dict()
-    for key, text in HELP.items():
-        click.echo(f"{key:24s} {cfg[key]!r:>14}  {text}")
+    for key, value in get_default_cfg().to_dict().items():
+        click.echo(f"{key:24s} {value!r:>14}  {HELP[key]}{_facts_note(key)}")
 
 
-def _tool_errors(fn, *args, **kwargs):
-    """User errors of eval / calibrate / export: one line on stderr, exit code 2."""
-    from shared.hook_sites import HookSiteError
-    from shared.models import ModelLoadError
-    from train.export import ExportError
-
-    try:
-        return fn(*args, **kwargs)
-    except (*USER_ERRORS, TrainingError, EvalError, ExportError, ModelLoadError, HookSiteError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+def _facts_note(key: str) -> str:
+    """What `train config` says of a key's facts besides its meaning, e.g. " [resume may change it]"."""
+    facts = key_facts(key)
+    notes = [{False: "not in the run name", "when_set": "in the run name when not the default"}.get(facts.identity),
+             "resume may change it" if facts.resumable else None,
+             "one value for every SAE of a sweep" if facts.sweep_shared else None]
+    notes = [n for n in notes if n]
+    return f" [{'; '.join(notes)}]" if notes else ""
 
 
 @main.command("eval")
@@ -207,10 +193,10 @@ def _tool_errors(fn, *args, **kwargs):
 @click.option("--device", help="auto, cpu, cuda ... [default: the run's device setting]")
 @click.option("--store", "store_path", help="The run's cache, if it moved.")
 @click.option("--heldout-shards", type=click.IntRange(1), help="Evaluate on the cache's last N shards instead of the run's held-out shards.")
-@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "none"]), default="auto", show_default=True,
-              help="LM compute dtype; auto = the harvest's (bf16 on CUDA when the cache was harvested so).")
+@click.option("--autocast", type=AUTOCAST_TYPE, default="auto", show_default=True,
+              help="LM compute dtype; auto = the harvest's (bf16 on CUDA when the cache was harvested so); bfloat16 = bf16.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Where to write eval.json [default: into CHECKPOINT].")
-@click.option("--wandb-mode", type=click.Choice(["online", "offline", "disabled"]), help="[default: the run's]")
+@click.option("--wandb-mode", type=click.Choice(key_facts("wandb_mode").choices), help="[default: the run's]")
 def eval_cmd(checkpoint, **options) -> None:
     """Evaluate a run folder's newest checkpoint (or one checkpoint folder) on held-out data.
 
@@ -222,14 +208,15 @@ def eval_cmd(checkpoint, **options) -> None:
     """
     from train.evaluation import evaluate_checkpoint, format_table
 
-    results, dest = _tool_errors(evaluate_checkpoint, checkpoint, **options)
+    results, dest = run_user_errors(evaluate_checkpoint, checkpoint, **options)
     click.echo(format_table(results), err=True)
     click.echo(str(dest))
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--kind", type=click.Choice(["global", "per_feature"]), help="Threshold definition [default: the run's threshold_kind].")
+@click.option("--kind", type=click.Choice(key_facts("threshold_kind").choices),
+              help="Threshold definition [default: the run's threshold_kind].")
 @click.option("--batches", type=click.IntRange(1), help="Held-out batches to calibrate on [default: the run's threshold_batches].")
 @click.option("--device", help="auto, cpu, cuda ... [default: the run's device setting]")
 @click.option("--store", "store_path", help="The run's cache, if it moved.")
@@ -242,7 +229,7 @@ def calibrate(checkpoint, **options) -> None:
     """
     from train.evaluation import calibrate_checkpoint
 
-    rec = _tool_errors(calibrate_checkpoint, checkpoint, **options)
+    rec = run_user_errors(calibrate_checkpoint, checkpoint, **options)
     click.echo(f"calibrated {rec['threshold_kind']} threshold on {rec['batches']} held-out batches: inference L0 "
                f"{rec['inference_l0']:.2f} (k = {rec['k']}), explained variance {rec['explained_variance']:.4f}",
                err=True)
@@ -263,7 +250,7 @@ def export(checkpoint, fmt, out_dir, model_name, store_path, force) -> None:
     """
     from train.export import export_checkpoint
 
-    out = _tool_errors(export_checkpoint, checkpoint, out_dir, fmt=fmt, model_name=model_name,
+    out = run_user_errors(export_checkpoint, checkpoint, out_dir, fmt=fmt, model_name=model_name,
                        store_path=store_path, force=force)
     click.echo(str(out))
 

@@ -4,9 +4,25 @@ The seed's names are kept: `get_default_cfg()`, `update_cfg(cfg, **changes)`,
 `post_init_cfg(cfg, d_in=...)`. Building a config has no side effects (no I/O, no random ids).
 Unknown keys, wrong types and impossible values raise ConfigError naming the key.
 
-What depends on the architecture is declared by its class (train.sae): the valid `arch` names are
-the registry's, and the variant checks its own keys (`config_error`, e.g. k <= dict_size) and
-names its part of the default run name (`run_label`).
+Everything about a key is said once, where the key is declared: its type (a `Literal[...]` lists
+its choices, which update_cfg checks), its default, its docstring (the help of `train config` and
+of `train run`'s options) and its facts, kept as field metadata (`_key(...)`, read back with
+`key_facts`):
+
+    identity      part of the run identity (config_hash, the run name's suffix): True; False for
+                  how a run is observed or how fast it computes; "when_set" for keys added after
+                  runs were named: they enter the hash only when they differ from their default,
+                  so that every older run name stays valid
+    resumable     `train resume` may change it (how the run is observed, its budget, its device)
+    sweep_shared  every SAE of a sweep has the same value (they read one data stream); a sweep's
+                  grid may not vary it
+    choices       the valid values when the type cannot list them: `arch` takes the names
+                  registered in train.sae (variants register themselves)
+    aliases       older spellings of a value, accepted and stored as the value
+
+What depends on the architecture is declared by its class (train.sae): the variant checks its own
+keys (`config_error`, e.g. k <= dict_size) and names its part of the default run name
+(`run_label`).
 """
 
 from __future__ import annotations
@@ -18,55 +34,67 @@ import json
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal, NamedTuple
 
+from shared.autocast import AUTOCAST_ALIASES
 from shared.devices import DeviceError, parse_device
+from shared.errors import UserError
 from train.sae.registry import arch_names, sae_class
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config key or value; the message names the key and what to do."""
+
+
+def _key(default: Any, *, identity: bool | Literal["when_set"] = True, resumable: bool = False,
+         sweep_shared: bool = False, choices: Callable[[], tuple[str, ...]] | None = None,
+         aliases: dict[str, str] | None = None) -> Any:
+    """A TrainConfig field declared with its facts (module docstring) where they differ from the
+    usual ones: part of the run identity, fixed on resume, free to vary in a sweep, any value of
+    its type."""
+    return field(default=default, metadata={"identity": identity, "resumable": resumable, "sweep_shared": sweep_shared,
+                                            "choices": choices, "aliases": aliases or {}})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data
-    store: str = ""
+    store: str = _key("", sweep_shared=True)
     """Path or URL of a sealed activation cache (made by `harvest run`)."""
-    allow_unsealed: bool = False
+    allow_unsealed: bool = _key(False, identity="when_set")
     """Train on the shards an unfinished harvest has committed so far (their statistics; the last
     of them held out). A resume then needs the same committed shards: finish the harvest first and
     start a new run to use them all."""
-    site: str | None = None
+    site: str | None = _key(None, sweep_shared=True)
     """Hook site to train on (TransformerLens name); default: the cache's first site."""
-    batch_size: int = 4096
+    batch_size: int = _key(4096, sweep_shared=True)
     """Tokens per optimiser step (the global batch)."""
     micro_batch_size: int | None = None
     """Tokens per forward/backward; gradients of batch_size / micro_batch_size micro-batches are summed."""
-    tokens: int = 10_000_000
+    tokens: int = _key(10_000_000, resumable=True, sweep_shared=True)
     """Training tokens in total (epochs over the cache continue seamlessly)."""
-    window_shards: int = 4
+    window_shards: int = _key(4, sweep_shared=True)
     """Shuffle buffer, in shards read together (all shards = exact global shuffle)."""
-    store_threads: int = 1
+    store_threads: int = _key(1, identity=False, resumable=True)
     """torch threads of each of the store's two background threads (window reads, batch gathers).
     1 leaves the cores to a CPU training step; raise it when the step runs on a GPU and the CPU has
     idle cores (2 threads served batches about 1.3x faster on the 2-core development machine:
     pipelines/bench_store.py --store-threads 2). The data and its order do not change."""
-    store_io: str = "auto"
+    store_io: Literal["auto", "map", "copy"] = _key("auto", identity=False, resumable=True)
     """How the store reads a window of shards: "map" gathers straight from the chunk files
     memory-mapped (no copy; 1.2-1.4x the batches/s on the development machine), "copy" copies them
     into private memory first (compressed caches and shards that are not whole pages always do),
     "auto" maps when it can. The data and its order do not change."""
-    heldout_shards: int = 1
+    heldout_shards: int = _key(1, sweep_shared=True)
     """Last shards of the cache kept for evaluation and threshold calibration, never trained on."""
-    normalize: bool = True
+    normalize: bool = _key(True, sweep_shared=True)
     """Scale activations so that E||x||^2 = d_in (folded into exported weights)."""
-    drop_bos: bool = True
+    drop_bos: bool = _key(True, sweep_shared=True)
     """Skip rows at context position 0 (the BOS token, whose activations are outliers)."""
     # --- the SAE
-    arch: str = "topk"
+    arch: str = _key("topk", choices=arch_names)
     """SAE architecture: one of the names registered in train.sae (the choices of `train run --arch`)."""
     d_in: int | None = None
     """Input width; derived from the cache."""
@@ -80,7 +108,7 @@ class TrainConfig:
     """L1 coefficient (vanilla), on decoder-norm-weighted activations."""
     l0_coeff: float = 1.0
     """L0 (or tanh) sparsity coefficient (jumprelu)."""
-    jumprelu_sparsity: str = "l0"
+    jumprelu_sparsity: Literal["l0", "tanh"] = "l0"
     """jumprelu sparsity penalty: l0 (step on the pre-activation) or tanh."""
     jumprelu_bandwidth: float = 0.05
     """Rectangle-kernel width of JumpReLU's pseudo-derivatives."""
@@ -92,16 +120,18 @@ class TrainConfig:
     """AuxK loss coefficient (topk, batchtopk)."""
     dead_tokens_threshold: int = 1_000_000
     """A latent is dead after this many tokens without firing."""
-    b_dec_init: str = "geometric_median"
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """Decoder bias init from a data sample: geometric_median, mean or zeros."""
     # --- optimisation
     lr: float = 4e-4
     """Adam learning rate."""
     beta1: float = 0.9
+    """Adam beta1 (decay of the gradient's running mean)."""
     beta2: float = 0.999
+    """Adam beta2 (decay of the squared gradient's running mean)."""
     lr_warmup_tokens: int = 0
     """Linear learning-rate warm-up, in tokens."""
-    lr_decay: str = "linear"
+    lr_decay: Literal["none", "linear", "cosine"] = "linear"
     """Decay after lr_decay_start: none, linear (to 0) or cosine."""
     lr_decay_start: float = 0.8
     """Fraction of training after which the learning rate decays."""
@@ -109,54 +139,56 @@ class TrainConfig:
     """Linear warm-up of the sparsity coefficient (vanilla L1, jumprelu L0), in tokens."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping by global norm; None disables it."""
-    seed: int = 0
+    seed: int = _key(0, sweep_shared=True)
     """Seeds the SAE init and the data order."""
-    device: str = "auto"
+    device: str = _key("auto", identity=False, resumable=True)
     """auto (CUDA when present), cpu, cuda, cuda:1 ..."""
-    autocast: str = "none"
+    autocast: Literal["none", "bf16"] = _key("none", identity="when_set", aliases=AUTOCAST_ALIASES)
     """Mixed precision of the SAE's matrix products: none (float32) or bf16 (bfloat16 autocast;
     weights, Adam state, the loss and the sparse gradients stay float32). Off by default: measured
     slower on CPUs without bf16 matrix units (pipelines/bench_train_step.py --autocast bf16)."""
-    sparse_kernels: bool = True
+    sparse_kernels: bool = _key(True, identity=False)
     """TopK/BatchTopK: train through the sparse kernels (backward and decode over the B*k active
     latents; 4-6x SAELens' step on CPU). false uses the dense reference path (same function,
     float rounding aside), which may be the faster one on a GPU for small dictionaries: on an H100
     the sparse TopK step at 768 x 6144 measured 20 ms where the dense Vanilla step took 7 ms."""
-    deterministic: bool = True
+    deterministic: bool = _key(True, identity=False)
     """On CUDA, torch's deterministic kernels (no atomic adds in the sparse backward) and cuBLAS's
     fixed workspace, so that a run repeats and resumes bit for bit. Process-wide: it stays on in
     the process after the run (torch.use_deterministic_algorithms(True, warn_only=True)). False
     trades that for speed (1.10-1.13x on an H100 at 32x); no effect on CPU, whose kernels are
     deterministic already."""
-    compile: bool = False
+    compile: bool = _key(False, identity=False)
     """torch.compile the SAE's forward (and so its backward). Off by default: the first steps pay
     the compile time; measure with pipelines/bench_train_step.py --compile before switching it on."""
     # --- thresholds (batchtopk)
-    threshold_kind: str = "global"
+    threshold_kind: Literal["global", "per_feature"] = "global"
     """BatchTopK inference threshold: global or per_feature."""
     threshold_batches: int = 20
     """Held-out batches used to calibrate the threshold."""
     # --- evaluation during training
-    eval_every: int = 0
+    eval_every: int = _key(0, identity=False)
     """Tokens between held-out reconstruction evaluations logged as eval/* (0: only at the end)."""
-    eval_batches: int = 10
+    eval_batches: int = _key(10, identity=False)
     """Held-out batches per evaluation during training."""
     # --- checkpoints and logs
-    out: str = "runs"
+    out: str = _key("runs", identity=False, sweep_shared=True)
     """Folder under which each run gets its own checkpoint folder."""
-    checkpoint_every: int = 5_000_000
+    checkpoint_every: int = _key(5_000_000, resumable=True, sweep_shared=True)
     """Tokens between checkpoints (and one at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = _key(2, resumable=True)
     """How many most recent checkpoints to keep."""
-    log_every: int = 10
+    log_every: int = _key(10, identity=False, resumable=True)
     """Steps between logged metrics."""
     density_every: int = 500
     """Steps between feature-density statistics."""
-    wandb_mode: str = "offline"
+    wandb_mode: Literal["online", "offline", "disabled"] = _key("offline", identity=False, resumable=True)
     """wandb: online, offline or disabled (online without a key falls back to offline)."""
-    wandb_project: str = "saeforge"
-    wandb_group: str | None = None
-    run_name: str | None = None
+    wandb_project: str = _key("saeforge", identity=False, resumable=True)
+    """wandb project of the run."""
+    wandb_group: str | None = _key(None, identity=False, resumable=True)
+    """wandb group of the run; a sweep's runs default to the sweep's name."""
+    run_name: str | None = _key(None, identity=False)
     """Derived: a readable name from arch, site, width and k or coefficient."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,6 +201,42 @@ def get_default_cfg() -> TrainConfig:
 
 def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
+
+
+class KeyFacts(NamedTuple):
+    """What is declared about a config key (module docstring): its value type (bool, int, float or
+    str; None may be allowed besides), its choices (None: any value of that type), and its part in
+    run names, resumes and sweeps."""
+
+    type: type
+    choices: tuple[str, ...] | None
+    identity: bool | str
+    resumable: bool
+    sweep_shared: bool
+    aliases: dict[str, str]
+
+
+def key_facts(key: str) -> KeyFacts:
+    """The facts of config key `key`, read from its declaration."""
+    meta, annotation = _FIELDS[key].metadata, _TYPES[key]
+    if isinstance(annotation, types.UnionType):  # X | None
+        annotation = next(t for t in typing.get_args(annotation) if t is not type(None))
+    if typing.get_origin(annotation) is Literal:
+        value_type, choices = str, typing.get_args(annotation)
+    else:
+        value_type, choices = annotation, meta["choices"]() if meta.get("choices") else None
+    return KeyFacts(value_type, choices, meta.get("identity", True), meta.get("resumable", False),
+                    meta.get("sweep_shared", False), meta.get("aliases", {}))
+
+
+def resumable_keys() -> set[str]:
+    """The keys `train resume` may change: how the run is observed, its budget, where it runs."""
+    return {k for k in field_names() if key_facts(k).resumable}
+
+
+def sweep_shared_keys() -> set[str]:
+    """The keys every SAE of a sweep shares (one data stream and schedule): a grid may not vary them."""
+    return {k for k in field_names() if key_facts(k).sweep_shared}
 
 
 def field_help() -> dict[str, str]:
@@ -192,8 +260,10 @@ def _unknown_key(key: str) -> ConfigError:
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check/convert `value` to the field's type; strings (from --set) are parsed."""
+    """Check/convert `value` to the field's type; strings (from --set) are parsed. A Literal's
+    value must be a str here (validate checks it is one of the choices)."""
     types_ = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    types_ = tuple(str if typing.get_origin(t) is Literal else t for t in types_)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in types_):
         if type(None) in types_:
             return None
@@ -232,6 +302,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 
 _TYPES = typing.get_type_hints(TrainConfig)
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
 def update_cfg(cfg: TrainConfig, **changes: Any) -> TrainConfig:
@@ -240,7 +311,8 @@ def update_cfg(cfg: TrainConfig, **changes: Any) -> TrainConfig:
     for key, value in changes.items():
         if key not in _TYPES:
             raise _unknown_key(key)
-        clean[key] = _coerce(key, value, _TYPES[key])
+        value = _coerce(key, value, _TYPES[key])
+        clean[key] = key_facts(key).aliases.get(value, value) if isinstance(value, str) else value
     new = dataclasses.replace(cfg, **clean)
     validate(new)
     return new
@@ -255,14 +327,10 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Raise ConfigError for impossible combinations, naming the keys."""
-    _choice("arch", cfg.arch, arch_names())
-    _choice("lr_decay", cfg.lr_decay, ("none", "linear", "cosine"))
-    _choice("b_dec_init", cfg.b_dec_init, ("geometric_median", "mean", "zeros"))
-    _choice("threshold_kind", cfg.threshold_kind, ("global", "per_feature"))
-    _choice("jumprelu_sparsity", cfg.jumprelu_sparsity, ("l0", "tanh"))
-    _choice("wandb_mode", cfg.wandb_mode, ("online", "offline", "disabled"))
-    _choice("autocast", cfg.autocast, ("none", "bf16"))
-    _choice("store_io", cfg.store_io, ("auto", "map", "copy"))
+    for key in field_names():
+        choices = key_facts(key).choices
+        if choices is not None:
+            _choice(key, getattr(cfg, key), choices)
     try:
         parse_device(cfg.device)
     except DeviceError:
@@ -338,15 +406,13 @@ def sparsity_label(cfg: TrainConfig) -> str:
 
 
 def config_hash(cfg: TrainConfig) -> str:
-    """Short hash of the settings that define a run (names, paths and logging excluded)."""
-    skip = {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device", "eval_every",
-            "eval_batches",
-            "compile", "deterministic", "sparse_kernels", "store_threads", "store_io"}  # same computation, other kernels or speed
-    data = {k: v for k, v in cfg.to_dict().items() if k not in skip}
-    if data.pop("autocast") != "none":  # keys added later enter the hash only when set, so older names stay valid
-        data["autocast"] = cfg.autocast
-    if data.pop("allow_unsealed"):
-        data["allow_unsealed"] = True
+    """Short hash of the keys that define a run (their `identity` fact: names, paths, logging and
+    the choice of kernels are excluded; keys added later enter it only when set)."""
+    data = {}
+    for key in field_names():
+        identity, value = key_facts(key).identity, getattr(cfg, key)
+        if identity is True or (identity == "when_set" and value != _FIELDS[key].default):
+            data[key] = value
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from shared.autocast import canonical_autocast
 from shared.cache import Cache
 from shared.durable import write_atomic
 from shared.remote import is_remote
@@ -169,6 +170,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
     """
     if batches < 1 or max_contexts < 1 or lm_batch_size < 1:
         raise EvalError("--batches, --max-contexts and --lm-batch-size must be positive")
+    autocast = canonical_autocast(autocast)  # none, bf16 or auto (bfloat16 = bf16)
     run = load_sae_checkpoint(path)
     cfg, sae = run.cfg, run.sae
     dev = resolve_device(device or cfg.device)

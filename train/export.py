@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import save_file
 
 from shared.cache_spec import software_version
+from shared.errors import UserError
 from shared.durable import write_atomic
 from train.errors import EvalError
 from train.evaluation import checkpoint_scaling, open_cache_checked
@@ -62,7 +63,7 @@ FORMATS = ("saelens",)
 CFG_FILENAME, WEIGHTS_FILENAME = "cfg.json", "sae_weights.safetensors"
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A checkpoint cannot be exported faithfully; the message says what to do."""
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shared.autocast import autocast_dtype as resolve_autocast
 from shared.cache import Cache
 from train.errors import EvalError
 
@@ -128,12 +129,10 @@ def ce_loss_score(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
 
 
 def autocast_dtype(choice: str, compute_dtype: str | None, device: torch.device) -> torch.dtype | None:
-    """The LM's autocast dtype for --autocast `choice` (auto: bfloat16 on CUDA when the cache was harvested so)."""
-    if choice == "none":
-        return None
-    if choice == "bfloat16":
-        return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and compute_dtype == "bfloat16" else None
+    """The LM's autocast dtype for --autocast `choice` (shared.autocast; auto: bfloat16 on CUDA when
+    the cache was harvested so, i.e. its compute_dtype is bfloat16)."""
+    auto = torch.bfloat16 if device.type == "cuda" and compute_dtype == "bfloat16" else None
+    return resolve_autocast(choice, auto)
 
 
 def load_lm(cache: Cache, site_name: str, model: str | None, device: torch.device):

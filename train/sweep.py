@@ -46,15 +46,16 @@ import torch
 
 from shared.durable import write_atomic
 from train.checkpoints import CheckpointError, create_run_dir, list_checkpoints, read_checkpoint
-from train.config import ConfigError, TrainConfig, cfg_from_dict, get_default_cfg, post_init_cfg, update_cfg
+from train.config import (ConfigError, TrainConfig, cfg_from_dict, get_default_cfg, post_init_cfg,
+                          sweep_shared_keys, update_cfg)
 from train.distributed import SoloWorld, World
 from train.layout import RunLayout, SweepLayout, step_of
 from train.runs import open_store, resolve_device
 from train.training import Restore, build_trainer, run_to_end
 
-# Keys that define the shared data stream and schedule: equal for every SAE of a sweep.
-SHARED_KEYS = ("store", "site", "batch_size", "tokens", "window_shards", "heldout_shards", "normalize", "drop_bos",
-               "seed", "checkpoint_every", "out")
+# Keys that define the shared data stream and schedule, equal for every SAE of a sweep: those
+# declared sweep_shared in train.config.
+SHARED_KEYS = sweep_shared_keys()
 SPEC_KEYS = {"name", "base", "grid", "devices", "distribute"}
 DISTRIBUTE = ("sae",)  # how torchrun ranks share a sweep: each rank trains some of its SAEs
 

@@ -33,7 +33,7 @@ from shared.durable import write_atomic
 from shared.faults import fault_point
 from train.activation_store import ActivationStore
 from train.checkpoints import create_run_dir, latest_checkpoint, save_checkpoint
-from train.config import TrainConfig, cfg_from_dict, post_init_cfg, update_cfg
+from train.config import TrainConfig, cfg_from_dict, post_init_cfg, resumable_keys, update_cfg
 from train.distributed import World
 from train.errors import TrainingError
 from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
@@ -427,9 +427,7 @@ def resume_training(model, cfg: TrainConfig | dict[str, Any] | None, checkpoint_
     run_dir, ckpt, tensors, trainer_state, state = latest_checkpoint(checkpoint_path)
     saved = load_run_config(run_dir)
     if cfg is not None:
-        allowed = {"tokens", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device", "checkpoint_every",
-                   "store_threads", "store_io",
-                   "keep_checkpoints"}
+        allowed = resumable_keys()  # declared in train.config
         changes = {k: v for k, v in _as_config(cfg).to_dict().items() if v != getattr(saved, k) and k in allowed}
         saved = update_cfg(saved, **changes)
     cfg = saved
