@@ -172,7 +172,8 @@
     var html = "<h2>Latent " + rec.id + "</h2>";
     html += '<div class="stats">fires on <b>' + pct(rec.freq) + "</b> of rows (" + rec.count.toLocaleString() + " of " +
       (meta.rows || 0).toLocaleString() + ") \u00b7 max activation <b>" + num(rec.max, 4) + "</b> \u00b7 mean when firing <b>" + num(rec.mean, 4) + "</b></div>";
-    html += '<div class="grid2"><div class="card hist"><h3>Activation histogram</h3>' + histogram(rec.hist) + "</div>";
+    html += '<div class="grid2"><div class="card hist"><h3>Activation histogram</h3>' + histogram(rec.hist) +
+      (rec.hist ? '<div class="axis">activation (x) \u00b7 rows that fire with it (y)</div>' : "") + "</div>";
     html += '<div class="card"><h3>Logit effect</h3>' + (rec.pos ? '<div class="logits"><div><small>promotes</small>' + logitTable(rec.pos, "pos") +
       "</div><div><small>suppresses</small>" + logitTable(rec.neg, "neg") + "</div></div>" : '<p class="empty">' + esc(meta.logits_note || "not computed") + "</p>") + "</div></div>";
     html += '<div class="card near"><h3>Nearest latents (decoder cosine)</h3>' + (rec.near || []).map(function (p) {
