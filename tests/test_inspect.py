@@ -88,7 +88,7 @@ def _all_rows(cache, shards, drop_bos, max_rows=None):
         pos = cache.read_vector("positions", k)
         keep = np.flatnonzero(pos != 0) if drop_bos else np.arange(len(pos))
         rows.append(k * RPS + keep)
-        xs.append(np.asarray(cache.read_acts(SITE, k))[keep])
+        xs.append(np.asarray(cache.read_acts(SITE, k))[keep].astype(np.float32))
     rows, x = np.concatenate(rows), np.concatenate(xs)
     return (rows, x) if max_rows is None else (rows[:max_rows], x[:max_rows])
 
@@ -198,6 +198,19 @@ def test_token_budget_stops_the_pass_and_windows_show_unencoded_rows(odd_cache):
     ref, n = brute_force(odd_cache, sae, [1, 2], 1.0, False, 4, 4, K, Q, S, NB, max_rows=150)
     assert n == 150
     _check(stats, ref, n, K, Q, S)
+
+
+def test_bfloat16_and_compressed_caches_stream_the_same_way(tmp_path):
+    """Storage dtype bfloat16 (ml_dtypes on the host) and zstd chunks: the pass sees the stored values."""
+    spec = synthetic_spec(d_model=D, rows_per_shard=RPS, planned_rows=RPS * 2, context_length=8, dtype="bfloat16",
+                          compression="zstd", model={"id": "none"})
+    root = build_synthetic_cache(tmp_path / "bf16", spec, _acts, positions=lambda k, rows: POSITIONS[rows])
+    cache = Cache.open(root)
+    sae = _sae(2)
+    stats, _ = collect_stats(sae.encode, M, cache, SITE, [0, 1], scale=0.5, drop_bos=True, before=2, after=2,
+                             top=4, bands=2, per_band=2, bins=8, batch_rows=16)
+    ref, n = brute_force(cache, sae, [0, 1], 0.5, True, 2, 2, 4, 2, 2, 8)
+    _check(stats, ref, n, 4, 2, 2)
 
 
 def test_topk_and_batchtopk_threshold_encodings(odd_cache):

@@ -100,13 +100,18 @@ def test_records_are_the_cache_rows_and_the_sae_activations(site, llama_run, ref
         assert [e[0] for e in rec["top"]] == rows[order].tolist()
         for e, i in zip(rec["top"], order):
             g = rows[i]
-            row, pos, value, center, toks, acts = e
+            row, pos, value, center, toks, shades = e
             assert pos == positions[g] and value == pytest.approx(float(f[i, j]), rel=1e-3)
             lo = g - min(5, positions[g])
             hi = min(g + 2, (g // 16) * 16 + 15)  # contexts of 16 rows, shards of whole contexts
             assert toks == tokens[lo : hi + 1].tolist() and toks[center] == tokens[g]
-            assert acts[center] == pytest.approx(float(f[i, j]), rel=1e-3)
-            assert all((a is None) == (positions[t] == 0) for a, t in zip(acts, range(lo, hi + 1)))
+            peak = f[:, j].max()
+            for shade, t in zip(shades, range(lo, hi + 1)):  # thousandths of the max; -1: not encoded
+                if positions[t] == 0:
+                    assert shade == -1
+                else:
+                    assert shade == round(1000 * float(f[np.searchsorted(rows, t), j]) / peak)
+            assert shades[center] == round(1000 * float(f[i, j]) / peak)
             assert all(str(t) in vocab for t in toks)
         assert index["top"][j] == (tokens[rows[order[0]]] if len(order) else -1)
     assert rps == 64
@@ -172,20 +177,20 @@ def test_force_replaces_only_once_the_new_site_is_complete(llama_run, tmp_path, 
     stale.mkdir()
 
     calls = {"n": 0}
-    real = build_mod.latent_record
+    real = build_mod.Records.latents
 
-    def failing(*a, **k):
+    def failing(self, start, stop):
         calls["n"] += 1
-        if calls["n"] == 70:
+        if calls["n"] == 2:  # the second chunk file
             raise RuntimeError("disk on fire")
-        return real(*a, **k)
+        return real(self, start, stop)
 
-    monkeypatch.setattr(build_mod, "latent_record", failing)
+    monkeypatch.setattr(build_mod.Records, "latents", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         build_mod.inspect_checkpoint(llama_run, out, force=True, progress=False, no_logits=True)
     assert (out / "mine.txt").read_text() == "keep me" and not (out / "index.html").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]  # no temp folder left, the stale one gone
-    monkeypatch.setattr(build_mod, "latent_record", real)
+    monkeypatch.setattr(build_mod.Records, "latents", real)
     build_mod.inspect_checkpoint(llama_run, out, force=True, progress=False, no_logits=True)
     assert (out / "index.html").exists() and not (out / "mine.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]

@@ -25,7 +25,7 @@ from shared.cache import software_version
 from train.inspector import logits as logit_mod
 from train.inspector.contexts import TokenizerError, decode_tokens, load_tokenizer, token_windows, tokenizer_check
 from train.inspector.loading import InspectError, Target, choose_shards, inference_encoder, load_target, resolve_device
-from train.inspector.records import example_rows, index_columns, latent_record
+from train.inspector.records import Records, example_rows
 from train.inspector.site import check_out, js_assign, js_chunk, write_site
 from train.inspector.stream import collect_stats
 
@@ -130,6 +130,17 @@ def language_side(target: Target, s: Settings) -> Language:
     return out
 
 
+def site_files(meta: dict[str, Any], stats, windows, vocab: dict[str, str], logits=None,
+               near=None) -> Iterator[tuple[str, bytes]]:
+    """The site's data files, (relative path, bytes), one chunk of CHUNK_SIZE latents at a time."""
+    records = Records(stats, windows, logits, near)
+    yield "data/meta.js", js_assign("meta", meta)
+    yield "data/index.js", js_assign("index", records.index())
+    yield "data/vocab.js", js_assign("vocab", vocab)
+    for n, start in enumerate(range(0, stats.d_sae, CHUNK_SIZE)):
+        yield f"data/chunks/{n:06d}.js", js_chunk(n, records.latents(start, min(start + CHUNK_SIZE, stats.d_sae)))
+
+
 def _shards_text(shards: list[int]) -> str:
     parts, i = [], 0
     while i < len(shards):
@@ -156,15 +167,15 @@ def inspect_checkpoint(path: str | os.PathLike, out: str | os.PathLike, settings
     encode, label = inference_encoder(target.sae, target.checkpoint)
     shards = choose_shards(target, s.shards)
     device = resolve_device(s.device)
-    sae = target.sae.to(device)
     t0 = time.perf_counter()
+    lang = language_side(target, s)  # before the pass: a bad --model or --tokenizer fails at once
+    sae = target.sae.to(device)
     stats, report = collect_stats(encode, sae.d_sae, target.cache, target.cfg.site, shards, scale=target.scale,
                                   drop_bos=target.drop_bos, before=s.before, after=s.after, top=s.top, bands=s.bands,
                                   per_band=s.per_band, bins=s.bins, batch_rows=s.batch_rows, max_rows=s.tokens,
                                   device=device, progress=s.progress)
     if stats.rows_seen == 0:
         raise InspectError(f"shards {_shards_text(shards)} hold no rows to encode; choose other --shards")
-    lang = language_side(target, s)
     W_dec = sae.W_dec.detach().float() / target.scale  # raw activation units
     logits = None
     if lang.W_U is not None:
@@ -196,14 +207,6 @@ def inspect_checkpoint(path: str | os.PathLike, out: str | os.PathLike, settings
         "software_version": software_version(),
     }
 
-    def files() -> Iterator[tuple[str, bytes]]:
-        yield "data/meta.js", js_assign("meta", meta)
-        yield "data/index.js", js_assign("index", index_columns(stats, windows, logits))
-        yield "data/vocab.js", js_assign("vocab", vocab)
-        for n, start in enumerate(range(0, stats.d_sae, CHUNK_SIZE)):
-            recs = [latent_record(j, stats, windows, logits, near) for j in range(start, min(start + CHUNK_SIZE, stats.d_sae))]
-            yield f"data/chunks/{n:06d}.js", js_chunk(n, recs)
-
-    site = write_site(out, files(), force=s.force)
+    site = write_site(out, site_files(meta, stats, windows, vocab, logits, near), force=s.force)
     meta["seconds_total"] = round(time.perf_counter() - t0, 3)
     return site, meta

@@ -26,14 +26,19 @@ and keeps, per latent j (m latents; K = top, Q = bands, S = per_band, NB = bins)
     windows       for every kept example, j's activation on the W tokens of its window (NaN where
                   not encoded), taken from the batch when the example is admitted
 
+Both selections are `SortedSlots`: per group (a latent; a (latent, band) cell) the L largest int64
+keys, sorted, each position owning a payload slot. A batch's candidates (keys above the group's
+L-th) are merged by rank arithmetic (each candidate's rank among the old keys + among the new ones),
+without re-sorting what was kept; only admitted entries write their payload (row, value, window).
+
 Memory, independent of the number of rows streamed (float32 = 4 bytes):
 
-    m * (K * (8 + 4 W) + Q * S * (8 + 8 + 4 + 4 W) + NB * 8 + 24) bytes
-    (m = 24,576, K = 20, Q = 8, S = 3, W = 21, NB = 64: about 120 MB)
+    m * (K * (16 + 4 W) + Q * S * (28 + 4 W) + NB * 8 + 32) bytes
+    (m = 24,576, K = 20, Q = 8, S = 3, W = 21, NB = 64: about 123 MiB)
 
-plus per-batch temporaries of O(B m) (the batch's latents) and O(nnz + m K) for the selection.
-Each batch costs one pass over f (nonzero) and sorts of the batch's candidate firings; no Python
-loop runs over latents or rows.
+plus per-batch temporaries: O(B m) (the batch's latents) and O(nnz + A L) for the merge (nnz: the
+batch's firings; A: groups that admit something). Each batch costs one pass over f (nonzero), sorts
+of its candidate firings only, and no Python loop over latents or rows.
 """
 
 from __future__ import annotations
@@ -46,7 +51,6 @@ from torch import Tensor
 
 MASK32 = (1 << 32) - 1
 _NO_EXP = -(1 << 20)  # histogram exponent of a latent that has not fired yet
-_EMPTY_PRIO = 1 << 32  # priority of an empty sample slot (every real priority is smaller)
 
 
 def sample_priority(rows: Tensor, latents: Tensor) -> Tensor:
@@ -131,6 +135,59 @@ class LatentStats:
         return np.arange(q + 1) * (self.n_bins // q) * 2.0 ** int(self.hist_exp[j])
 
 
+class SortedSlots:
+    """For each of G groups, the L entries with the largest int64 keys (>= 0; -1 marks an empty
+    position), sorted descending. Position p of group g owns payload slot g * L + ptr[g, p], so
+    admitting an entry never moves the payloads of the entries kept."""
+
+    def __init__(self, groups: int, length: int, device: torch.device):
+        self.G, self.L = groups, length
+        self.keys = torch.full((groups, length), -1, dtype=torch.long, device=device)
+        self.ptr = torch.arange(length, device=device).repeat(groups, 1)
+
+    def clear(self, groups: Tensor) -> None:
+        self.keys[groups] = -1
+
+    def merge(self, g: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+        """Offer entries (group g [n], key [n]; keys distinct within a group). Returns (indices into
+        the offered entries that were admitted, their payload slots [n_admitted] flat over G * L)."""
+        L, dev = self.L, self.keys.device
+        idx = (key > self.keys[g, -1]).nonzero().squeeze(1)
+        if len(idx) == 0:
+            return idx, idx
+        order, rank = rank_in_group(g[idx], key[idx], descending=True)
+        idx = idx[order]
+        g, key = g[idx], key[idx]
+        pos_old = (self.keys[g] > key[:, None]).sum(1)  # old keys above each candidate
+        final = pos_old + rank  # its position in the merged order
+        adm = final < L
+        aff = torch.unique(g[adm])  # sorted groups that admit something
+        a = torch.searchsorted(aff, g).clamp_max(len(aff) - 1)
+        ours = aff[a] == g
+        # old entry s moves down by the number of candidates above it (pos_old <= s)
+        above = torch.zeros(len(aff), L + 1, dtype=torch.long, device=dev)
+        above.index_put_((a[ours], pos_old[ours].clamp_max(L)), torch.ones_like(a[ours]), accumulate=True)
+        new_pos = torch.arange(L, device=dev) + above.cumsum(1)[:, :L]
+        old_keys, old_ptr = self.keys[aff], self.ptr[aff]
+        kept = (old_keys >= 0) & (new_pos < L)
+        rows = torch.arange(len(aff), device=dev)[:, None].expand(-1, L)
+        keys = torch.full_like(old_keys, -1)
+        ptr = torch.empty_like(old_ptr)
+        taken = torch.zeros_like(kept)
+        keys[rows[kept], new_pos[kept]] = old_keys[kept]
+        ptr[rows[kept], new_pos[kept]] = old_ptr[kept]
+        taken[rows[kept], new_pos[kept]] = True
+        ptr[~taken] = old_ptr[~kept]  # freed slots, in position order, to the other positions
+        keys[a[adm], final[adm]] = key[adm]
+        self.keys[aff], self.ptr[aff] = keys, ptr
+        return idx[adm], aff[a[adm]] * L + ptr[a[adm], final[adm]]
+
+    def in_order(self, payload: Tensor) -> Tensor:
+        """payload [G * L, ...] by slot -> [G, L, ...] by position."""
+        flat = (torch.arange(self.G, device=self.ptr.device)[:, None] * self.L + self.ptr).reshape(-1)
+        return payload[flat].reshape(self.G, self.L, *payload.shape[1:])
+
+
 class LatentCollector:
     """Streams batches of latents and keeps LatentStats' figures (see the module docstring)."""
 
@@ -147,14 +204,15 @@ class LatentCollector:
         self.rows_seen = 0
         self.count = torch.zeros(d_sae, dtype=torch.long, device=dev)
         self.total = torch.zeros(d_sae, dtype=torch.float64, device=dev)
-        self.top_keys = torch.full((d_sae, top), -1, dtype=torch.long, device=dev)
-        self.top_win = torch.full((d_sae, top, window), float("nan"), device=dev)
         self.hist = torch.zeros(d_sae, bins, dtype=torch.long, device=dev)
         self.hist_exp = torch.full((d_sae,), _NO_EXP, dtype=torch.long, device=dev)
-        self.s_prio = torch.full((d_sae, bands, per_band), _EMPTY_PRIO, dtype=torch.long, device=dev)
-        self.s_rows = torch.full((d_sae, bands, per_band), -1, dtype=torch.long, device=dev)
-        self.s_vals = torch.zeros((d_sae, bands, per_band), device=dev)
-        self.s_win = torch.full((d_sae, bands, per_band, window), float("nan"), device=dev)
+        self.top = SortedSlots(d_sae, top, dev)
+        self.top_win = torch.full((d_sae * top, window), float("nan"), device=dev)
+        self.samples = SortedSlots(d_sae * bands, max(per_band, 1), dev)
+        n = d_sae * bands * max(per_band, 1)
+        self.s_rows = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.s_vals = torch.zeros(n, device=dev)
+        self.s_win = torch.full((n, window), float("nan"), device=dev)
 
     # ------------------------------------------------------------------ streaming
 
@@ -174,7 +232,9 @@ class LatentCollector:
         self.count.index_add_(0, c, torch.ones_like(c))
         self.total.index_add_(0, c, v.double())
         delta = self._update_hist(c, v)
-        self._update_top(f, window, r, c, g, v)
+        key = (v.view(torch.int32).long() << 32) | (MASK32 - g)  # activation, then the earlier row
+        adm, slot = self.top.merge(c, key)
+        self.top_win[slot] = self._windows_of(f, window, r[adm], c[adm])
         if self.S:
             self._update_samples(f, window, r, c, g, v, delta)
 
@@ -204,88 +264,52 @@ class LatentCollector:
         self.hist.view(-1).index_add_(0, c * self.NB + bins, torch.ones_like(bins))
         return delta
 
-    def _update_top(self, f, window, r, c, g, v) -> None:
-        key = (v.view(torch.int32).long() << 32) | (MASK32 - g)
-        cand = key > self.top_keys[c, -1]
-        if not bool(cand.any()):
-            return
-        r, c, key = r[cand], c[cand], key[cand]
-        aff = torch.unique(c)
-        K = self.K
-        old = self.top_keys[aff]
-        valid = old >= 0
-        slots = aff[:, None] * K + torch.arange(K, device=f.device)
-        n_old = int(valid.sum())
-        groups = torch.cat([aff[:, None].expand(-1, K)[valid], c])
-        keys = torch.cat([old[valid], key])
-        order, rank = rank_in_group(groups, keys, descending=True)
-        keep, rank = order[rank < K], rank[rank < K]
-        wins = self._gather_windows(self.top_win.view(-1, self.W), slots[valid], keep, n_old, f, window, r, c)
-        lat = groups[keep]
-        self.top_keys[aff] = -1
-        self.top_win[aff] = float("nan")
-        self.top_keys[lat, rank] = keys[keep]
-        self.top_win[lat, rank] = wins
-
-    def _gather_windows(self, old_windows, old_slots, keep, n_old, f, window, r, c) -> Tensor:
-        """Windows [len(keep), W] of the kept entries: old ones from their slots, new ones from f."""
-        out = torch.empty(len(keep), self.W, device=f.device)
-        from_old = keep < n_old
-        out[from_old] = old_windows[old_slots[keep[from_old]]]
-        new = keep[~from_old] - n_old
-        out[~from_old] = self._windows_of(f, window, r[new], c[new])
-        return out
-
     def _update_samples(self, f, window, r, c, g, v, delta) -> None:
-        Q, S = self.Q, self.S
+        Q, S, dev = self.Q, self.S, f.device
+        # latents whose range grew: their bands merge (q -> q >> delta); re-offer what they kept
+        grown = (delta > 0).nonzero().squeeze(1)
+        cells = (grown[:, None] * Q + torch.arange(Q, device=dev)).reshape(-1)
+        old_keys = self.samples.keys[cells]  # [n_cells, S]
+        valid = old_keys >= 0
+        old_slots = (cells[:, None] * S + self.samples.ptr[cells])[valid]
+        q_new = (torch.arange(Q, device=dev)[None, :] >> delta[grown][:, None].clamp_max(62)).reshape(-1)
+        old_cells = (cells - cells % Q + q_new)[:, None].expand(-1, S)[valid]
+        old_rows, old_vals, old_win = self.s_rows[old_slots], self.s_vals[old_slots], self.s_win[old_slots]
+        self.samples.clear(cells)
         band = torch.ldexp(v, -self.hist_exp[c]).floor_().long().clamp_(0, self.NB - 1) >> self._band_shift
-        prio = sample_priority(g, c)
-        regrouped = delta > 0
-        cand = (prio < self.s_prio[c, band, -1]) | regrouped[c]
-        regrouped_ids = regrouped.nonzero().squeeze(1)
-        if not bool(cand.any()) and len(regrouped_ids) == 0:
+        n_old = len(old_slots)
+        adm, slot = self.samples.merge(torch.cat([old_cells, c * Q + band]),
+                                       torch.cat([old_keys[valid], MASK32 - sample_priority(g, c)]))
+        if len(adm) == 0:
             return
-        r, c, g, v, band, prio = r[cand], c[cand], g[cand], v[cand], band[cand], prio[cand]
-        aff = torch.unique(torch.cat([c, regrouped_ids]))
-        old_rows = self.s_rows[aff]  # [A, Q, S]
-        valid = old_rows >= 0
-        A = len(aff)
-        q_new = torch.arange(Q, device=f.device)[None, :] >> delta[aff][:, None].clamp_max(62)  # [A, Q]
-        old_cell = (aff[:, None] * Q + q_new)[:, :, None].expand(A, Q, S)[valid]
-        slots = ((aff[:, None, None] * Q + torch.arange(Q, device=f.device)[None, :, None]) * S
-                 + torch.arange(S, device=f.device))[valid]
-        n_old = int(valid.sum())
-        cells = torch.cat([old_cell, c * Q + band])
-        keys = torch.cat([self.s_prio[aff][valid], prio])
-        order, rank = rank_in_group(cells, keys, descending=False)
-        keep, rank = order[rank < S], rank[rank < S]
-        wins = self._gather_windows(self.s_win.view(-1, self.W), slots, keep, n_old, f, window, r, c)
-        all_rows = torch.cat([old_rows[valid], g])
-        all_vals = torch.cat([self.s_vals[aff][valid], v])
-        cell = cells[keep]
-        lat, q = cell // Q, cell % Q
-        self.s_prio[aff] = _EMPTY_PRIO
-        self.s_rows[aff] = -1
-        self.s_vals[aff] = 0
-        self.s_win[aff] = float("nan")
-        self.s_prio[lat, q, rank] = keys[keep]
-        self.s_rows[lat, q, rank] = all_rows[keep]
-        self.s_vals[lat, q, rank] = all_vals[keep]
-        self.s_win[lat, q, rank] = wins
+        from_old = adm < n_old
+        o, n = adm[from_old], adm[~from_old] - n_old
+        self.s_rows[slot[from_old]], self.s_vals[slot[from_old]] = old_rows[o], old_vals[o]
+        self.s_win[slot[from_old]] = old_win[o]
+        self.s_rows[slot[~from_old]], self.s_vals[slot[~from_old]] = g[n], v[n]
+        self.s_win[slot[~from_old]] = self._windows_of(f, window, r[n], c[n])
 
     # ------------------------------------------------------------------ result
 
     def result(self) -> LatentStats:
-        """The figures so far, as numpy arrays on the host."""
-        keys = self.top_keys.cpu()
+        """The figures so far, as numpy arrays on the host (copies)."""
+        keys = self.top.keys.cpu()
         empty = keys < 0
         top_rows = torch.where(empty, -1, MASK32 - (keys & MASK32))
         top_vals = torch.where(empty, 0, keys >> 32).int().view(torch.float32)
+        top_win = self.top.in_order(self.top_win).cpu()
+        S = max(self.S, 1)
+        s_empty = (self.samples.keys < 0).reshape(self.m, self.Q, S).cpu()
+        s_rows = self.samples.in_order(self.s_rows).reshape(self.m, self.Q, S).cpu().masked_fill_(s_empty, -1)
+        s_vals = self.samples.in_order(self.s_vals).reshape(self.m, self.Q, S).cpu().masked_fill_(s_empty, 0)
+        s_win = self.samples.in_order(self.s_win).reshape(self.m, self.Q, S, self.W).cpu()
+        s_win[s_empty] = float("nan")
+        if not self.S:
+            s_rows, s_vals, s_win = s_rows[..., :0], s_vals[..., :0], s_win[..., :0, :]
         return LatentStats(
             rows_seen=self.rows_seen, before=self.before,
-            count=self.count.cpu().numpy(), total=self.total.cpu().numpy(),
-            top_rows=top_rows.numpy(), top_values=top_vals.numpy().copy(), top_windows=self.top_win.cpu().numpy(),
-            hist=self.hist.cpu().numpy(), hist_exp=self.hist_exp.cpu().numpy(),
-            sample_rows=self.s_rows.cpu().numpy(), sample_values=self.s_vals.cpu().numpy(),
-            sample_windows=self.s_win.cpu().numpy(),
+            count=self.count.cpu().numpy().copy(), total=self.total.cpu().numpy().copy(),
+            top_rows=top_rows.numpy(), top_values=top_vals.numpy().copy(), top_windows=top_win.numpy(),
+            hist=self.hist.cpu().numpy().copy(), hist_exp=self.hist_exp.cpu().numpy().copy(),
+            sample_rows=s_rows.numpy(), sample_values=s_vals.numpy(), sample_windows=s_win.numpy(),
         )

@@ -55,11 +55,6 @@ class Windows:
     tokens: np.ndarray
     positions: np.ndarray
 
-    def lookup(self, rows: np.ndarray) -> np.ndarray:
-        """Indices into self.rows of the given global rows (which must all be present)."""
-        idx = np.searchsorted(self.rows, rows)
-        return idx
-
 
 def token_windows(cache: Cache, rows: np.ndarray, before: int, after: int) -> Windows:
     """Windows of the given global rows (any order, duplicates allowed), read one shard at a time

@@ -132,19 +132,20 @@
   }
 
   /* ------------------------------------------------------------------ one latent */
-  function shade(a, max) {
-    if (a === null || !(a > 0) || !(max > 0)) return "";
-    var t = Math.min(1, a / max);
-    return "background: rgba(249, 115, 22, " + (0.12 + 0.78 * t).toFixed(3) + ");";
+  /* shades: activation / the latent's max, in thousandths; -1 = not encoded */
+  function shade(a) {
+    if (!(a > 0)) return "";
+    return "background: rgba(249, 115, 22, " + (0.12 + 0.78 * Math.min(1, a / 1000)).toFixed(3) + ");";
   }
   function example(ex, max, cls) {
     var row = ex[0], pos = ex[1], val = ex[2], center = ex[3], toks = ex[4], acts = ex[5];
     var rps = meta.rows_per_shard || 1;
     var where = "shard " + Math.floor(row / rps) + ", row " + (row % rps) + ", position " + pos;
     var html = toks.map(function (t, i) {
-      var a = acts[i], c = "tok" + (i === center ? " max" : "") + (a === null ? " off" : "");
-      var title = "token " + t + " " + JSON.stringify(tokRaw(t)) + " \u00b7 activation " + (a === null ? "not encoded" : num(a, 4));
-      return '<span class="' + c + '" style="' + shade(a, max) + '" title="' + esc(title) + '">' + esc(tokShow(t)) + "</span>";
+      var a = acts[i], c = "tok" + (i === center ? " max" : "") + (a < 0 ? " off" : "");
+      var act = i === center ? num(val, 4) : (a > 0 ? "\u2248" + num(a * max / 1000, 3) : "0");
+      var title = "token " + t + " " + JSON.stringify(tokRaw(t)) + " \u00b7 activation " + (a < 0 ? "not encoded" : act);
+      return '<span class="' + c + '" style="' + shade(a) + '" title="' + esc(title) + '">' + esc(tokShow(t)) + "</span>";
     }).join("");
     return '<div class="ex ' + cls + '" title="' + esc(where) + '"><span class="val">' + num(val, 4) + '</span><span class="ctx">' + html + "</span></div>";
   }
