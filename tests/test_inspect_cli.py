@@ -225,6 +225,25 @@ def test_cli_serve_prints_the_url_and_stops_on_ctrl_c(llama_run, tmp_path, monke
     assert "at http://127.0.0.1:" in r.output and "/index.html (Ctrl-C stops)" in r.output
 
 
+def test_bench_inspect_runs_on_a_tiny_sae(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "pipelines/bench_inspect.py", "--d", "16", "--dict-size", "64", "--k", "4",
+                        "--rows", "2048", "--rows-per-shard", "1024", "--repeats", "1", "--json", str(out),
+                        "--dir", str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=300,
+                       env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+                            "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    figures = json.loads(out.read_text())
+    assert figures["rows"] == 2048 - 16 and figures["d_sae"] == 64 and figures["ratio"] > 0
+    assert figures["site_files"] == 3 + 3 + 1 and figures["latents_fired"] > 0
+    assert "inspect / bare wall time" in r.stdout and not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
 # --------------------------------------------------------------------------- bad input
 
 
