@@ -11,7 +11,7 @@ times and keeping the best of each:
     bare      read each batch of rows from the cache, convert to float32, scale, encode
     inspect   the same batches, encode, and LatentCollector.update (train inspect's pass)
 
-Reports rows/s of each, their ratio (inspect / bare wall time), the peak RSS of each pass (sampled
+Reports rows/s of each, their ratios (inspect / bare wall time and CPU time), the peak RSS of each pass (sampled
 every ms) and its growth over the RSS at the pass's start, and the collector's state; then the rest of a site build timed once: nearest latents
 (decoder cosine, blockwise), token windows, records and the files (written to a temporary folder;
 no tokenizer, no LM), with the site's size. `--json PATH` writes the figures.
@@ -62,13 +62,15 @@ def make_cache(root: Path, d: int, rows: int, rows_per_shard: int) -> Cache:
 
 
 def timed_pass(cache, shards, sae, scale, batch_rows, make_collector=None):
-    """(seconds, rows, peak RSS bytes, RSS growth bytes, stats) of one pass: encode every batch and
-    feed a collector (made inside the pass, so its buffers count in the growth) if make_collector."""
+    """(seconds, rows, peak RSS bytes, RSS growth bytes, stats, CPU seconds) of one pass: encode every
+    batch and feed a collector (made inside the pass, so its buffers count in the growth) if
+    make_collector. CPU seconds: this process's CPU time (all threads), less sensitive than wall time
+    to other jobs on a shared machine."""
     peak = PeakRSS()
     peak.start()
     start = peak.peak
     collector = make_collector() if make_collector else None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rows = 0
     with torch.no_grad():
         for b in batches(cache, SITE, shards, scale=scale, drop_bos=True, before=16, after=4, batch_rows=batch_rows):
@@ -77,9 +79,9 @@ def timed_pass(cache, shards, sae, scale, batch_rows, make_collector=None):
                 collector.update(f, b.rows, b.window)
             rows += len(b.rows)
             del f
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     top = peak.stop()
-    return seconds, rows, top, top - start, collector.result() if collector is not None else None
+    return seconds, rows, top, top - start, collector.result() if collector is not None else None, cpu
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,18 +123,20 @@ def main(argv: list[str] | None = None) -> dict:
                     best[name] = got
                 del got
         stats = best["inspect"][4]
-        (tb, rows, rss_b, grow_b, _), (ti, _, rss_i, grow_i, _) = best["bare"], best["inspect"]
+        (tb, rows, rss_b, grow_b, _, cb), (ti, _, rss_i, grow_i, _, ci) = best["bare"], best["inspect"]
         fired = int((stats.count > 0).sum())
         figures = {"machine": cpu_model(), "latents_fired": fired, "torch_threads": torch.get_num_threads(), "d_in": args.d,
                    "d_sae": args.dict_size, "k": args.k, "rows": rows, "batch_rows": args.batch_rows,
                    "bare_seconds": tb, "bare_tokens_per_s": rows / tb, "bare_peak_rss_mb": rss_b / 2**20,
                    "bare_rss_growth_mb": grow_b / 2**20, "inspect_seconds": ti, "inspect_tokens_per_s": rows / ti,
                    "inspect_peak_rss_mb": rss_i / 2**20, "inspect_rss_growth_mb": grow_i / 2**20,
-                   "ratio": ti / tb, "collector_state_mb": _state_mb(args.dict_size, args.top)}
-        print(f"{'pass':<10}{'seconds':>9}{'tokens/s':>11}{'peak RSS MiB':>14}{'growth MiB':>12}")
-        print(f"{'bare':<10}{tb:>9.2f}{rows / tb:>11,.0f}{rss_b / 2**20:>14,.0f}{grow_b / 2**20:>12,.0f}")
-        print(f"{'inspect':<10}{ti:>9.2f}{rows / ti:>11,.0f}{rss_i / 2**20:>14,.0f}{grow_i / 2**20:>12,.0f}")
-        print(f"inspect / bare wall time: {ti / tb:.3f}; collector state {figures['collector_state_mb']:.0f} MiB "
+                   "ratio": ti / tb, "bare_cpu_seconds": cb, "inspect_cpu_seconds": ci, "cpu_ratio": ci / cb,
+                   "load_average": os.getloadavg()[0], "collector_state_mb": _state_mb(args.dict_size, args.top)}
+        print(f"{'pass':<10}{'seconds':>9}{'CPU s':>8}{'tokens/s':>11}{'peak RSS MiB':>14}{'growth MiB':>12}")
+        print(f"{'bare':<10}{tb:>9.2f}{cb:>8.1f}{rows / tb:>11,.0f}{rss_b / 2**20:>14,.0f}{grow_b / 2**20:>12,.0f}")
+        print(f"{'inspect':<10}{ti:>9.2f}{ci:>8.1f}{rows / ti:>11,.0f}{rss_i / 2**20:>14,.0f}{grow_i / 2**20:>12,.0f}")
+        print(f"inspect / bare: wall time {ti / tb:.3f}, CPU time {ci / cb:.3f} (load average {os.getloadavg()[0]:.1f}); "
+              f"collector state {figures['collector_state_mb']:.0f} MiB "
               f"(independent of the rows streamed); {fired:,} latents fired")
         if not args.skip_site:
             t0 = time.perf_counter()

@@ -241,7 +241,7 @@ def test_bench_inspect_runs_on_a_tiny_sae(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["rows"] == 2048 - 16 and figures["d_sae"] == 64 and figures["ratio"] > 0
     assert figures["site_files"] == 3 + 3 + 1 and figures["latents_fired"] > 0
-    assert "inspect / bare wall time" in r.stdout and not [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert "inspect / bare: wall time" in r.stdout and not [p for p in tmp_path.iterdir() if p.is_dir()]
 
 
 # --------------------------------------------------------------------------- bad input
