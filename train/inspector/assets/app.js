@@ -147,7 +147,8 @@
       var title = "token " + t + " " + JSON.stringify(tokRaw(t)) + " \u00b7 activation " + (a < 0 ? "not encoded" : act);
       return '<span class="' + c + '" style="' + shade(a) + '" title="' + esc(title) + '">' + esc(tokShow(t)) + "</span>";
     }).join("");
-    return '<div class="ex ' + cls + '" title="' + esc(where) + '"><span class="val">' + num(val, 4) + '</span><span class="ctx">' + html + "</span></div>";
+    var ctx = meta.has_tokenizer ? "ctx" : "ctx ids";  /* ids: spaced apart, there is no text to join */
+    return '<div class="ex ' + cls + '" title="' + esc(where) + '"><span class="val">' + num(val, 4) + '</span><span class="' + ctx + '">' + html + "</span></div>";
   }
   function histogram(h) {
     if (!h) return '<p class="empty">never fired</p>';
