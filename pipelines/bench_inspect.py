@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,16 +32,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.measure import PeakRSS
-from shared.cache import Cache
-from shared.synthetic import SITE, build_synthetic_cache, lognormal_norms, synthetic_spec
-from train.inspector.build import site_files
-from train.inspector.collect import LatentCollector
-from train.inspector.contexts import token_windows
-from train.inspector.logits import nearest_latents
-from train.inspector.records import example_rows
-from train.inspector.site import write_site
-from train.inspector.stream import batches
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: `python pipelines/bench_inspect.py`
+
+from pipelines.measure import PeakRSS  # noqa: E402
+from shared.cache import Cache  # noqa: E402
+from shared.synthetic import SITE, build_synthetic_cache, lognormal_norms, synthetic_spec  # noqa: E402
+from train.inspector.build import site_files  # noqa: E402
+from train.inspector.collect import LatentCollector  # noqa: E402
+from train.inspector.contexts import token_windows  # noqa: E402
+from train.inspector.logits import nearest_latents  # noqa: E402
+from train.inspector.records import example_rows  # noqa: E402
+from train.inspector.site import write_site  # noqa: E402
+from train.inspector.stream import batches  # noqa: E402
 from train.sae import build_sae
 
 

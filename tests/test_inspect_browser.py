@@ -39,6 +39,11 @@ pytestmark = pytest.mark.skipif(
 TIMEOUT = 20
 
 
+def _scale(cfg, cache) -> float:
+    """The factor the run multiplied raw rows by, from the cache statistics (1 without normalize)."""
+    return float(cache.stats(cfg.site).norm_scaling_factor) if cfg.normalize else 1.0
+
+
 @pytest.fixture(scope="module")
 def built(reference_cache, tmp_path_factory):
     """(site folder, run folder): a TopK run on the tiny Llama harvest, inspected over all 5 shards."""
@@ -72,11 +77,11 @@ def browser():
 def _python_top_example(run, cache_dir):
     """(latent with the largest activation, that activation, the token there) by a dense encode of
     every encoded row (position 0 skipped, as the run trained)."""
-    from train.evaluation import load_sae_checkpoint, scaling_factor
+    from train.runs import load_sae_checkpoint
 
     loaded = load_sae_checkpoint(run)
     cache = Cache.open(cache_dir)
-    s = scaling_factor(loaded.cfg, cache)
+    s = _scale(loaded.cfg, cache)
     x = np.concatenate([np.asarray(cache.read_acts(loaded.cfg.site, k)) for k in range(5)])
     pos = np.concatenate([cache.read_vector("positions", k) for k in range(5)])
     tok = np.concatenate([cache.read_vector("tokens", k) for k in range(5)])

@@ -26,6 +26,11 @@ from train.training import train_sae
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful without CUDA")
 
 
+def _scale(cfg, cache) -> float:
+    """The factor the run multiplied raw rows by, from the cache statistics (1 without normalize)."""
+    return float(cache.stats(cfg.site).norm_scaling_factor) if cfg.normalize else 1.0
+
+
 def read_js(path: Path):
     """The JSON value of a site data file (SAE_DATA.x = ...; or SAE_DATA.chunk(n, ...);)."""
     text = Path(path).read_text(encoding="utf-8")
@@ -76,11 +81,11 @@ def test_the_site_holds_every_latent_and_its_files(site):
 def test_records_are_the_cache_rows_and_the_sae_activations(site, llama_run, reference_cache):
     """Each top example is the cache's token window around a row the SAE fires on, with its
     activation there; frequencies are counts over the encoded rows."""
-    from train.evaluation import load_sae_checkpoint, scaling_factor
+    from train.runs import load_sae_checkpoint
 
     run = load_sae_checkpoint(llama_run)
     cache = Cache.open(reference_cache)
-    s = scaling_factor(run.cfg, cache)
+    s = _scale(run.cfg, cache)
     rps = cache.spec.rows_per_shard
     tokens = np.concatenate([cache.read_vector("tokens", k) for k in range(5)])
     positions = np.concatenate([cache.read_vector("positions", k) for k in range(5)])
@@ -119,14 +124,14 @@ def test_records_are_the_cache_rows_and_the_sae_activations(site, llama_run, ref
 
 def test_logit_effect_is_the_decoder_times_the_unembedding(site, llama_run, reference_cache):
     from shared.models import load_model
-    from train.evaluation import load_sae_checkpoint, scaling_factor
+    from train.runs import load_sae_checkpoint
 
     run = load_sae_checkpoint(llama_run)
     cache = Cache.open(reference_cache)
     lm = load_model(cache.spec.model["id"]).model
     W_U = lm.lm_head.weight.detach().t()
     gain = lm.model.norm.weight.detach()
-    naive = (run.sae.W_dec.detach() / scaling_factor(run.cfg, cache)) @ (gain[:, None] * W_U)
+    naive = (run.sae.W_dec.detach() / _scale(run.cfg, cache)) @ (gain[:, None] * W_U)
     for j in (0, 5, 100):
         rec = chunk_record(site, j)
         top = torch.topk(naive[j], 10)

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from shared.cache import software_version
+from shared.cache_spec import software_version
 from train.inspector import logits as logit_mod
 from train.inspector.contexts import TokenizerError, decode_tokens, load_tokenizer, token_windows, tokenizer_check
 from train.inspector.loading import InspectError, Target, choose_shards, inference_encoder, load_target, resolve_device

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from shared.cache import Cache
+from shared.errors import UserError
 
 
-class TokenizerError(Exception):
+class TokenizerError(UserError):
     """A tokenizer could not be loaded; the message says what to do."""
 
 

@@ -62,7 +62,7 @@ def inference_encoder(sae, checkpoint: Path | str) -> tuple[Callable[[Tensor], T
     (its first declared encoding). A variant whose inference needs a calibration it has not had
     (BatchTopK without a threshold) is refused."""
     if not sae.calibrated:
-        raise InspectError(f"{checkpoint} is a {sae.arch} SAE without a calibrated inference threshold, so it has "
+        raise InspectError(f"{checkpoint} is a {sae.title} SAE without a calibrated inference threshold, so it has "
                            f"no per-token encoding to inspect; run `train calibrate {checkpoint}` first")
     enc = sae.encodings()[0]
     return (lambda x: enc.encode(sae, x)), enc.label

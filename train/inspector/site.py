@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterable
 
-from shared.cache import fsync_path
+from shared.durable import fsync_path
 from train.inspector.loading import InspectError
 
 ASSETS = Path(__file__).with_name("assets")
