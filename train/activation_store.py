@@ -15,19 +15,17 @@ Row order (`train.row_order`: RowOrder, cache_identity; `train.permutation`)
     `load_state_dict` cost O(S): locate (epoch, window, offset) arithmetically, load that window,
     continue. `row_ids(p, n)` names the (shard, row) of any served rows without reading activations.
 
-Memory (window_io)
-    "map" (the default where possible: uncompressed cache, Linux, chunk files a whole number of
-    pages): a window's chunk files are memory-mapped back to back into one read-only address
-    range (`train.mapped_files`), read into the page cache and mapped by the loader thread
-    (sequential reads of a cold file), and gathered from directly: no copy into private memory.
-    The mapping is dropped when the window is evicted. "copy" (compressed caches, other systems,
-    or asked for): a window is read shard by shard with large sequential copies from the chunk
-    files into a preallocated buffer in storage dtype. Either way a window is [W *
-    rows_per_shard, d] per site (`window_bytes` for all sites), at most two windows are resident
-    (the one being served and the one prefetched; one with prefetch=False), plus int64 row
-    indices (8 bytes a row) and a few batches: output tensors are recycled once the caller holds
-    no reference to them (storage use count), never while it does. Nothing of size n_rows is
-    ever built. Both modes serve identical bytes.
+Windows (`train.window_reader`: map or copy, verify policy; `train.mapped_files`: mmap plumbing)
+    A window is read as one [W * rows_per_shard, d] tensor per site in storage dtype, memory-mapped
+    ("map", the default where possible) or copied into one of two buffers ("copy"); both serve
+    identical bytes, checked against the ledger (verify="once": each shard's checksum the first
+    time it is read). Missing, truncated or corrupt shards raise CacheError naming the shard.
+
+Memory
+    At most two windows are resident (the one being served and the one prefetched; one with
+    prefetch=False): `window_bytes` each, plus int64 row indices (8 bytes a row) and a few
+    batches: output tensors are recycled once the caller holds no reference to them
+    (storage use count, `_OutputPool`), never while it does. Nothing of size n_rows is ever built.
 
 Threads (prefetch=True)
     One loader thread fills the next window while the current one is served; one batch thread
@@ -38,14 +36,6 @@ Threads (prefetch=True)
     bytes over PCIe, no host conversion, results bit-identical to the CPU path. Errors raised in the
     threads (e.g. a truncated shard) are re-raised by the next_batch() that needs them.
     close() (or `with store:`) stops the threads.
-
-Integrity
-    Cache.read_acts checks each chunk file's size against the ledger before mapping it (missing or
-    truncated shards raise CacheError naming the shard, never zeros). verify="once" (default) also
-    checks each shard's xxh3 checksum against the ledger the first time this store reads it
-    (hashing the buffer just read: no second read); "always" / "never" as named. A file truncated
-    by another process while mapped would still fault (SIGBUS): cache files are write-once and
-    rewritten only by rename, which leaves a mapped file intact.
 
 Held-out data and normalisation
     heldout_shards=n (or heldout_fraction=f: n = ceil(f * n_shards)) reserves the last n shards by
@@ -60,9 +50,7 @@ an object-store backend can replace the local one without changing this module.
 from __future__ import annotations
 
 import math
-import mmap
 import os
-import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -70,15 +58,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import xxhash
 
-from shared.cache import Cache, CacheError, Layout
-from shared.durable import file_checksum
-from train.mapped_files import MADV_POPULATE_READ, MappedFiles, mappable
+from shared.cache import Cache, CacheError
 from train.permutation import ORDER_VERSION, permutation
 from train.row_order import RowOrder, cache_identity
+from train.window_reader import WindowReader, kept_rows
 
-_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _BLOCK_ROWS = 256  # rows converted at a time through float32 for bfloat16 output (fits in L2)
 IDENTITY_FIELDS = ("order_version", "cache_id", "seed", "window_shards", "batch_size", "heldout_shards", "drop_bos")
@@ -204,21 +189,16 @@ class ActivationStore:
         n_held = _heldout_count(len(shards), heldout_shards, heldout_fraction, self.cache.root)
         self.heldout_shards = shards[len(shards) - n_held :]
         self.train_shards = shards[: len(shards) - n_held]
-        kept = [self._kept_rows(k) for k in self.train_shards]
+        kept = [kept_rows(self.cache, k, self.drop_bos) for k in self.train_shards]
         self.order = RowOrder(self.train_shards, kept, window_shards, self.seed)
         if self.order.rows_per_epoch == 0:
             raise CacheError(f"{self.cache.root}: no training rows left (drop_bos removed every row)")
         self.cache_id = cache_identity(self.cache)
         self.scaling_factors = {s: float(self.cache.stats(s).norm_scaling_factor) for s in self.sites}
 
-        self._rps = spec.rows_per_shard
-        self._storage = _TORCH_STORAGE[spec.dtype]
-        self._itemsize = torch.empty((), dtype=self._storage).element_size()
-        self.window_bytes = self.order.window_shards * self._rps * self.d_model * self._itemsize * len(self.sites)
-        self._window_io_asked = window_io
-        self.window_io = self._choose_window_io(window_io)
-        self._verified: set[tuple[str, int]] = set()
-        self._bufs: dict[int, dict[str, torch.Tensor]] = {}
+        self.reader = WindowReader(self.cache, self.sites, self.order.window_shards, verify, window_io, self.drop_bos)
+        self.window_bytes = self.reader.window_bytes
+        self._rps, self._storage = self.reader.rows_per_shard, self.reader.storage
         self._windows: dict[tuple[int, int], tuple[int, Future]] = {}
         self._tmp: dict[str, torch.Tensor] = {}
         self._pools: dict[tuple[str, torch.dtype], _OutputPool] = {}
@@ -232,16 +212,10 @@ class ActivationStore:
         self._batcher = ThreadPoolExecutor(thread_name_prefix="store-batch", **pool) if prefetch else None
         self._finalizer = weakref.finalize(self, _shutdown, self._loader, self._batcher)
 
-    def _choose_window_io(self, asked: str) -> str:
-        if asked not in ("auto", "map", "copy"):
-            raise ValueError(f"window_io must be 'auto', 'map' or 'copy', got {asked!r}")
-        if asked == "copy":
-            return asked
-        why = (f"the cache is compressed ({self.cache.spec.compression})" if self.cache.spec.compression != "none"
-               else mappable(self._rps * self.d_model * self._itemsize))
-        if why and asked == "map":
-            raise ValueError(f"window_io='map' is not possible for {self.cache.root}: {why}; use 'copy' or 'auto'")
-        return "copy" if why else "map"
+    @property
+    def window_io(self) -> str:
+        """"map" or "copy": how windows are read now (`train.window_reader`)."""
+        return self.reader.window_io
 
     # ------------------------------------------------------------------ position and state
 
@@ -357,8 +331,8 @@ class ActivationStore:
         have = 0
         for k in self.heldout_shards:
             for s in self.sites:
-                self._read_shard(s, k, bufs[s])
-            idx = torch.from_numpy(self._kept_index(k))
+                self.reader.read_shard(s, k, bufs[s])
+            idx = torch.from_numpy(self.reader.kept_index(k))
             i = 0
             while i < len(idx):
                 take = min(bs - have, len(idx) - i)
@@ -380,7 +354,7 @@ class ActivationStore:
             if ex is not None:
                 ex.shutdown(wait=True)
         self._windows.clear()  # unmaps mapped windows, frees copied ones
-        self._bufs.clear()
+        self.reader.release()
 
     def __enter__(self) -> "ActivationStore":
         return self
@@ -516,135 +490,16 @@ class ActivationStore:
     def _load(self, key: tuple[int, int], slot: int) -> _Window:
         """Map window `key`, or read it into buffer slot `slot` (loader thread)."""
         shards, local = self._plan(*key)
-        rows = None
-        if self.window_io == "map":
-            try:
-                rows = {s: self._map_window(s, shards.tolist()) for s in self.sites}
-            except OSError as e:  # e.g. a file system without mmap; a damaged file fails the copy's checks too
-                if self._window_io_asked == "map":
-                    raise CacheError(f"{self.cache.root}: shards {shards.tolist()} cannot be memory-mapped ({e}); "
-                                     "use window_io='copy' (training: store_io=copy)") from e
-                warnings.warn(f"{self.cache.root}: shards {shards.tolist()} cannot be memory-mapped ({e}); "
-                              "copying windows into memory instead", RuntimeWarning, stacklevel=2)
-                self.window_io = "copy"
-        if rows is None:
-            if slot not in self._bufs:
-                n = self.order.window_shards * self._rps
-                self._bufs[slot] = {s: torch.empty((n, self.d_model), dtype=self._storage) for s in self.sites}
-            rows = self._bufs[slot]
-            for j, k in enumerate(shards.tolist()):
-                for s in self.sites:
-                    self._read_shard(s, k, rows[s][j * self._rps : (j + 1) * self._rps])
-        return _Window(key, slot, torch.from_numpy(local), shards, rows)
-
-    def _map_window(self, site: str, shards: list[int]) -> torch.Tensor:
-        """The chunk files of `shards` mapped back to back, populated and (verify) checked:
-        [len(shards) * rows_per_shard, d] storage dtype, read-only."""
-        files = [self._chunk_file(site, k)[:2] for k in shards]
-        row_bytes = self.d_model * self._itemsize
-        mapped = MappedFiles(files, self._rps * row_bytes)  # OSError: handled by _load
-        mapped.populate()
-        name = f"acts/{site}"
-        for j, k in enumerate(shards):
-            if self._needs_check(site, k):
-                self._check_digest(k, name, xxhash.xxh3_128(mapped.file_bytes(j)).hexdigest())
-                self._verified.add((site, k))
-        return mapped.tensor(self._storage, row_bytes)
+        return _Window(key, slot, torch.from_numpy(local), shards, self.reader.load(shards.tolist(), slot))
 
     def _plan(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(shards of the window, buffer row of each served row in serving order: int64 [L])."""
         shards = self.order.window(epoch, w)
-        local = np.concatenate([j * self._rps + self._kept_index(k) for j, k in enumerate(shards.tolist())])
+        local = np.concatenate([j * self._rps + self.reader.kept_index(k) for j, k in enumerate(shards.tolist())])
         _, cum = self.order.epoch_layout(epoch)
         if len(local) != cum[w + 1] - cum[w]:
             raise CacheError(f"{self.cache.root}: shards {shards.tolist()} changed since the store was opened; reopen it")
         return shards, local[permutation(len(local), self.order.row_key(epoch, w))]
-
-    # ------------------------------------------------------------------ shard reading
-
-    def _kept_index(self, shard: int) -> np.ndarray:
-        """Rows of a shard that are served: all, or those not at position 0 when drop_bos. int64 [kept]."""
-        if not self.drop_bos:
-            return np.arange(self.cache.shard_rows(shard), dtype=np.int64)
-        return np.flatnonzero(self.cache.read_vector("positions", shard) != 0).astype(np.int64)
-
-    def _kept_rows(self, shard: int) -> int:
-        return len(self._kept_index(shard)) if self.drop_bos else self.cache.shard_rows(shard)
-
-    def _read_shard(self, site: str, shard: int, dst: torch.Tensor) -> None:
-        """Copy one shard's activations into dst [rows_per_shard, d] (storage dtype), checking it.
-
-        Uncompressed: one sequential copy of the whole chunk file (padding included) from its
-        memory map, then (verify) the xxh3-128 of the copied bytes against the ledger.
-        Compressed: (verify) the checksum of the file first, then zarr decodes it.
-        """
-        name = f"acts/{site}"
-        dst_np = dst.view(torch.int16).numpy() if self._itemsize == 2 else dst.numpy()
-        check = self._needs_check(site, shard)
-        if self.cache.spec.compression != "none":
-            path = Layout(self.cache.root).acts_chunk(site, shard)
-            if check and shard in self.cache.ledger and path.exists():
-                self._check_digest(shard, name, file_checksum(path))
-            try:
-                arr = self.cache.read_acts(site, shard)  # CacheError if missing / wrong size
-            except CacheError:
-                raise
-            except Exception as e:  # a codec error: name the shard
-                raise CacheError(f"{self.cache.root}: shard {shard} ({name}) cannot be decoded ({e}); re-harvest that shard") from e
-            np.copyto(dst_np[: arr.shape[0]], arr.view(dst_np.dtype))
-        else:
-            path, size, file_rows = self._chunk_file(site, shard)
-            try:
-                _copy_file(path, size, dst_np[:file_rows])
-            except (OSError, ValueError) as e:  # changed since the size check
-                raise CacheError(f"{self.cache.root}: shard {shard} file {path} cannot be read ({e}); re-harvest that shard") from e
-            if check:
-                self._check_digest(shard, name, xxhash.xxh3_128(memoryview(dst_np[:file_rows])).hexdigest())
-        if check:
-            self._verified.add((site, shard))
-
-    def _chunk_file(self, site: str, shard: int) -> tuple[str, int, int]:
-        """(path, bytes, rows incl. padding) of an uncompressed chunk file, checked against the
-        ledger: CacheError naming the shard if it is missing, truncated or not whole rows."""
-        arr = self.cache.read_acts(site, shard)  # CacheError if missing / wrong size
-        path, rows = arr.filename, arr.shape[0]
-        del arr
-        size = self.cache.ledger[shard].sizes[f"acts/{site}"]
-        row_bytes = self.d_model * self._itemsize
-        file_rows = size // row_bytes
-        if size % row_bytes or not rows <= file_rows <= self._rps:
-            raise CacheError(f"{self.cache.root}: shard {shard} file {path} has {size} bytes, not whole rows of a shard; re-harvest that shard")
-        return path, size, file_rows
-
-    def _needs_check(self, site: str, shard: int) -> bool:
-        """Whether this read of the shard's activations is checksummed (the `verify` policy)."""
-        return self.verify == "always" or (self.verify == "once" and (site, shard) not in self._verified)
-
-    def _check_digest(self, shard: int, name: str, digest: str) -> None:
-        if digest != self.cache.ledger[shard].checksums[name]:
-            raise CacheError(f"{self.cache.root}: shard {shard} ({name}) fails its checksum (corrupt); re-harvest that shard")
-
-
-def _copy_file(path: str, size: int, dst: np.ndarray, chunk: int = 1 << 25) -> None:
-    """Copy the first `size` bytes of a file into the C-contiguous array dst (dst.nbytes == size).
-
-    The file is memory-mapped `chunk` bytes at a time, each piece's page tables populated in one
-    call (MADV_POPULATE_READ, Linux >= 5.14; a cold file is read sequentially by the kernel),
-    copied with one memcpy and unmapped: about twice as fast as faulting page by page, and at
-    most `chunk` bytes of the file are mapped at any time.
-    """
-    out = dst.reshape(-1).view(np.uint8)
-    with open(path, "rb") as f:
-        for off in range(0, size, chunk):
-            n = min(chunk, size - off)
-            with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=off) as m:
-                try:
-                    m.madvise(MADV_POPULATE_READ)
-                except (OSError, ValueError):  # older kernel: plain page faults, same result
-                    pass
-                src = np.frombuffer(m, dtype=np.uint8)
-                np.copyto(out[off : off + n], src)
-                del src  # release the buffer before the map closes
 
 
 def _heldout_count(n_shards: int, shards: int, fraction: float | None, root: Any) -> int:
