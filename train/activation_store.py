@@ -25,7 +25,7 @@ Memory
     At most two windows are resident (the one being served and the one prefetched; one with
     prefetch=False): `window_bytes` each, plus int64 row indices (8 bytes a row) and a few
     batches: output tensors are recycled once the caller holds no reference to them
-    (storage use count, `_OutputPool`), never while it does. Nothing of size n_rows is ever built.
+    (`train.batch_output`), never while it does. Nothing of size n_rows is ever built.
 
 Threads (prefetch=True)
     One loader thread fills the next window while the current one is served; one batch thread
@@ -60,49 +60,12 @@ import numpy as np
 import torch
 
 from shared.cache import Cache, CacheError
+from train.batch_output import OUT_DTYPES, OutputPool, convert
 from train.permutation import ORDER_VERSION, permutation
 from train.row_order import RowOrder, cache_identity
 from train.window_reader import WindowReader, kept_rows
 
-_OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_BLOCK_ROWS = 256  # rows converted at a time through float32 for bfloat16 output (fits in L2)
 IDENTITY_FIELDS = ("order_version", "cache_id", "seed", "window_shards", "batch_size", "heldout_shards", "drop_bos")
-
-
-def _storage_use_count(t: torch.Tensor) -> int | None:
-    """References to t's memory (tensors and views over it, +1 for the query itself); None if unknown."""
-    fn = getattr(torch._C, "_storage_Use_Count", None)
-    return None if fn is None else int(fn(t.untyped_storage()._cdata))
-
-
-class _OutputPool:
-    """Output tensors of one shape, recycled once nothing else holds their memory.
-
-    The pool keeps each buffer and hands out a view of it. A buffer is handed out again only when
-    its storage's use count is back to the pool's own reference: no batch the caller kept, no view,
-    numpy array or autograd graph still refers to it, so nothing the caller can see is overwritten.
-    Recycling spares the page faults of a fresh multi-MB allocation per batch. Pinned memory
-    (CUDA targets; torch's host allocator already caches it, and tracks asynchronous copies) and
-    torch builds without the counter get fresh tensors.
-    """
-
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, pin: bool = False, capacity: int = 4):
-        self.shape, self.dtype, self.pin, self.capacity = shape, dtype, pin, capacity
-        self._keep: list[torch.Tensor] = []
-        self._idle: int | None = None  # use count of a buffer only the pool holds
-
-    def get(self) -> torch.Tensor:
-        for buf in self._keep:
-            if _storage_use_count(buf) == self._idle:
-                return buf.view(self.shape)
-        buf = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin)
-        self._idle = self._idle or (None if self.pin else _storage_use_count(buf))
-        if self._idle is None:
-            return buf
-        if len(self._keep) >= self.capacity:  # all still held by the caller: forget the oldest
-            self._keep.pop(0)
-        self._keep.append(buf)
-        return buf.view(self.shape)
 
 
 @dataclass
@@ -162,8 +125,8 @@ class ActivationStore:
         for s in self.sites:
             self.cache.check_site(s)
         self.d_model = spec.d_model
-        self.dtype = _OUT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        if self.dtype not in _OUT_DTYPES.values():
+        self.dtype = OUT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if self.dtype not in OUT_DTYPES.values():
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size or batch_size < 1:
             raise ValueError(f"need 0 <= rank < world_size dividing batch_size; got rank={rank}, world_size={world_size}, batch_size={batch_size}")
@@ -201,7 +164,7 @@ class ActivationStore:
         self._rps, self._storage = self.reader.rows_per_shard, self.reader.storage
         self._windows: dict[tuple[int, int], tuple[int, Future]] = {}
         self._tmp: dict[str, torch.Tensor] = {}
-        self._pools: dict[tuple[str, torch.dtype], _OutputPool] = {}
+        self._pools: dict[tuple[str, torch.dtype], OutputPool] = {}
         self._position = 0
         self._pending: tuple[int, Future] | None = None
         self._prefetch = bool(prefetch)
@@ -404,10 +367,10 @@ class ActivationStore:
             return out
         return {s: self._convert(target[s], s, out[s]) for s in self.sites}
 
-    def _pool(self, site: str, dtype: torch.dtype) -> _OutputPool:
+    def _pool(self, site: str, dtype: torch.dtype) -> OutputPool:
         key = (site, dtype)
         if key not in self._pools:
-            self._pools[key] = _OutputPool((self.local_batch_size, self.d_model), dtype, pin=self._pin)
+            self._pools[key] = OutputPool((self.local_batch_size, self.d_model), dtype, pin=self._pin)
         return self._pools[key]
 
     def _tmp_buffer(self, site: str, rows: int) -> torch.Tensor:
@@ -417,29 +380,8 @@ class ActivationStore:
         return buf[:rows]
 
     def _convert(self, x: torch.Tensor, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[n, d] storage dtype -> [n, d] self.dtype (into `out`, else a new tensor on x's device),
-        times the scaling factor in float32 arithmetic if normalize.
-
-        bfloat16 output on the CPU goes through float32 in blocks of _BLOCK_ROWS rows (an exact
-        step for float16 / bfloat16 input, so the same bits): torch's direct float16 -> bfloat16
-        copy is scalar, about 3.5x slower than the two vectorised conversions."""
-        if out is None:
-            out = torch.empty(x.shape, dtype=self.dtype, device=x.device)
-        scale = self.scaling_factors[site] if self.normalize else None
-        if self.dtype == torch.float32:
-            out.copy_(x)
-            if scale is not None:
-                out.mul_(scale)
-        elif x.device.type == "cpu" and (x.dtype != self.dtype or scale is not None):
-            scratch = torch.empty((min(_BLOCK_ROWS, len(x)), x.shape[1]), dtype=torch.float32)
-            for i in range(0, len(x), _BLOCK_ROWS):
-                block = scratch[: len(x) - i].copy_(x[i : i + _BLOCK_ROWS])
-                out[i : i + _BLOCK_ROWS].copy_(block if scale is None else block.mul_(scale))
-        elif scale is not None:
-            out.copy_(x.to(torch.float32).mul_(scale))
-        else:
-            out.copy_(x)
-        return out
+        """[n, d] storage dtype -> [n, d] self.dtype, scaled if normalize (`batch_output.convert`)."""
+        return convert(x, self.dtype, self.scaling_factors[site] if self.normalize else None, out)
 
     def _emit(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
         """Move a CPU batch to the device (and, for CUDA, convert it there); tensor or dict."""
