@@ -10,7 +10,8 @@ Shapes and units
 OutputPool
     Recycles output tensors once the caller holds nothing of them (no batch, view, numpy array or
     autograd graph), never while it does: recycling spares the page faults of a fresh multi-MB
-    allocation per batch. Pinned memory (CUDA targets) is never recycled: torch's host allocator
+    allocation per batch. It learns that the caller let go through public APIs only (the class
+    docstring says how). Pinned memory (CUDA targets) is never recycled: torch's host allocator
     already caches it and tracks the asynchronous copies out of it.
 
 convert
@@ -26,44 +27,64 @@ Threads
 
 from __future__ import annotations
 
+import weakref
+from collections import deque
+
+import numpy as np
 import torch
 
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BLOCK_ROWS = 256  # rows converted at a time through float32 for bfloat16 output (fits in L2)
 
 
-def _storage_use_count(t: torch.Tensor) -> int | None:
-    """References to t's memory (tensors and views over it, +1 for the query itself); None if unknown."""
-    fn = getattr(torch._C, "_storage_Use_Count", None)
-    return None if fn is None else int(fn(t.untyped_storage()._cdata))
+def _lendable(buf: torch.Tensor) -> np.ndarray:
+    """A numpy array of buf's shape over buf's memory (bfloat16, which numpy lacks, as int16)."""
+    return (buf.view(torch.int16) if buf.dtype == torch.bfloat16 else buf).numpy()
 
 
 class OutputPool:
-    """Output tensors of one shape, recycled once nothing else holds their memory.
+    """Output tensors of one shape and dtype, recycled once nothing else holds their memory.
 
-    The pool keeps each buffer and hands out a view of it. A buffer is handed out again only when
-    its storage's use count is back to the pool's own reference: no batch the caller kept, no view,
-    numpy array or autograd graph still refers to it, so nothing the caller can see is overwritten.
-    Pinned memory and torch builds without the counter get fresh tensors.
+    The pool keeps up to `capacity` buffers and lends each as a tensor of its own: torch.from_numpy
+    of a fresh numpy array object over the buffer, of which that tensor's storage holds the only
+    reference. The array dies when the storage does, i.e. when no tensor, view, numpy array or
+    autograd graph of the caller's refers to the lent memory any more; a weak reference on the
+    array then puts the buffer back on the free list (in whichever thread dropped the last
+    reference; a deque is thread-safe). So nothing the caller can see is ever overwritten, and
+    only public APIs are used (torch.from_numpy, Tensor.numpy, weakref): torch offers no public
+    storage use count (torch._C._storage_Use_Count is private). When the caller holds every
+    buffer, the pool forgets the oldest (it stays the caller's) and makes a new one. Pinned
+    memory is never pooled (module docstring).
     """
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, pin: bool = False, capacity: int = 4):
-        self.shape, self.dtype, self.pin, self.capacity = shape, dtype, pin, capacity
-        self._keep: list[torch.Tensor] = []
-        self._idle: int | None = None  # use count of a buffer only the pool holds
+        self.shape, self.dtype, self.pin, self.capacity = tuple(shape), dtype, pin, capacity
+        # buffer id -> (the buffer as a numpy array, bfloat16 as int16; weak reference to the array
+        # lent now). Oldest first; a forgotten buffer's weak reference dies with it, unfired.
+        self._keep: dict[int, tuple[np.ndarray, weakref.ref | None]] = {}
+        self._free: deque[int] = deque()  # ids of buffers nothing outside the pool refers to
+        self._made = 0
 
     def get(self) -> torch.Tensor:
-        for buf in self._keep:
-            if _storage_use_count(buf) == self._idle:
-                return buf.view(self.shape)
-        buf = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin)
-        self._idle = self._idle or (None if self.pin else _storage_use_count(buf))
-        if self._idle is None:
-            return buf
+        """A [shape] tensor of dtype with stale contents, which the caller may keep."""
+        if self.pin:
+            return torch.empty(self.shape, dtype=self.dtype, pin_memory=True)
+        while self._free:
+            key = self._free.popleft()
+            if key in self._keep:  # else forgotten since it was lent
+                return self._lend(key)
         if len(self._keep) >= self.capacity:  # all still held by the caller: forget the oldest
-            self._keep.pop(0)
-        self._keep.append(buf)
-        return buf.view(self.shape)
+            del self._keep[next(iter(self._keep))]
+        key, self._made = self._made, self._made + 1
+        self._keep[key] = (_lendable(torch.empty(self.shape, dtype=self.dtype)), None)
+        return self._lend(key)
+
+    def _lend(self, key: int) -> torch.Tensor:
+        buf = self._keep[key][0]
+        arr = buf.view()  # a new array object: only the lent tensor's storage will hold it
+        self._keep[key] = (buf, weakref.ref(arr, lambda _, key=key, free=self._free: free.append(key)))
+        lent = torch.from_numpy(arr)
+        return lent if lent.dtype == self.dtype else lent.view(self.dtype)
 
 
 def convert(x: torch.Tensor, dtype: torch.dtype, scale: float | None = None,
