@@ -9,17 +9,24 @@ Usage::
         ...
     ckpt["store"] = store.state_dict()           # {"position": int, + identity fields}
 
-Row order (`train.row_order`: RowOrder, cache_identity; `train.permutation`)
-    A pure function of the cache identity, seed, window size and position: global batch k is the
-    rows at positions [k*B, (k+1)*B), rank r of R gets its contiguous slice. `seek(p)` and
-    `load_state_dict` cost O(S): locate (epoch, window, offset) arithmetically, load that window,
-    continue. `row_ids(p, n)` names the (shard, row) of any served rows without reading activations.
+Data flow, top to bottom (one home each)
+    train.row_order     RowOrder: position -> (epoch, window, offset); a window's shards and the
+                        permutation of its rows. A pure function of the cache identity, seed,
+                        window size and position (`train.permutation` holds the keyed permutation).
+    train.window_reader WindowReader: a window's shards -> one [W * rows_per_shard, d] tensor per
+                        site in storage dtype, memory-mapped ("map", the default where possible)
+                        or copied ("copy"), checked against the ledger (`verify`); the two modes
+                        serve identical bytes. `train.mapped_files` holds the mmap plumbing.
+    this module         ActivationStore: which windows are resident, the gather of a batch's rows
+                        (torch.index_select), the prefetch threads, position / seek / state_dict,
+                        held-out batches.
+    train.batch_output  OutputPool and convert: the output tensors, their dtype and scaling.
 
-Windows (`train.window_reader`: map or copy, verify policy; `train.mapped_files`: mmap plumbing)
-    A window is read as one [W * rows_per_shard, d] tensor per site in storage dtype, memory-mapped
-    ("map", the default where possible) or copied into one of two buffers ("copy"); both serve
-    identical bytes, checked against the ledger (verify="once": each shard's checksum the first
-    time it is read). Missing, truncated or corrupt shards raise CacheError naming the shard.
+Position and resume
+    Global batch k is the rows at positions [k*B, (k+1)*B) (B = batch_size); rank r of R gets the
+    contiguous slice [k*B + r*B/R, k*B + (r+1)*B/R). `seek(p)` and `load_state_dict` cost O(S):
+    locate (epoch, window, offset) arithmetically, load that window, continue (never replay).
+    `row_ids(p, n)` names the (shard, row) of any served rows without reading activations.
 
 Memory
     At most two windows are resident (the one being served and the one prefetched; one with
@@ -37,19 +44,19 @@ Threads (prefetch=True)
     threads (e.g. a truncated shard) are re-raised by the next_batch() that needs them.
     close() (or `with store:`) stops the threads.
 
-Held-out data and normalisation
-    heldout_shards=n (or heldout_fraction=f: n = ceil(f * n_shards)) reserves the last n shards by
-    index. They are never served for training; `eval_batches()` serves them in cache order. With
-    normalize=True each site is multiplied by its dataset-level factor sqrt(d / E||x||^2) from the
-    cache statistics (`scaling_factors`), so that E||x||^2 = d; fold it into exported weights.
-
-The cache is reached only through `shared.cache.Cache` (read_acts / read_vector / ledger), so
-an object-store backend can replace the local one without changing this module.
+Sites, held-out data and normalisation
+    `sites=[a, b, ...]` serves a dict site -> tensor: the same rows in the same order for every
+    site (the order does not depend on the sites); an input and a target site of one cache are
+    served this way. heldout_shards=n (or heldout_fraction=f: n = ceil(f * n_shards)) reserves
+    the last n shards by index: never served for training, `eval_batches()` serves them in cache
+    order. With normalize=True each site is multiplied by its own dataset-level factor
+    sqrt(d / E||x||^2) from the cache statistics (`scaling_factors`), so that E||x||^2 = d; fold
+    it into exported weights (`train.scaling`). The cache is reached only through
+    `shared.cache.Cache`, so an object-store backend can replace the local one.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -62,8 +69,10 @@ import torch
 from shared.cache import Cache, CacheError
 from train.batch_output import OUT_DTYPES, OutputPool, convert
 from train.permutation import ORDER_VERSION, permutation
-from train.row_order import RowOrder, cache_identity
+from train.row_order import RowOrder, cache_identity, heldout_count
 from train.window_reader import WindowReader, kept_rows
+
+__all__ = ["ActivationStore", "IDENTITY_FIELDS", "RowOrder", "cache_identity"]  # the last two: train.row_order
 
 IDENTITY_FIELDS = ("order_version", "cache_id", "seed", "window_shards", "batch_size", "heldout_shards", "drop_bos")
 
@@ -91,7 +100,7 @@ class ActivationStore:
     unfinished cache. prefetch: background loader and batch threads. max_tokens: iteration stops
     before position would exceed it. verify: checksum shards "once" per store, "always", "never".
     threads: torch intra-op threads of each background thread. window_io: "auto", "map" or "copy"
-    (module docstring, Memory); the bytes served do not depend on it.
+    (`train.window_reader`); the bytes served do not depend on it.
     """
 
     def __init__(
@@ -149,7 +158,7 @@ class ActivationStore:
         self._threads = int(threads)
 
         shards = self.cache.shards
-        n_held = _heldout_count(len(shards), heldout_shards, heldout_fraction, self.cache.root)
+        n_held = heldout_count(len(shards), heldout_shards, heldout_fraction, self.cache.root)
         self.heldout_shards = shards[len(shards) - n_held :]
         self.train_shards = shards[: len(shards) - n_held]
         kept = [kept_rows(self.cache, k, self.drop_bos) for k in self.train_shards]
@@ -442,20 +451,6 @@ class ActivationStore:
         if len(local) != cum[w + 1] - cum[w]:
             raise CacheError(f"{self.cache.root}: shards {shards.tolist()} changed since the store was opened; reopen it")
         return shards, local[permutation(len(local), self.order.row_key(epoch, w))]
-
-
-def _heldout_count(n_shards: int, shards: int, fraction: float | None, root: Any) -> int:
-    if n_shards == 0:
-        raise CacheError(f"{root} has no readable shards")
-    if fraction is not None:
-        if shards:
-            raise ValueError("give heldout_shards or heldout_fraction, not both")
-        if not 0 <= fraction < 1:
-            raise ValueError(f"heldout_fraction must lie in [0, 1), got {fraction}")
-        shards = math.ceil(fraction * n_shards)
-    if shards < 0 or shards >= n_shards:
-        raise CacheError(f"{root}: holding out {shards} of {n_shards} shards leaves no training shard; hold out fewer")
-    return int(shards)
 
 
 def _shutdown(*executors: ThreadPoolExecutor | None) -> None:

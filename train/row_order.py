@@ -20,6 +20,7 @@ Row order (ORDER_VERSION 1, `train.permutation`)
 The order does not depend on which sites are served: every site of a multi-site store gets the
 same rows in the same order.
 
+`heldout_count` says how many of the last shards are held out (the rest are the training shards);
 `cache_identity` names the cache an order belongs to; a store's state_dict records it. RowOrder is
 called from the caller's thread and the store's loader and batch threads (epoch_layout is locked).
 """
@@ -27,14 +28,31 @@ called from the caller's thread and the store's loader and batch threads (epoch_
 from __future__ import annotations
 
 import json
+import math
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import xxhash
 
-from shared.cache import Cache
+from shared.cache import Cache, CacheError
 from train.permutation import derive_key, permute
+
+
+def heldout_count(n_shards: int, shards: int, fraction: float | None, root: Any) -> int:
+    """How many of the last shards are held out (heldout_shards, or ceil(fraction * n_shards)):
+    CacheError / ValueError naming the setting if it leaves no training shard."""
+    if n_shards == 0:
+        raise CacheError(f"{root} has no readable shards")
+    if fraction is not None:
+        if shards:
+            raise ValueError("give heldout_shards or heldout_fraction, not both")
+        if not 0 <= fraction < 1:
+            raise ValueError(f"heldout_fraction must lie in [0, 1), got {fraction}")
+        shards = math.ceil(fraction * n_shards)
+    if shards < 0 or shards >= n_shards:
+        raise CacheError(f"{root}: holding out {shards} of {n_shards} shards leaves no training shard; hold out fewer")
+    return int(shards)
 
 
 def cache_identity(cache: Cache) -> str:
