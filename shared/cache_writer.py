@@ -9,7 +9,6 @@ shards 0..n-1 are all committed. docs/CACHE_FORMAT.md describes the files.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import uuid
@@ -126,7 +125,7 @@ class CacheWriter(ShardWriter):
                 dtype=zarr_dtype(spec.dtype),
                 compressors=compressors(spec.compression),
                 fill_value=0,
-                attributes={"storage_dtype": spec.dtype, "hook": dataclasses.asdict(site)},
+                attributes={"storage_dtype": spec.dtype, "hook": site.to_dict()},
                 config=cfg,
             )
         for name in ("tokens", "positions"):
