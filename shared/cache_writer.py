@@ -201,6 +201,7 @@ class CacheWriter(ShardWriter):
                 for site, a in acts.items():
                     data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
                     chunks[f"acts/{site}"] = self._write_chunk(f"acts/{site}", files, start, stop, data)
+                    fault_point("site_write")  # some of a multi-site shard's chunk files written
                 fault_point("shard_mid_write")
                 chunks["tokens"] = self._write_chunk("tokens", files, start, stop, np.asarray(tokens, np.int32))
                 chunks["positions"] = self._write_chunk("positions", files, start, stop,
