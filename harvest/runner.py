@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from shared.devices import resolve_device as resolve_any_device
 from harvest.pipeline import ShardAssembler, background
-from harvest.selection import expand_layers, harvest_sites, site_kinds
+from harvest.selection import select_sites
 from harvest.space import plan_space
 from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, ShardWriter, SiteRecord
-from shared.hook_sites import MLP_IO_KINDS, capture, find_block_list
+from shared.hook_sites import MLP_IO_KINDS, capture
 from shared.models import load_model
 from shared.remote import RemoteCacheWriter, is_remote
 from shared.tokens import DatasetError, load_documents, pack_contexts, policy_record
@@ -184,9 +184,7 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None,
     compute = autocast_dtype(cfg, device)
     loaded = load_model(cfg.model, device=str(device))
     model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
-    kinds = site_kinds(cfg.site)
-    layers = expand_layers(cfg.layers, len(find_block_list(model)[1]), info.architecture)
-    sites = harvest_sites(model, layers, kinds)
+    sites = select_sites(model, cfg.layers, cfg.site)
     documents = load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
     spec = build_spec(cfg, info, sites, documents, tokenizer, compute)
     _check_corpus_fills_a_context(cfg, documents, tokenizer)

@@ -7,7 +7,8 @@ forward pass.
   model only once it is loaded (`expand_layers`).
 - `--site` kinds (repeatable): `site_kinds` puts several in the order a block computes them
   (shared.hook_sites.BLOCK_ORDER), so the cache identity does not depend on the order typed.
-- `harvest_sites`: every kind at every layer, layer by layer (blocks.0 sites, then blocks.1 ...).
+- `harvest_sites`: every kind at every layer, layer by layer (blocks.0 sites, then blocks.1 ...);
+  `select_sites` does all three for a loaded model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Iterable, Sequence
 
 import click
 
-from shared.hook_sites import BLOCK_ORDER, SITE_KINDS, HookSite, HookSiteError, resolve_sites
+from shared.hook_sites import BLOCK_ORDER, SITE_KINDS, HookSite, HookSiteError, find_block_list, resolve_sites
 
 ALL = "all"
 _ITEM = re.compile(r"^\s*(?:(?P<one>-?\d+)|(?P<lo>\d+)\s*-\s*(?P<hi>\d+))\s*$")
@@ -108,6 +109,13 @@ def harvest_sites(model, layers: Sequence[int], kinds: Sequence[str]) -> list[Ho
     For one kind this is resolve_sites(model, layers, kind)."""
     per_kind = {kind: resolve_sites(model, list(layers), kind) for kind in kinds}
     return [per_kind[kind][i] for i in range(len(layers)) for kind in kinds]
+
+
+def select_sites(model, layers: Sequence[int] | str, site: str | Sequence[str]) -> list[HookSite]:
+    """The HookSites of a harvest's `layers` ("all" or indices) and `site` kind(s) in `model`."""
+    kinds = site_kinds(site)
+    name = str(getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__)
+    return harvest_sites(model, expand_layers(layers, len(find_block_list(model)[1]), name), kinds)
 
 
 def format_layers(layers: Sequence[int]) -> str:

@@ -159,8 +159,11 @@ def _mlp_io_site(model: nn.Module, block: nn.Module, path: str, layer: int, kind
     norm = _pre_mlp_norm(block)
     if kind == "mlp_in":
         if norm is None:
-            reads = ("its MLP reads the residual stream directly: harvest resid_mid" if _has(block, "post_feedforward_layernorm")
-                     else f"looked for {', '.join(_PRE_MLP_NORMS + ('pre_feedforward_layernorm',))}; harvest resid_pre or mlp_out")
+            if _has(block, "post_feedforward_layernorm"):
+                reads = "its MLP reads the residual stream directly: harvest resid_mid"
+            else:
+                looked = ", ".join(_PRE_MLP_NORMS + ("pre_feedforward_layernorm",))
+                reads = f"looked for {looked}; harvest resid_pre or mlp_out"
             raise HookSiteError(f"{where} has no module: the block has no norm that only its MLP reads ({reads})")
         return HookSite(layer, kind, name, f"{path}.{norm}", "forward")
     if is_parallel_block(model, block):

@@ -274,3 +274,11 @@ def test_olmo2_resid_mid_harvest(tiny_olmo2_dir, tiny_corpus, tmp_path):
         ("blocks.1.hook_resid_mid", "model.layers.1.mlp", "input"),
         ("blocks.1.hook_mlp_out", "model.layers.1.post_feedforward_layernorm", None)]
     shutil.rmtree(out)
+
+
+def test_evaluation_finds_the_new_sites_in_the_harvested_model(multi_cache):
+    """train.evaluation.load_lm (the CE-loss splice's site lookup) resolves mlp_in to the module the cache hooked."""
+    from train.evaluation import load_lm
+
+    _, site, _ = load_lm(Cache.open(multi_cache), "blocks.2.ln2.hook_normalized", None, torch.device("cpu"))
+    assert (site.kind, site.hf_module, site.io) == ("mlp_in", "model.layers.2.post_attention_layernorm", "output")
