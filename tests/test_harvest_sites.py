@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 import harvest.runner as runner
 import harvest.space as space
+import shared.faults as faults
 from harvest.cli import main as harvest_cli
 from harvest.repair import harvest_command
 from harvest.runner import run_harvest
@@ -163,11 +164,19 @@ def test_layer_values():
 def test_layer_ranges_and_repeats_on_the_cli(tmp_path, tiny_gpt2_dir, tiny_corpus):
     out = tmp_path / "c"
     args = harvest_cli_args(tiny_gpt2_dir, tiny_corpus["txt"], out, "--layer", "3", "--layer", "0,2-3",
-                            "--site", "resid_mid", "--tokens", str(HARVEST_CTX * 4))
+                            "--site", "mlp_in", "--site", "resid_mid", "--tokens", str(HARVEST_CTX * 4))
     r = CliRunner().invoke(harvest_cli, args)
     assert r.exit_code == 0, r.output
-    assert Cache.open(out).spec.site_names == [f"blocks.{L}.hook_resid_mid" for L in (0, 1, 2, 3)]
-    assert Cache.open(out).spec.sites[0].hf_module == "transformer.h.0.ln_2"
+    cache = Cache.open(out)
+    assert cache.spec.site_names == [n for L in (0, 1, 2, 3)
+                                     for n in (f"blocks.{L}.hook_resid_mid", f"blocks.{L}.ln2.hook_normalized")]
+    assert [(s.hf_module, s.hf_io) for s in cache.spec.sites[:2]] == [("transformer.h.0.ln_2", "input"),
+                                                                      ("transformer.h.0.ln_2", "output")]
+    _, blocks = find_block_list(load_model(str(tiny_gpt2_dir)).model)
+    with torch.no_grad():  # both inputs of the MLP branch from one pass: mlp_in = ln_2(resid_mid)
+        mid = torch.from_numpy(np.array(cache.read_acts("blocks.2.hook_resid_mid", 0)))
+        np.testing.assert_allclose(blocks[2].ln_2(mid).numpy(), cache.read_acts("blocks.2.ln2.hook_normalized", 0),
+                                   rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- disk space
@@ -200,6 +209,7 @@ def test_space_check_refuses_before_anything_is_written(tmp_path, tiny_llama_dir
 def test_space_check_on_resume_counts_only_the_shards_left(multi_cache, tmp_path, tiny_llama_dir, tiny_corpus,
                                                           monkeypatch):
     out = tmp_path / "partial"
+    monkeypatch.setattr(faults, "_hits", {})  # the fault count is per process; other in-process tests hit it too
     monkeypatch.setenv("SAEFORGE_FAULT", "shard_mid_write@3:enospc")
     r = CliRunner().invoke(harvest_cli, multi_args(tiny_llama_dir, tiny_corpus["jsonl"], out))
     assert r.exit_code == 2 and "disk full while writing shard 2" in r.output, r.output
