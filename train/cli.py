@@ -195,7 +195,7 @@ def _facts_note(key: str) -> str:
 @click.option("--heldout-shards", type=click.IntRange(1), help="Evaluate on the cache's last N shards instead of the run's held-out shards.")
 @click.option("--autocast", type=AUTOCAST_TYPE, default="auto", show_default=True,
               help="LM compute dtype; auto = the harvest's (bf16 on CUDA when the cache was harvested so); bfloat16 = bf16.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Where to write eval.json [default: into CHECKPOINT].")
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write eval.json [default: into CHECKPOINT]; saebench_core.json goes beside it.")
 @click.option("--wandb-mode", type=click.Choice(key_facts("wandb_mode").choices), help="[default: the run's]")
 def eval_cmd(checkpoint, **options) -> None:
     """Evaluate a run folder's newest checkpoint (or one checkpoint folder) on held-out data.
@@ -203,8 +203,9 @@ def eval_cmd(checkpoint, **options) -> None:
     Reconstruction (MSE, explained variance, cosine, L0, L1, dead and dense latents, density
     histogram) on held-out cache rows, and the LM's CE loss clean / with the SAE spliced in /
     zero- and mean-ablated, CE-loss score and KL on the held-out contexts. BatchTopK is reported
-    with its calibrated threshold and with batch top-k. Prints a table; the last line is the
-    path of eval.json.
+    with its calibrated threshold and with batch top-k. Beside eval.json, saebench_core.json
+    holds the exported encoding's figures in SAEBench's core-eval layout and definitions. Prints
+    a table; the last line is the path of eval.json.
     """
     from train.evaluation import evaluate_checkpoint, format_table
 
