@@ -243,16 +243,20 @@ def calibrate(checkpoint, **options) -> None:
 @click.option("--model-name", help="metadata.model_name [default: the cache's model id].")
 @click.option("--store", "store_path", help="The run's cache, if it moved (needed for the scaling factor and provenance).")
 @click.option("--force", is_flag=True, help="Overwrite an existing export in --out.")
-def export(checkpoint, fmt, out_dir, model_name, store_path, force) -> None:
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO",
+              help="Then upload the folder to this hub model repository (needs the network and a login).")
+def export(checkpoint, fmt, out_dir, model_name, store_path, force, push_to_hub) -> None:
     """Export a run folder's newest checkpoint (or one checkpoint folder) for SAELens 6.
 
     The dataset scaling is folded into the weights (the export takes raw activations); BatchTopK
-    is written as JumpReLU with its calibrated threshold. The last line printed is the folder.
+    is written as JumpReLU with its calibrated threshold. Beside cfg.json and the weights: a model
+    card README.md (recipe, provenance hashes, training tokens, eval figures when the checkpoint
+    has an eval.json) and its saebench_core.json. The last line printed is the folder.
     """
     from train.export import export_checkpoint
 
     out = run_user_errors(export_checkpoint, checkpoint, out_dir, fmt=fmt, model_name=model_name,
-                       store_path=store_path, force=force)
+                          store_path=store_path, force=force, push_to_hub=push_to_hub)
     click.echo(str(out))
 
 
