@@ -425,3 +425,15 @@ def test_saebench_core_without_lm_has_nulls_with_reasons(topk_run, tmp_path):
     reasons = bench["eval_result_unstructured"]["null_reasons"]
     assert "--skip-lm" in reasons["model_performance_preservation"]
     assert m["sparsity"]["l0"] > 0 and m["shrinkage"]["l2_norm_in"] > 0
+
+
+def test_saebench_core_of_an_uncalibrated_checkpoint_says_why_it_has_no_cfg(batchtopk_run, tmp_path):
+    from train.checkpoints import list_checkpoints
+
+    first = list_checkpoints(batchtopk_run)[0]  # intermediate BatchTopK checkpoints are never calibrated
+    res, _ = evaluate_checkpoint(first, skip_lm=True, batches=1, out=tmp_path / "e.json")
+    bench = json.loads((tmp_path / "saebench_core.json").read_text())
+    assert res["primary"] == "batch_topk" and bench["eval_result_unstructured"]["encoding"] == "batch_topk"
+    assert bench["sae_cfg_dict"] is None
+    assert "train calibrate" in bench["eval_result_unstructured"]["null_reasons"]["sae_cfg_dict"]
+    assert bench["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(res["encodings"]["batch_topk"]["l0"])

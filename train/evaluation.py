@@ -61,7 +61,7 @@ from train.runs import LoadedCheckpoint, load_sae_checkpoint, open_store, resolv
 from train.sae import BaseAutoencoder
 from train.sae.base import Encoding
 from train.sae.registry import SAE_REGISTRY
-from train.saebench import SAEBENCH_FILENAME, CoreSums, core_output, weight_figures
+from train.saebench import SAEBENCH_FILENAME, CoreSums, saebench_core
 from train.scaling import Scaling
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens counts as dense
@@ -276,36 +276,13 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         results["note"] = (f"no calibrated threshold: run `train calibrate {run.checkpoint}` for the "
                            "inference (exported) encoding")
     dest = Path(out) if out else Path(path) / EVAL
-    bench = saebench_core(run, cache, results, primary_density, primary_core, dev)
+    bench = saebench_core(run, cache, checkpoint_scaling(run, cache).fold_factors(cfg.site), results,
+                          primary_density, primary_core, dev)
     write_atomic(dest, json.dumps(_jsonable(results), indent=1).encode())
     write_atomic(dest.parent / SAEBENCH_FILENAME, json.dumps(_jsonable(bench), indent=1).encode())
     mode = wandb_mode or cfg.wandb_mode
     log_to_wandb(run.run_dir, cfg, results, mode)
     return results, dest
-
-
-def saebench_core(run: LoadedCheckpoint, cache: Cache, results: dict[str, Any], density: Tensor,
-                  core: dict[str, float], device) -> dict[str, Any]:
-    """saebench_core.json's object (train.saebench) of the primary encoding, with the exported
-    form's weights and cfg.json (sae_cfg_dict; null, with the reason, when it cannot be exported)."""
-    from shared.cache_spec import software_version
-    from train.export import ExportError, saelens_config
-
-    s_in, s_out = checkpoint_scaling(run, cache).fold_factors(run.cfg.site)
-    folded = run.sae.fold_scaling(s_in, s_out)
-    weights = weight_figures(folded["W_enc"].to(device), folded["b_enc"], folded["W_dec"].to(device))
-    reason = None
-    try:
-        cfg_dict = saelens_config(run.sae, run.cfg, cache.spec, scale=s_in, checkpoint=run.checkpoint,
-                                  run_dir=run.run_dir, step=run.state.get("step"), tokens=run.state.get("tokens"),
-                                  cache_path=str(cache.root))
-    except ExportError as e:
-        cfg_dict, reason = None, str(e)
-    out = core_output(results, core=core, density=density, weights=weights, spec=cache.spec,
-                      sae_cfg_dict=cfg_dict, software_version=software_version())
-    if reason:
-        out["eval_result_unstructured"]["null_reasons"]["sae_cfg_dict"] = reason
-    return out
 
 
 def _jsonable(obj: Any) -> Any:

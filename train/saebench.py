@@ -171,7 +171,7 @@ def core_output(results: dict[str, Any], *, core: dict[str, float], density: Ten
     lm_batches = -(-lm["contexts"] // lm["lm_batch_size"]) if has_lm else 0
     eval_config = {
         "model_name": lm.get("model") or spec.model.get("id") or "",
-        "llm_dtype": "bfloat16" if has_lm and lm.get("autocast_dtype") == "bfloat16" else "float32",
+        "llm_dtype": lm.get("autocast_dtype", "float32"),
         "batch_size_prompts": lm["lm_batch_size"] if has_lm else 0,
         "n_eval_reconstruction_batches": lm_batches,
         "n_eval_sparsity_variance_batches": settings["batches"],
@@ -213,3 +213,27 @@ def core_output(results: dict[str, Any], *, core: dict[str, float], density: Ten
         "sae_cfg_dict": sae_cfg_dict,
         "eval_result_unstructured": unstructured,
     }
+
+
+def saebench_core(run, cache, fold: tuple[float, float], results: dict[str, Any], density: Tensor,
+                  core: dict[str, float], device) -> dict[str, Any]:
+    """saebench_core.json's object for a loaded checkpoint `run` (train.runs.LoadedCheckpoint) on
+    `cache`: the exported form's weights (scaling fold factors `fold`) and cfg.json (sae_cfg_dict;
+    null, with the reason, when it cannot be exported)."""
+    from shared.cache_spec import software_version
+    from train.export import ExportError, saelens_config
+
+    folded = run.sae.fold_scaling(*fold)
+    weights = weight_figures(folded["W_enc"].to(device), folded["b_enc"], folded["W_dec"].to(device))
+    reason = None
+    try:
+        cfg_dict = saelens_config(run.sae, run.cfg, cache.spec, scale=fold[0], checkpoint=run.checkpoint,
+                                  run_dir=run.run_dir, step=run.state.get("step"), tokens=run.state.get("tokens"),
+                                  cache_path=str(cache.root))
+    except ExportError as e:
+        cfg_dict, reason = None, str(e)
+    out = core_output(results, core=core, density=density, weights=weights, spec=cache.spec,
+                      sae_cfg_dict=cfg_dict, software_version=software_version())
+    if reason:
+        out["eval_result_unstructured"]["null_reasons"]["sae_cfg_dict"] = reason
+    return out
