@@ -209,8 +209,11 @@ def eval_cmd(checkpoint, **options) -> None:
     """
     from train.evaluation import evaluate_checkpoint, format_table
 
+    from train.saebench import SAEBENCH_FILENAME
+
     results, dest = run_user_errors(evaluate_checkpoint, checkpoint, **options)
     click.echo(format_table(results), err=True)
+    click.echo(f"  SAEBench core layout: {dest.parent / SAEBENCH_FILENAME}", err=True)
     click.echo(str(dest))
 
 

@@ -120,17 +120,11 @@ def reconstruct_raw(sae: BaseAutoencoder, x: Tensor, scale: float, enc: Encoding
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: BaseAutoencoder, store: ActivationStore, enc: Encoding, scale: float,
-                           max_batches: int = DEFAULT_BATCHES) -> dict[str, Any]:
-    """evaluate_heldout's figures plus cosine similarity, L1, dead/dense latents, the density
-    histogram and SAEBench's shrinkage figures (train.saebench.CoreSums, raw units)."""
-    return reconstruction_pass(sae, store, enc, scale, max_batches)[0]
-
-
-@torch.no_grad()
 def reconstruction_pass(sae: BaseAutoencoder, store: ActivationStore, enc: Encoding, scale: float,
                         max_batches: int = DEFAULT_BATCHES) -> tuple[dict[str, Any], Tensor, dict[str, float]]:
-    """(reconstruction_metrics' figures, per-latent firing fractions [m] (float64), CoreSums figures)."""
+    """One pass over held-out rows: (figures, per-latent firing fractions [m] float64, the CoreSums
+    figures). figures: evaluate_heldout's plus cosine similarity, L1, dead/dense latents, the
+    density histogram and SAEBench's shrinkage figures (train.saebench.CoreSums, raw units)."""
     sums = _LatentSums(sae.d_sae, sae.W_dec.device)
     core = CoreSums(scale)
     base = evaluate_heldout(sae, store, max_batches=max_batches, encoding=enc, accumulators=[sums, core])
