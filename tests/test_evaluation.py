@@ -297,3 +297,15 @@ def test_wandb_gets_the_figures(topk_run, monkeypatch, tmp_path):
     assert log["eval/lm/ce_clean"] == res["lm"]["ce_clean"] and log["eval/inference/density_hist"][0] == "hist"
     calls.clear()
     assert log_to_wandb(topk_run, load_run_config(topk_run), res, "disabled") is False and not calls
+
+
+@pytest.mark.parametrize("choice,want", [("auto", "float32"), ("bf16", "bfloat16")])
+def test_eval_records_what_its_autocast_chose(topk_run, tmp_path, choice, want):
+    """settings holds the setting (autocast) and what it chose for the LM (lm_compute_dtype: auto on
+    the CPU computes float32); None when the LM is skipped."""
+    res, _ = evaluate_checkpoint(topk_run, max_contexts=2, lm_batch_size=2, batches=1, autocast=choice,
+                                 out=tmp_path / "e.json")
+    assert res["settings"]["autocast"] == choice and res["settings"]["lm_compute_dtype"] == want
+    assert json.loads((tmp_path / "e.json").read_text())["settings"]["lm_compute_dtype"] == want
+    res, _ = evaluate_checkpoint(topk_run, batches=1, skip_lm=True, out=tmp_path / "s.json")
+    assert res["settings"]["lm_compute_dtype"] is None
