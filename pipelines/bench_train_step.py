@@ -77,7 +77,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines.measure import PeakRSS, rss_bytes  # noqa: E402
-from pipelines.step_floor import copy_bandwidth, floor_seconds, gemm_rate, step_cost  # noqa: E402
+from pipelines.step_floor import CopyProbe, floor_seconds, step_cost  # noqa: E402
 
 SAELENS_WORKER = Path(__file__).resolve().with_name("saelens_step_worker.py")
 VARIANTS = ("topk", "batchtopk", "vanilla", "jumprelu")
@@ -166,6 +166,14 @@ def worker_ours(spec: dict) -> dict:
     batches = [torch.from_numpy(b.copy()).to(device) for b in arr]
     del arr
     d, B = batches[0].shape[1], spec["batch_size"]
+    # for the computed floor (pipelines/step_floor.py), made before the memory baseline: the GEMM
+    # rate in the step's precision and the bandwidth of a large copy, timed right after every
+    # measured step (the fastest kept)
+    bf16 = spec.get("autocast", "none") == "bf16"
+    m_width = spec["expansion"] * d
+    x_mm, W_mm = (torch.randn(B, d, device=device, dtype=torch.bfloat16),
+                  torch.randn(d, m_width, device=device, dtype=torch.bfloat16)) if bf16 else (None, None)
+    probe = CopyProbe(torch.device(device))
     _sync(device)
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
 
@@ -188,7 +196,9 @@ def worker_ours(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         sampler.start()
-    times, floors = [], []
+    if bf16:
+        _time_floor(x_mm, W_mm, device)
+    times, floors, mms, copies = [], [], [], []
     for i in range(spec["warmup"], spec["warmup"] + spec["steps"]):
         _sync(device)
         t0 = time.perf_counter()
@@ -196,12 +206,10 @@ def worker_ours(spec: dict) -> dict:
         _sync(device)
         times.append(time.perf_counter() - t0)
         floors.append(_time_floor(batches[0], sae.W_enc.detach(), device))  # right after: same machine state
+        mms.append(_time_floor(x_mm, W_mm, device) if bf16 else floors[-1])
+        copies.append(probe.seconds())
     peak = torch.cuda.max_memory_allocated() if cuda else sampler.stop()
-    # the computed floor (pipelines/step_floor.py): rates measured here, right after the steps
-    bf16 = cfg.autocast == "bf16"
-    dev = torch.device(device)
-    rate = gemm_rate(B, d, sae.d_sae, dev, torch.bfloat16 if bf16 else torch.float32)
-    bandwidth = copy_bandwidth(dev)
+    rate, bandwidth = 2.0 * B * d * sae.d_sae / min(mms), 2.0 * (256 << 20) / min(copies)
     cost = step_cost(spec["arch"], B, d, sae.d_sae, spec["k"], sparse_kernels=cfg.sparse_kernels, n_dead=n_dead,
                      act_bytes=2 if bf16 else 4)
     roof_s, bound = floor_seconds(cost, rate, bandwidth)

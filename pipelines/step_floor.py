@@ -22,7 +22,8 @@ Bytes (a lower bound on memory traffic, each tensor moved once where it must be)
     pre-activations (6aBm).
 floor = max(FLOPs / GEMM rate, bytes / memory bandwidth) (a roofline: neither can be beaten), with
 the GEMM rate of one dense [B, d] x [d, m] product in the step's precision and the bandwidth of a
-large tensor copy, both measured in the benchmark's own process right after its steps.
+large tensor copy, both measured in the benchmark's own process right after each of its steps
+(the fastest of them: the least disturbed by other load on a shared machine).
 """
 
 from __future__ import annotations
@@ -57,34 +58,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_time(fn, device: torch.device, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
+class CopyProbe:
+    """Times one copy of an nbytes float32 tensor (large enough to leave every cache) into another;
+    `bytes_moved` (read + written) over the fastest time is the memory bandwidth."""
+
+    def __init__(self, device: torch.device, nbytes: int = 256 << 20):
+        self.device, self.bytes_moved = device, 2.0 * nbytes
+        self.src = torch.ones(nbytes // 4, device=device)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)  # touch every page before timing
+
+    def seconds(self) -> float:
+        _sync(self.device)
         t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def gemm_rate(B: int, d: int, m: int, device: torch.device, dtype: torch.dtype = torch.float32,
-              repeats: int = 3) -> float:
-    """FLOP/s of the fastest of `repeats` dense [B, d] x [d, m] products in `dtype` (after one warm-up)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, d, generator=g).to(device, dtype)
-    W = torch.randn(d, m, generator=g).to(device, dtype)
-    torch.mm(x, W)
-    return 2.0 * B * d * m / _best_time(lambda: torch.mm(x, W), device, repeats)
+        self.dst.copy_(self.src)
+        _sync(self.device)
+        return time.perf_counter() - t0
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 3) -> float:
-    """Bytes/s (read + written) of the fastest of `repeats` copies of an nbytes float32 tensor
-    (large enough to leave every cache) into another, after one warm-up."""
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    return 2.0 * nbytes / _best_time(lambda: dst.copy_(src), device, repeats)
+    """Bytes/s (read + written) of the fastest of `repeats` copies (CopyProbe)."""
+    probe = CopyProbe(device, nbytes)
+    return probe.bytes_moved / min(probe.seconds() for _ in range(repeats))
 
 
 def floor_seconds(cost: StepCost, flops_per_s: float, bytes_per_s: float) -> tuple[float, str]:

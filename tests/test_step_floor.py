@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import bench_train_step as bench  # noqa: E402
-from pipelines.step_floor import StepCost, copy_bandwidth, floor_seconds, gemm_rate, step_cost  # noqa: E402
+from pipelines.step_floor import CopyProbe, StepCost, copy_bandwidth, floor_seconds, step_cost  # noqa: E402
 
 B, d, m, k = 4096, 768, 6144, 32
 
@@ -35,10 +35,11 @@ def test_the_floor_is_the_larger_bound():
     assert floor_seconds(StepCost(1e6, 3e9), 1e9, 1e9) == (3.0, "bytes")
 
 
-def test_rates_are_measured_and_positive():
+def test_the_bandwidth_is_measured_on_a_real_copy():
     cpu = torch.device("cpu")
-    assert 1e6 < gemm_rate(64, 32, 128, cpu) < 1e15
-    assert 1e6 < copy_bandwidth(cpu, nbytes=4 << 20, repeats=1) < 1e13
+    probe = CopyProbe(cpu, nbytes=4 << 20)
+    assert probe.bytes_moved == 8 << 20 and torch.equal(probe.dst, probe.src) and probe.seconds() > 0
+    assert 1e6 < copy_bandwidth(cpu, nbytes=4 << 20, repeats=2) < 1e13
 
 
 def test_the_table_shows_flops_bytes_rates_floor_and_both_ratios():
