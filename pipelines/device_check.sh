@@ -44,12 +44,15 @@ print("saved", cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size)
 PY
     # the harvest against its limit, min(forward-only, durable write bandwidth / bytes per token):
     # mode 1 gives harvest / forward-only, mode 2 the cache's and the raw disk's write bandwidth
+    # TOKENIZERS_PARALLELISM=true: measured as a user's harvest runs (unset there, i.e. the Rust
+    # tokenizer may use several cores); the false exported above is for the tests' forks. On this
+    # 2-core development machine tokenising was a third of the host ceiling's window (README)
     step "harvest benchmark (CUDA) + cache writes"
-    timeout 200 python3 pipelines/bench_harvest.py --assets $ASSETS --devices cuda --repeats 2 \
+    TOKENIZERS_PARALLELISM=true timeout 200 python3 pipelines/bench_harvest.py --assets $ASSETS --devices cuda --repeats 2 \
         --dir /tmp 2>&1 | tee "$OUT/bench_harvest.log" | grep -v "it/s\]"
 fi
 step "harvest host ceiling (free forward vs raw writes of the same bytes, same disk)"
-timeout 90 python3 pipelines/bench_harvest.py --synthetic-model --assets ${ASSETS} --repeats 3 --dir /tmp \
+TOKENIZERS_PARALLELISM=true timeout 90 python3 pipelines/bench_harvest.py --synthetic-model --assets ${ASSETS} --repeats 3 --dir /tmp \
     --ceiling-tokens 1048576 2>&1 | tee "$OUT/bench_harvest_ceiling.log" | tail -8
 
 # the step table: FLOPs, bytes, GEMM rate and bandwidth measured in the same process, floor and
