@@ -189,3 +189,14 @@ def test_a_checkpoint_makes_the_next_step_read(tmp_path, monkeypatch):
     off = _trainer(tmp_path, aux_coeff=0.0)
     off.train_step(x)
     assert reads == [0, 2]  # no AuxK, no read
+
+
+def test_candidates_left_on_another_device_are_read_afresh():
+    """An SAE moved after training (its candidates stay where they were kept) reads its dead set anew."""
+    sae = make(TopKSAE, True)
+    sae.tokens_since_fired[::4] = 10**6
+    sae.eval()
+    x = batch()
+    fresh = sae(x).losses["aux"]
+    sae.auxk_candidates = torch.empty(0, dtype=torch.long, device="meta")
+    assert fresh > 0 and sae(x).losses["aux"].item() == fresh.item()

@@ -67,7 +67,7 @@ def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor) -> Te
     if sae.aux_coeff == 0:
         return x.new_zeros(())
     cand = sae.auxk_candidates
-    if cand is None:  # no trainer keeps a candidate set: the dead set, read now
+    if cand is None or cand.device != sae.tokens_since_fired.device:  # none kept (or the SAE moved): read now
         cand = sae.dead_mask().nonzero().squeeze(1)
     if cand.numel() == 0:
         return x.new_zeros(())  # no latent is dead: exactly the loss's value, without computing it
