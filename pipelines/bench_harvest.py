@@ -46,6 +46,10 @@
    SmolLM2 when installed, else a random-weights model of its configuration, and the tests' tiny
    shapes); the machine (CPU model, cores, bf16/AMX flags) is printed first.
 
+4. With --synthetic-model: the host-side ceiling, a harvest driven by a model whose forward
+   costs nothing against the raw sequential write with fsync of the same bytes to the same disk
+   (target >= 0.8), and the launching thread's CPU time per batch (pipelines/harvest_ceiling.py).
+
 Timings on shared machines are noisy: compare the ratios from one run.
 """
 
@@ -382,6 +386,11 @@ def main() -> None:
     w.add_argument("--write-shards", type=int, default=8)
     w.add_argument("--rows-per-shard", type=int, default=65536)
     w.add_argument("--d-model", type=int, default=576)
+    c = ap.add_argument_group("host ceiling (mode 4: runs instead of the others)")
+    c.add_argument("--synthetic-model", action="store_true", help="harvest with a free forward vs raw writes")
+    c.add_argument("--ceiling-tokens", type=int, default=262_144)
+    c.add_argument("--ceiling-batch-size", type=int, default=64, help="contexts per batch (64 x 128: a GPU's 8192 tokens)")
+    c.add_argument("--ceiling-shard-tokens", type=int, default=65_536)
     ap.add_argument("--skip-harvest", action="store_true")
     ap.add_argument("--skip-write", action="store_true")
     args = ap.parse_args()
@@ -397,7 +406,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-harvest-", dir=args.dir) as tmp:
         work = Path(tmp)
         results = {}
-        if args.sites:
+        if args.synthetic_model:
+            from pipelines.harvest_ceiling import CEILING_TARGET, bench_ceiling
+
+            results["harvest (free forward) / raw write"] = (bench_ceiling(args, work), CEILING_TARGET, "")
+        elif args.sites:
             results.update(bench_sites(args, work))
         elif not args.skip_harvest:
             model_dir = smollm2_hf_folder(args.assets / "smollm2")
@@ -413,7 +426,7 @@ def main() -> None:
                 )
                 ratio, in_run = bench_harvest(torch.device(dev), cfg, args.repeats, work)
                 results[f"harvest / forward-only ({dev})"] = (ratio, HARVEST_TARGET, f"in-run ratio {in_run:.3f}")
-        if not args.skip_write and not args.sites:
+        if not args.skip_write and not args.sites and not args.synthetic_model:
             results["cache write / raw write"] = (bench_writes(args, work), WRITE_TARGET, "")
     print("\nsummary (ratio of best rounds):")
     for k, (v, target, note) in results.items():

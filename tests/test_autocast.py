@@ -68,3 +68,21 @@ def test_harvest_and_eval_offer_the_same_choices(command):
     group = harvest_cli if command.startswith("harvest") else train_cli
     out = CliRunner().invoke(group, [command.split()[1], "--help"], terminal_width=200).output
     assert "--autocast [none|bf16|auto]" in out, out
+
+
+# --------------------------------------------------------------------------- what auto chose is recorded
+
+
+@pytest.mark.parametrize("choice,want", [("auto", "float32"), ("bf16", "bfloat16"), ("none", "float32")])
+def test_a_harvest_records_the_compute_dtype_its_autocast_chose(tiny_llama_dir, tiny_corpus, tmp_path, choice, want):
+    """The cache spec records the dtype the LM computed in (auto: float32 on the CPU), so that eval's
+    auto and `harvest repair` can follow it."""
+    from harvest.runner import run_harvest
+    from shared.cache import Cache
+    from tests.helpers import HARVEST_CTX, harvest_config
+
+    out = tmp_path / "cache"
+    run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], out, autocast=choice, tokens=HARVEST_CTX * 4),
+                progress=False)
+    assert Cache.open(out).spec.model["compute_dtype"] == want
+

@@ -437,3 +437,15 @@ def test_saebench_core_of_an_uncalibrated_checkpoint_says_why_it_has_no_cfg(batc
     assert bench["sae_cfg_dict"] is None
     assert "train calibrate" in bench["eval_result_unstructured"]["null_reasons"]["sae_cfg_dict"]
     assert bench["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(res["encodings"]["batch_topk"]["l0"])
+
+
+@pytest.mark.parametrize("choice,want", [("auto", "float32"), ("bf16", "bfloat16")])
+def test_eval_records_what_its_autocast_chose(topk_run, tmp_path, choice, want):
+    """settings holds the setting (autocast) and what it chose for the LM (lm_compute_dtype: auto on
+    the CPU computes float32); None when the LM is skipped."""
+    res, _ = evaluate_checkpoint(topk_run, max_contexts=2, lm_batch_size=2, batches=1, autocast=choice,
+                                 out=tmp_path / "e.json")
+    assert res["settings"]["autocast"] == choice and res["settings"]["lm_compute_dtype"] == want
+    assert json.loads((tmp_path / "e.json").read_text())["settings"]["lm_compute_dtype"] == want
+    res, _ = evaluate_checkpoint(topk_run, batches=1, skip_lm=True, out=tmp_path / "s.json")
+    assert res["settings"]["lm_compute_dtype"] is None

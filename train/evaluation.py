@@ -204,6 +204,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
 
     start = 1 if cfg.drop_bos else 0
     lm: dict[str, Any]
+    lm_dtype = None if skip_lm else autocast_dtype(autocast, cache.spec.model.get("compute_dtype"), dev)
     if skip_lm:
         lm = {"skipped": "--skip-lm"}
     else:
@@ -218,12 +219,12 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         }
         for enc in modes:
             interventions[f"sae:{enc.name}"] = splice_fn(lambda x, enc=enc: reconstruct_raw(sae, x, scale, enc), start)
-        ac_dtype = autocast_dtype(autocast, cache.spec.model.get("compute_dtype"), dev)
-        res = lm_losses(lm_model, site, contexts, interventions, batch_size=lm_batch_size, autocast_dtype=ac_dtype)
+        res = lm_losses(lm_model, site, contexts, interventions, batch_size=lm_batch_size,
+                        autocast_dtype=lm_dtype)
         ce_clean, ce_zero = res["clean"]["ce"], res["zero"]["ce"]
         lm = {**check, "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
               "predictions": res["predictions"], "lm_batch_size": lm_batch_size,
-              "autocast_dtype": str(ac_dtype).removeprefix("torch.") if ac_dtype else "float32",
+              "autocast_dtype": str(lm_dtype).removeprefix("torch.") if lm_dtype else "float32",
               "ce_clean": ce_clean, "ce_zero_ablation": ce_zero, "ce_mean_ablation": res["mean"]["ce"],
               "kl_zero_ablation": res["zero"]["kl"], "kl_mean_ablation": res["mean"]["kl"]}
         for enc in modes:
@@ -261,6 +262,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
             "spliced_positions": "1..T-1 (position 0 keeps its clean activation)" if start else "all",
             "ce_positions": "all next-token predictions (0..T-2 -> 1..T-1)",
             "device": str(dev), "autocast": autocast,
+            # what the setting chose (auto included): the LM's compute dtype, None when the LM was skipped
+            "lm_compute_dtype": None if skip_lm else str(lm_dtype or torch.float32).replace("torch.", ""),
         },
         "primary": modes[0].name,
         "encodings": per_mode,

@@ -41,6 +41,7 @@ from train.layout import RunLayout
 from train.logs import FINAL, RunLogger, density_histogram
 from train.runs import load_run_config, open_store, resolve_device  # noqa: F401 (importable from here, as before)
 from train.sae import BaseAutoencoder
+from train.sae.losses import auxk_refresh_steps, refresh_auxk_candidates
 from train.sae.registry import build_from_cfg, sae_record
 from train.scaling import Scaling
 
@@ -100,6 +101,7 @@ class Trainer:
     last_checkpoint: Path | None = None
     world: World = field(default_factory=World)
     _bad: torch.Tensor | None = field(default=None, repr=False)
+    _auxk_due: bool = field(default=True, repr=False)  # refresh AuxK's candidates at the next step
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +116,14 @@ class Trainer:
         self._micro = self.cfg.micro_batch_size or self.cfg.batch_size
         self._forward = torch.compile(self.sae) if self.cfg.compile else self.sae
         self._t_log, self._tok_log = time.perf_counter(), self.tokens
+        self._auxk_every = auxk_refresh_steps(self.cfg.dead_tokens_threshold, self.cfg.batch_size)
+
+    def _refresh_auxk(self) -> None:
+        """AuxK's candidate latents, read on the host every _auxk_every steps and at the first step
+        after a checkpoint or a restore (the same steps in a resumed run): train.sae.losses."""
+        if self.sae.aux_coeff and (self._auxk_due or self.step % self._auxk_every == 0):
+            refresh_auxk_candidates(self.sae, self._auxk_every * self.cfg.batch_size)
+            self._auxk_due = False
 
     # ----- one step
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -121,6 +131,7 @@ class Trainer:
         batch); returns detached loss parts of the step (this rank's)."""
         cfg, sae = self.cfg, self.sae
         counters_before = sae.tokens_since_fired.clone() if self.world.size > 1 else None
+        self._refresh_auxk()
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_multiplier(cfg, self.tokens)
         scale = sparsity_multiplier(cfg, self.tokens)
@@ -210,6 +221,7 @@ class Trainer:
         """Commit a checkpoint of everything the next step depends on (refused after a NaN).
         Rank 0 writes it; the other ranks wait for it."""
         self._check_finite()
+        self._auxk_due = True  # a run resumed from here refreshes at its first step: so does this one
         if not self.world.is_main:
             self.world.barrier()
             return None

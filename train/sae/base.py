@@ -135,6 +135,8 @@ class BaseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long, device=device))
+        # AuxK's candidate latents ([n] int64, a superset of the dead set), kept by the trainer; None: read per call
+        self.auxk_candidates: Tensor | None = None
 
     # ----- encode / decode -----
     def pre_acts(self, x: Tensor) -> Tensor:
