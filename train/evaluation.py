@@ -42,7 +42,7 @@ from torch import Tensor
 
 from shared.autocast import canonical_autocast
 from shared.cache import Cache
-from shared.durable import write_atomic
+from shared.durable import make_folder, write_atomic
 from shared.remote import is_remote
 from train.activation_store import ActivationStore, cache_identity
 from train.errors import EvalError
@@ -171,6 +171,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
     if batches < 1 or max_contexts < 1 or lm_batch_size < 1:
         raise EvalError("--batches, --max-contexts and --lm-batch-size must be positive")
     autocast = canonical_autocast(autocast)  # none, bf16 or auto (bfloat16 = bf16)
+    if out is not None:  # before the work: where eval.json goes must be a writable file path
+        if Path(out).is_dir():
+            raise EvalError(f"--out {out} is a folder; give the JSON file to write, e.g. --out {Path(out) / EVAL}")
+        make_folder(Path(out).parent, "--out")
     run = load_sae_checkpoint(path)
     cfg, sae = run.cfg, run.sae
     dev = resolve_device(device or cfg.device)
