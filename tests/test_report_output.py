@@ -19,7 +19,7 @@ from tests.helpers import HARVEST_CTX, REPO, cfg_for, write_sweep_spec
 from train.cli import main as train_cli
 from train.evaluation import evaluate_checkpoint, format_table
 from train.report import read_run, varied_keys, write_report
-from train.report_plots import log_ticks, plot_run, tokens_label
+from train.report_plots import _wrap, log_ticks, plot_run, tokens_label
 from train.sweep import run_sweep
 from train.training import train_sae
 
@@ -29,6 +29,10 @@ def test_axes_read_as_numbers_people_write():
     assert log_ticks(16, 32, powers_of_two=True) == [16, 32]
     assert log_ticks(45, 180) == [50, 100]
     assert log_ticks(0.2, 0.9) == [0.2, 0.5]
+    assert log_ticks(8.64028, 9.58723) == [8.5, 9.0, 9.5]  # a narrow loss range: round steps, not its end values
+    assert log_ticks(0.0101, 0.0109) == [0.01, 0.0102, 0.0104, 0.0106, 0.0108, 0.011]
+    note = "CE-loss figures need `train eval SWEEP/RUN` (it writes eval.json); then run `train report` again."
+    assert all(line.count("`") % 2 == 0 for line in _wrap(note, 60))  # a command is never cut in two
     assert [tokens_label(v) for v in (0, 500, 100_000, 1_000_000, 1_500_000, 2e9)] == ["0", "500", "100k", "1M", "1.5M",
                                                                                        "2G"]
 

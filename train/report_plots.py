@@ -51,7 +51,11 @@ def log_ticks(lo: float, hi: float, powers_of_two: bool = False) -> list[float]:
         ticks = [m * 10.0**e for e in decades for m in steps if lo / 1.02 <= m * 10.0**e <= hi * 1.02]
         if len(ticks) >= 2:
             return ticks
-    return [lo, hi] if hi > lo else [lo]
+    if hi <= lo:
+        return [float(f"{lo:.2g}")]
+    # a range narrower than 1 -> 2 (a loss from 8.64 to 9.59): round linear steps (8.8, 9.2, 9.6)
+    ticks = [float(f"{t:.6g}") for t in MaxNLocator(nbins=4, steps=[1, 2, 5, 10]).tick_values(lo, hi)]
+    return [t for t in ticks if lo / 1.02 <= t <= hi * 1.02]
 
 
 def _log_axis(axis, values: list[float], powers_of_two: bool = False) -> None:
@@ -61,6 +65,13 @@ def _log_axis(axis, values: list[float], powers_of_two: bool = False) -> None:
     axis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
     axis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
     axis.set_minor_locator(NullLocator())
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Lines of at most `width` characters that never break inside a `command` in backticks."""
+    parts = text.split("`")
+    kept = "`".join(p.replace(" ", "\u00a0") if i % 2 else p for i, p in enumerate(parts))  # NBSP: not split
+    return [line.replace("\u00a0", " ") for line in textwrap.wrap(kept, width=width)]
 
 
 def _constant(*series: list[tuple[int, float]]) -> float | None:
@@ -236,7 +247,7 @@ def plot_frontier(runs: list[RunData], groups: list[str], point_labels: list[str
         ax.grid(alpha=0.3)
         if any(names):
             ax.legend(fontsize=8)
-    lines = textwrap.wrap(note, width=int(95 * len(keys))) if note else []
+    lines = _wrap(note, width=int(95 * len(keys))) if note else []
     if lines:
         fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=8, color="0.35")
     fig.tight_layout(rect=(0, 0.03 + 0.03 * len(lines), 1, 1))
