@@ -169,6 +169,20 @@ def test_the_sweep_spec_format_is_in_the_help_and_the_readme():
             assert key in text, key
 
 
+def test_the_readme_makes_a_virtual_environment_before_the_quickstart():
+    readme = (REPO / "README.md").read_text()
+    setup = readme[readme.index("## Set up"):]
+    assert "python3 -m venv .venv && source .venv/bin/activate" in setup
+    assert setup.index("python3 -m venv") < setup.index("bash pipelines/quickstart.sh")
+
+
+def test_the_readmes_sweep_spec_file_reads_as_written():
+    from train.sweep import load_spec
+
+    configs = expand_spec(load_spec(REPO / "pipelines/sweeps/smollm2_k.toml"))
+    assert {c.tokens for c in configs} == {10**6} and len(configs) > 1
+
+
 def test_train_config_lists_the_keys_it_used_to_miss():
     out = CliRunner().invoke(train_cli, ["config"]).output
     listed = [line.split()[0] for line in out.splitlines()]

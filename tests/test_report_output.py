@@ -75,7 +75,12 @@ def test_the_report_uses_train_evals_held_out_density_and_scores(short_topk_run,
     assert "`dead_fraction`" in md
 
 
-def test_a_sweep_report_labels_by_what_varies_and_joins_the_frontier(sparse_cache, tmp_path):
+def test_a_sweep_report_labels_by_what_varies_and_joins_the_frontier(sparse_cache, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    drawn, save = {}, Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, png, **kw: (drawn.__setitem__(Path(png).name, fig),
+                                                                   save(fig, png, **kw))[1])
     spec = write_sweep_spec(tmp_path / "s.toml", sparse_cache, tmp_path / "runs", 'arch = ["topk", "batchtopk"]\nk = [2, 4]',
                             tokens=2560, checkpoint_every=10**6)
     sweep = run_sweep(spec, progress=False)
@@ -92,6 +97,15 @@ def test_a_sweep_report_labels_by_what_varies_and_joins_the_frontier(sparse_cach
     from train.report import describe
 
     assert [describe(c, ["arch", "k"]) for c in configs] == ["topk k=2", "topk k=4", "batchtopk k=2", "batchtopk k=4"]
+    frontier = drawn["frontier.png"].axes[0]  # one line per arch, its points joined along k and labelled
+    assert sorted(line.get_label() for line in frontier.lines) == ["batchtopk", "topk"]
+    assert all(len(line.get_xdata()) == 2 and list(line.get_xdata()) == sorted(line.get_xdata())
+               for line in frontier.lines)
+    assert sorted(t.get_text() for t in frontier.texts) == ["k=2", "k=2", "k=4", "k=4"]
+    assert any("`train eval" in t.get_text() for t in drawn["frontier.png"].texts)  # the CE panel needs it
+    curves = drawn["curves.png"]
+    assert [t.get_text() for t in curves.legends[0].get_texts()] == ["topk k=2", "topk k=4", "batchtopk k=2",
+                                                                      "batchtopk k=4"]
 
 
 def test_the_eval_table_says_what_each_figure_means(reference_run, tmp_path):
