@@ -63,6 +63,22 @@ def test_a_short_topk_run_report_draws_what_carries_information(short_topk_run, 
     assert img.shape[1] > 3 * img.shape[0] / 2 and img.std() > 0.01
 
 
+def test_a_loss_logged_once_is_said_not_drawn(short_topk_run, tmp_path, monkeypatch):
+    """A run of under 2 x log_every steps logs its loss once: a panel would hold one dot."""
+    from matplotlib.figure import Figure
+
+    drawn, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, png, **kw: (drawn.append(fig), save(fig, png, **kw))[1])
+    data = read_run(short_topk_run)
+    data.train["loss"] = data.train["loss"][:1]
+    titles = plot_run(data, tmp_path / "r.png")
+    assert "training loss" not in titles and titles[0].startswith("explained variance")
+    suptitle = drawn[0]._suptitle.get_text()
+    assert f"training loss {data.train['loss'][0][1]:.4g} at" in suptitle and "(logged once)" in suptitle
+    ev = drawn[0].axes[0]
+    assert ev.get_xlim()[0] == 0 and ev.lines[0].get_marker() == "."  # few points: marked, from token 0
+
+
 def test_the_report_uses_train_evals_held_out_density_and_scores(short_topk_run, tmp_path):
     run = tmp_path / short_topk_run.name
     import shutil

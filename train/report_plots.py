@@ -34,6 +34,8 @@ def tokens_label(v: float, _pos: Any = None) -> str:
 
 
 def _token_axis(ax) -> None:
+    hi = ax.dataLim.intervalx[1]  # from 0: a run with few logged points still shows where they are
+    ax.set_xlim(0, hi * 1.05 if 0 < hi < float("inf") else None)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
     ax.xaxis.set_major_formatter(FuncFormatter(tokens_label))
     ax.set_xlabel("training tokens")
@@ -84,6 +86,11 @@ def _xy(series: list[tuple[int, float]]) -> tuple[list[int], list[float]]:
     return [t for t, _ in series], [v for _, v in series]
 
 
+def _line(series: list[tuple[int, float]]) -> str:
+    """A line, with its points marked when there are few (a short run logs one or two: no line to see)."""
+    return ".-" if len(series) <= 5 else "-"
+
+
 def _ev_limits(ax, values: list[float]) -> None:
     """Keep an explained-variance axis readable when early batches are far below 0: cut at -1."""
     if values and min(values) < -1:
@@ -118,9 +125,14 @@ def _facts(data: RunData) -> str:
 
 def plot_run(data: RunData, png: Path) -> list[str]:
     """report.png of one run; returns what its panels show (for the Markdown caption)."""
-    panels: list[tuple[str, Any]] = [("training loss", lambda ax: _loss(ax, [data]))]
-    panels.append(("explained variance (training batches and held-out)", lambda ax: _ev(ax, [data], single=True)))
+    panels: list[tuple[str, Any]] = []
     notes = []
+    loss = data.train.get("loss", [])
+    if len(loss) >= 2:
+        panels.append(("training loss", lambda ax: _loss(ax, [data])))
+    elif loss:  # one logged point (a run of under 2 x log_every steps): a panel would show a lone dot
+        notes.append(f"training loss {loss[0][1]:.4g} at {tokens_label(loss[0][0])} tokens (logged once)")
+    panels.append(("explained variance (training batches and held-out)", lambda ax: _ev(ax, [data], single=True)))
     for key, title, fmt in (("l0", "L0 (active latents per token)", "{:.4g}"), ("dead_fraction", "dead latents", "{:.1%}")):
         value = _constant(data.train.get(key, []))  # fixed in training (TopK's L0 = k): said, not drawn
         if value is not None:
@@ -135,7 +147,8 @@ def plot_run(data: RunData, png: Path) -> list[str]:
     for ax, (_, draw) in zip(axes[0], panels):
         draw(ax)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{data.name}\n{_facts(data)}" + (f"; {'; '.join(notes)} (not drawn)" if notes else ""), fontsize=10)
+    facts = _facts(data) + (f"; {'; '.join(notes)} (not drawn)" if notes else "")
+    fig.suptitle("\n".join([data.name, *_wrap(facts, int(11 * PANEL[0] * len(panels)))]), fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=DPI)
     plt.close(fig)
@@ -151,7 +164,7 @@ def _loss(ax, runs: list[RunData]) -> None:
     values = []
     for run, color in zip(runs, _colors(len(runs))):
         t, v = _xy(run.train.get("loss", []))
-        ax.plot(t, v, color=color, label=run.label)
+        ax.plot(t, v, _line(run.train.get("loss", [])), color=color, ms=8, label=run.label)
         values += [x for x in v if x > 0]
     if values:
         _log_axis(ax.yaxis, values)
@@ -163,7 +176,7 @@ def _ev(ax, runs: list[RunData], single: bool = False) -> None:
     values = []
     for run, color in zip(runs, _colors(len(runs))):
         t, v = _xy(run.train.get("explained_variance", []))
-        ax.plot(t, v, color=color, alpha=0.45 if single else 0.8, lw=1.2, label="training batches" if single else run.label)
+        ax.plot(t, v, _line(run.train.get("explained_variance", [])), color=color, ms=8, alpha=0.45 if single else 0.8, lw=1.2, label="training batches" if single else run.label)
         th, vh = _xy(run.heldout.get("explained_variance", []))
         ax.plot(th, vh, "o-" if single else "o", color="black" if single else color, ms=5, lw=1.5,
                 label="held-out rows" if single else None)
@@ -182,7 +195,7 @@ def _ev(ax, runs: list[RunData], single: bool = False) -> None:
 def _series(ax, runs: list[RunData], key: str, title: str, single: bool = False) -> None:
     for run, color in zip(runs, _colors(len(runs))):
         t, v = _xy(run.train.get(key, []))
-        ax.plot(t, v, color=color, alpha=0.6 if single else 0.8, label="training batches" if single else run.label)
+        ax.plot(t, v, _line(run.train.get(key, [])), color=color, ms=8, alpha=0.6 if single else 0.8, label="training batches" if single else run.label)
         th, vh = _xy(run.heldout.get(key, []))
         if vh:
             ax.plot(th, vh, "o-" if single else "o", color="black" if single else color, ms=5,
