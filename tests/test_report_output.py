@@ -168,6 +168,25 @@ def test_wandb_offline_writes_its_files_and_prints_nothing(sparse_cache, tmp_pat
     assert list(run_dir.glob("wandb/offline-run-*"))
 
 
+def test_a_sweep_logs_every_sae_to_wandb_offline(sparse_cache, tmp_path):
+    """Each SAE of a sweep has its own wandb run at once (the README's spec sets wandb_mode =
+    "offline"; the second SAE's run used to finish the first's, whose next log raised UsageError)."""
+    pytest.importorskip("wandb")
+    spec = write_sweep_spec(tmp_path / "s.toml", sparse_cache, tmp_path / "runs", "k = [2, 4]", tokens=2560,
+                            checkpoint_every=10**6, wandb_mode="offline", log_every=1)
+    env = _env(WANDB_MODE="offline", HOME=str(tmp_path))
+    env.pop("WANDB_SILENT", None)
+    r = subprocess.run([sys.executable, "-m", "train", "sweep", str(spec), "--quiet"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "wandb:" not in r.stdout + r.stderr, r.stderr
+    sweep_dir = Path(r.stdout.strip().splitlines()[-1])
+    runs = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
+    assert len(runs) == 2
+    for rec in runs:
+        assert len(list((sweep_dir / rec["run_dir"]).glob("wandb/offline-run-*"))) == 1, rec["run_dir"]
+
+
 def test_the_quickstart_runs_the_commands_a_user_types(tiny_llama_dir, tiny_corpus, tmp_path):
     out = tmp_path / "qs"
     r = subprocess.run([sys.executable, "-m", "pipelines.quickstart", "--out", str(out), "--model", str(tiny_llama_dir),

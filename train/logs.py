@@ -110,8 +110,10 @@ def start_wandb(run_dir: Path, config: dict[str, Any], mode: str, project: str, 
     asked = os.environ.get("WANDB_SILENT")
     os.environ["WANDB_SILENT"] = asked or "true"  # read by wandb.init into the run's settings
     try:
+        # create_new: a sweep holds one wandb run per SAE at once ("finish_previous" ended the first
+        # SAE's run when the second started, and its next log raised UsageError)
         return wandb.init(project=project, group=group, name=config.get("run_name"), config=config, mode=mode,
-                          dir=str(run_dir), id=_wandb_id(run_dir), resume="allow", reinit="finish_previous")
+                          dir=str(run_dir), id=_wandb_id(run_dir), resume="allow", reinit="create_new")
     finally:
         if asked is None:
             del os.environ["WANDB_SILENT"]
