@@ -106,6 +106,9 @@ def _density(ax, hist: dict[str, Any], source: str) -> None:
     if used:  # the bins in use, and the 1e-5 line
         ax.set_xlim(min(edges[max(used[0] - 1, 0)], -5.5), edges[min(used[-1] + 2, len(edges) - 1)])
     ax.axvline(-5, color="tab:red", ls="--", lw=1, label=f"{hist.get('below_1e-5', '?')} latents below 1e-5")
+    if counts and counts[0] and edges[0] <= -9.99:  # the lowest bin holds the latents that never fired
+        ax.annotate(f"{counts[0]} never\nfired", (edges[0] + widths[0], counts[0]), xytext=(4, -2),
+                    textcoords="offset points", va="top", fontsize=8)
     ax.set_title(f"Feature density\n{source}", fontsize=10)
     ax.set(xlabel="log10(fraction of tokens a latent fires on)", ylabel="latents")
     ax.legend(fontsize=8, loc="upper left")
@@ -133,12 +136,15 @@ def plot_run(data: RunData, png: Path) -> list[str]:
     elif loss:  # one logged point (a run of under 2 x log_every steps): a panel would show a lone dot
         notes.append(f"training loss {loss[0][1]:.4g} at {tokens_label(loss[0][0])} tokens (logged once)")
     panels.append(("explained variance (training batches and held-out)", lambda ax: _ev(ax, [data], single=True)))
-    for key, title, fmt in (("l0", "L0 (active latents per token)", "{:.4g}"), ("dead_fraction", "dead latents", "{:.1%}")):
+    threshold = data.cfg.get("dead_tokens_threshold")
+    dead = f"dead latents (unfired for {tokens_label(threshold)} tokens)" if threshold else "dead latents"
+    for key, title, fmt in (("l0", "L0 (active latents per token)", "{:.4g}"), ("dead_fraction", dead, "{:.1%}")):
         value = _constant(data.train.get(key, []))  # fixed in training (TopK's L0 = k): said, not drawn
         if value is not None:
             held = data.final.get(key)
             later = f" (held-out at the end: {fmt.format(held)})" if held is not None and round(held, 6) != value else ""
-            notes.append(f"{title.split(' (')[0]} = {fmt.format(value)} throughout training{later}")
+            name = title if key == "dead_fraction" else title.split(" (")[0]  # dead: by what measure
+            notes.append(f"{name} = {fmt.format(value)} throughout training{later}")
         elif data.train.get(key) or data.heldout.get(key):
             panels.append((title, lambda ax, key=key, title=title: _series(ax, [data], key, title, single=True)))
     if data.density is not None:
