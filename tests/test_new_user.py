@@ -428,3 +428,22 @@ def test_both_commands_format_warnings_as_one_line():
         assert invoke(cli, args).exit_code == 0
         assert warnings.formatwarning("checkpoint X fails; falling back", UserWarning, "f.py", 171) == \
             "warning: checkpoint X fails; falling back\n"
+
+
+def test_the_eval_config_mismatch_warning_is_one_line(reference_cache, tiny_llama_dir, tmp_path):
+    """`train eval --model` with the harvested model's tokenizer and shapes but another config: one
+    `warning:` line naming the model, no source line."""
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_llama_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-6) * 10
+    (other / "config.json").write_text(json.dumps(config))
+    _, run_dir = train_sae(None, cfg_for(reference_cache, tmp_path / "runs", arch="topk", tokens=256 * 2, batch_size=64,
+                                         checkpoint_every=10**6), progress=False)
+    r = subprocess.run([sys.executable, "-m", "train", "eval", str(run_dir), "--model", str(other), "--batches", "1",
+                        "--max-contexts", "2"], capture_output=True, text=True, env=env(), timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "config hash" in line]
+    assert lines == [f"warning: model {str(other)!r} has a different config hash from the harvested model; CE figures "
+                     "may not describe the model the SAE was trained on"], r.stderr
+    assert "UserWarning" not in r.stderr and "warnings.warn" not in r.stderr

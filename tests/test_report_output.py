@@ -79,6 +79,20 @@ def test_a_loss_logged_once_is_said_not_drawn(short_topk_run, tmp_path, monkeypa
     assert ev.get_xlim()[0] == 0 and ev.lines[0].get_marker() == "."  # few points: marked, from token 0
 
 
+def test_the_density_panel_labels_the_latents_that_never_fired():
+    import matplotlib.pyplot as plt
+
+    from train.report_plots import _density
+
+    edges = [-10 + i / 3 for i in range(31)]
+    counts = [11] + [0] * 20 + [5, 40, 300, 900, 1500, 800, 100, 2, 0]
+    fig, ax = plt.subplots()
+    _density(ax, {"edges": edges, "counts": counts, "below_1e-5": 11}, "held-out")
+    assert [t.get_text() for t in ax.texts] == ["11 never\nfired"]
+    assert ax.get_legend().get_texts()[0].get_text() == "11 latents below 1e-5"
+    plt.close(fig)
+
+
 def test_the_report_uses_train_evals_held_out_density_and_scores(short_topk_run, tmp_path):
     run = tmp_path / short_topk_run.name
     import shutil

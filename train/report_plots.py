@@ -107,11 +107,12 @@ def _density(ax, hist: dict[str, Any], source: str) -> None:
         ax.set_xlim(min(edges[max(used[0] - 1, 0)], -5.5), edges[min(used[-1] + 2, len(edges) - 1)])
     ax.axvline(-5, color="tab:red", ls="--", lw=1, label=f"{hist.get('below_1e-5', '?')} latents below 1e-5")
     if counts and counts[0] and edges[0] <= -9.99:  # the lowest bin holds the latents that never fired
-        ax.annotate(f"{counts[0]} never\nfired", (edges[0] + widths[0], counts[0]), xytext=(4, -2),
-                    textcoords="offset points", va="top", fontsize=8)
+        tall = counts[0] > 0.5 * max(counts)  # the label goes down from a tall bar's top, up from a low one's
+        ax.annotate(f"{counts[0]} never\nfired", (edges[0] + widths[0], counts[0]), xytext=(4, -2 if tall else 2),
+                    textcoords="offset points", va="top" if tall else "bottom", fontsize=8)
     ax.set_title(f"Feature density\n{source}", fontsize=10)
     ax.set(xlabel="log10(fraction of tokens a latent fires on)", ylabel="latents")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center")  # clear of the never-fired bar (left) and the bulk (right)
 
 
 def _facts(data: RunData) -> str:
