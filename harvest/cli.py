@@ -11,7 +11,7 @@ import click
 
 from harvest.selection import LAYERS, layer_selection
 from shared.cache import COMPRESSIONS, STORAGE_DTYPES, Cache
-from shared.cli_common import AUTOCAST_TYPE, COUNT, run_user_errors
+from shared.cli_common import AUTOCAST_TYPE, COUNT, one_line_warnings, run_user_errors
 from shared.hook_sites import SITE_KINDS
 from shared.tokens import BOS_POLICIES
 
@@ -19,6 +19,7 @@ from shared.tokens import BOS_POLICIES
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Harvest a language model's activations into a resumable Zarr v3 cache."""
+    one_line_warnings()
 
 
 @main.command()
@@ -66,7 +67,24 @@ def run(quiet: bool, layers, site, **options) -> None:
             cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
     path = run_user_errors(run_harvest, cfg, progress=not quiet, barrier=barrier, log=lambda m: click.echo(m, err=True))
     if rank == 0:
+        for line in run_user_errors(_harvest_summary, path):
+            click.echo(line, err=True)
         click.echo(str(path))
+
+
+def _harvest_summary(path) -> list[str]:
+    """What a finished harvest wrote: tokens and shards of those planned, sealed or not, size; and a
+    loud line when the corpus ran out before the token budget (the cache is sealed short)."""
+    cache = Cache.open(path, allow_unsealed=True)
+    spec, rows = cache.spec, cache.n_rows
+    where, size = "stored" if "://" in str(path) else "on disk", cache.disk_bytes()
+    size_text = f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.1f} KiB"
+    lines = [f"harvested {rows:,} tokens in {len(cache.ledger)} of {spec.n_shards} planned shards "
+             f"({'sealed' if cache.sealed else 'NOT sealed'}), {size_text} {where}"]
+    if cache.sealed and rows < spec.planned_rows:
+        lines.append(f"WARNING: the corpus ran out after {rows:,} tokens, short of the {spec.planned_rows:,} planned "
+                     f"(--tokens); the cache is sealed with those {rows:,} tokens. For more, use a larger --dataset")
+    return lines
 
 
 def _distributed():
@@ -136,13 +154,26 @@ def verify(path: str, repair: bool) -> None:
         return cache, cache.verify()
 
     cache, problems = run_user_errors(check)
+    # an unfinished harvest has not written some shards yet: one line for them, and the command that
+    # continues the harvest (not --repair, which is for shards whose files are bad)
+    unharvested = [] if cache.sealed else [k for k in range(cache.spec.n_shards) if k not in cache.ledger]
+    problems = [p for p in problems if p not in {f"shard {k}: missing (no ledger record)" for k in unharvested}]
     for p in problems:
         click.echo(p)
+    if unharvested:
+        from harvest.repair import harvest_command, shard_ranges
+
+        click.echo(f"shard{'s' if len(unharvested) > 1 else ''} {shard_ranges(unharvested)}: missing (not harvested yet)")
     if problems:
         click.echo(f"{len(problems)} problem(s) in {path}; to redo those shards: harvest verify --repair {path}", err=True)
+    else:
+        click.echo(f"ok: {len(cache.ledger)} shards verified")
+    if unharvested:
+        command = harvest_command(path, cache.spec) or "the harvest command that made it"
+        click.echo(f"the harvest is unfinished ({len(cache.ledger)} of {cache.spec.n_shards} planned shards written, "
+                   f"not sealed); {'after the repair, ' if problems else ''}continue it with:\n  {command}")
+    if problems or unharvested:
         sys.exit(1)
-    click.echo(f"ok: {len(cache.ledger)} shards verified{'' if cache.sealed else ' (cache not sealed yet)'}")
-
 
 if __name__ == "__main__":  # pragma: no cover
     main()

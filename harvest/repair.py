@@ -81,7 +81,8 @@ class RepairReport:
             out.append(f"moved {len(self.moved)} file(s) aside into {self.quarantine} (nothing was deleted)")
         unsealed = any(src.name == "seal.json" for src, _ in self.moved)
         state = f"unsealed {self.path}" if unsealed else f"{self.path} is not sealed (harvest unfinished)"
-        out.append(f"{state}; shards {_ranges(redo)} will be re-harvested")
+        out.append(f"{state}; shards {shard_ranges(redo)} will be re-harvested" if redo else
+                   f"{state}; every shard is intact, so the rerun only seals it again")
         if self.command is None:
             out.append("to finish the repair, rerun the harvest command that made this cache (its provenance "
                        "does not name the model and dataset, so it cannot be rebuilt here)")
@@ -124,7 +125,7 @@ def repair_cache(path: str | os.PathLike) -> RepairReport:
             return report
         report.needs_rerun = True
         report.command = harvest_command(root, spec)
-        if seal is None and not report.bad_shards:
+        if seal is None and seal_problem is None and not report.bad_shards:
             return report  # unsealed with only missing shards: an unfinished harvest, nothing to move
         # Moved files are renamed 'ledger__shard-000003.json', 'acts__<site>__c__3__0', ...: nothing
         # that looks for records ('shard-*.json', even recursively) can take them for committed ones.
@@ -260,7 +261,7 @@ def _restore_planned_rows(root: Path, spec: CacheSpec) -> None:
             set_array_rows(layout.root / name, spec.planned_rows)
 
 
-def _ranges(ks: list[int]) -> str:
+def shard_ranges(ks: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
     out, start = [], None
     for i, k in enumerate(ks):

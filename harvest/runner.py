@@ -34,7 +34,7 @@ from harvest.selection import select_sites
 from harvest.space import plan_space
 from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, ShardWriter, SiteRecord
 from shared.hook_sites import MLP_IO_KINDS, capture
-from shared.models import load_model
+from shared.models import check_context_length, load_model
 from shared.remote import RemoteCacheWriter, is_remote
 from shared.tokens import DatasetError, load_documents, pack_contexts, policy_record
 
@@ -182,6 +182,7 @@ def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None,
     compute = autocast_dtype(cfg, device)
     loaded = load_model(cfg.model, device=str(device))
     model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
+    check_context_length(model, info.id, cfg.context_length)  # before anything is written
     sites = select_sites(model, cfg.layers, cfg.site)
     documents = load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
     spec = build_spec(cfg, info, sites, documents, tokenizer, compute)

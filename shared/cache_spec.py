@@ -138,6 +138,9 @@ def spec_differences(existing: CacheSpec, requested: CacheSpec) -> list[str]:
 def read_group_spec(root: str | os.PathLike, where: str | None = None) -> tuple[CacheSpec, dict[str, Any]]:
     """(spec, attributes) read from a cache's group metadata; CacheError if not a cache."""
     layout = Layout(root, where)
+    if not layout.root.exists():
+        raise CacheError(f"{layout.where} does not exist; pass the folder of an activation cache (the --out of "
+                         "`harvest run`), or harvest one there first")
     if not layout.group_meta.exists():
         raise CacheError(f"{layout.where} is not an activation cache (no zarr.json); harvest one first")
     return parse_group_meta(layout.group_meta.read_bytes(), layout.where)

@@ -1,52 +1,42 @@
 """What the `harvest` and `train` command lines share: the token-count type and the error runner.
 
-`COUNT` parses 200000, 200k, 50M, 1.5G, 1e6 into an int. `run_user_errors(fn, ...)` runs a
-command's work: a UserError (and an OSError, e.g. a full disk or a missing permission) becomes one
-line on stderr and exit status 2, with no traceback. `AliasedChoice` is a click.Choice that also
+`COUNT` parses 200000, 200k, 50M, 1.5G, 1e6 into an int (shared.counts). `run_user_errors(fn, ...)`
+runs a command's work: a UserError (and an OSError, e.g. a full disk or a missing permission)
+becomes one line on stderr and exit status 2, with no traceback. `one_line_warnings()` makes every
+warning one line, `warning: ...`. `AliasedChoice` is a click.Choice that also
 accepts older spellings (e.g. AUTOCAST_TYPE: none | bf16 | auto, with bfloat16 for bf16).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
 from shared.autocast import AUTOCAST, AUTOCAST_ALIASES
+from shared.counts import format_count, parse_count  # noqa: F401 (format_count: importable from here)
 from shared.errors import UserError
 
 
 class Count(click.ParamType):
-    """An integer with an optional k/M/G suffix: 200k, 50M, 1.5G, 1e6."""
+    """A positive integer with an optional k/M/G suffix: 200k, 50M, 1.5G, 1e6 (shared.counts)."""
 
     name = "count"
-    _suffix = {"k": 10**3, "m": 10**6, "g": 10**9}
 
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
-        text = str(value).strip().lower().replace("_", "")
         try:
-            if text and text[-1] in self._suffix:
-                n = float(text[:-1]) * self._suffix[text[-1]]
-            else:
-                n = float(text)
-        except ValueError:
-            self.fail(f"{value!r} is not a count (examples: 200000, 200k, 50M)", param, ctx)
-        if n <= 0 or n != int(n):
+            n = parse_count(value)
+        except ValueError as e:
+            self.fail(str(e) if "is not a count" in str(e) else f"{value!r} must be a positive whole number", param, ctx)
+        if n <= 0:
             self.fail(f"{value!r} must be a positive whole number", param, ctx)
-        return int(n)
+        return n
 
 
 COUNT = Count()
-
-
-def format_count(n: int) -> str:
-    """The shortest exact spelling COUNT reads back: 10000000 -> 10M, 4096 -> 4096."""
-    for suffix, unit in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n and n % unit == 0:
-            return f"{n // unit}{suffix}"
-    return str(n)
 
 
 class AliasedChoice(click.Choice):
@@ -61,6 +51,17 @@ class AliasedChoice(click.Choice):
 
 
 AUTOCAST_TYPE = AliasedChoice(AUTOCAST, AUTOCAST_ALIASES)
+
+
+def one_line_warnings() -> None:
+    """Format each warning as one line, `warning: MESSAGE`, instead of Python's
+    `file.py:171: UserWarning: MESSAGE` followed by a line of source code (both commands call it).
+    Only the format changes: warnings are shown (or recorded, under pytest) as before."""
+
+    def one_line(message, category, filename, lineno, line=None):
+        return f"warning: {message}\n"
+
+    warnings.formatwarning = one_line
 
 
 def run_user_errors(fn, *args, **kwargs):

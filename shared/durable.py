@@ -5,6 +5,7 @@
 * `fsync_path` fsyncs a file or a folder (a folder: so that a rename in it is durable).
 * `file_checksum` is the xxh3-128 hex digest of a file's bytes (the cache ledger's checksum).
 * `file_problem` says what is wrong with a file against its recorded size and checksum.
+* `make_folder` creates a folder (and its parents), or says in one line why it cannot.
 
 Used by the cache (shared/), checkpoints and run folders (train/) alike; knows nothing of either.
 """
@@ -15,6 +16,27 @@ import os
 from pathlib import Path
 
 import xxhash
+
+from shared.errors import UserError
+
+
+class FolderError(UserError):
+    """An output folder cannot be created; the message names it and the option to change."""
+
+
+def make_folder(path: str | os.PathLike, option: str) -> Path:
+    """mkdir -p `path`; FolderError naming it and `option` (e.g. "--out") when a file is in the way,
+    the permission is missing or the disk refuses."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise FolderError(f"{option} {path}: {blocker} is a file, not a folder; choose a folder for {option}") from None
+    except OSError as e:
+        raise FolderError(f"{option} {path}: cannot create the folder ({e.strerror or e}); choose a writable "
+                          f"{option}") from None
+    return path
 
 
 def fsync_path(path: Path) -> None:

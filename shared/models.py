@@ -37,7 +37,8 @@ _TRUE = {"1", "on", "yes", "true"}
 
 
 class ModelLoadError(UserError):
-    """A model or tokenizer could not be loaded; the message is one line saying what to do."""
+    """A model or tokenizer could not be loaded, or cannot be run as asked (a context longer than
+    its positions); the message is one line saying what to do."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,21 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+class _TokenizerProblem(Exception):
+    """The tokenizer (not the model) failed to load or is unusable (`degenerate`: see
+    tokenizer_problem); the message is transformers' error on one line, or the problem."""
+
+    def __init__(self, message: str, degenerate: bool = False):
+        super().__init__(message)
+        self.degenerate = degenerate
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (transformers' span several), cut at `limit` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _from_pretrained(target: str, gguf_file: str | None, torch_dtype, local_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -151,11 +167,62 @@ def _from_pretrained(target: str, gguf_file: str | None, torch_dtype, local_only
     kw: dict[str, Any] = {"local_files_only": local_only}
     if gguf_file is not None:
         kw["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(target, **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, **kw)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise _TokenizerProblem(_one_line(e)) from e
+    problem = tokenizer_problem(tokenizer)  # before the weights load, which may take long
+    if problem:
+        raise _TokenizerProblem(problem, degenerate=True)
     if torch_dtype is not None:
         kw["dtype"] = torch_dtype
     model = AutoModelForCausalLM.from_pretrained(target, **kw)
     return model, tokenizer
+
+
+_PROBE = "The quick brown fox jumps over the lazy dog. 1, 2, 3."
+TOKENIZER_FILES = "tokenizer.json, tokenizer_config.json, vocab.json + merges.txt or tokenizer.model"
+
+
+def tokenizer_problem(tokenizer) -> str | None:
+    """Why `tokenizer` cannot tokenize a corpus (transformers builds an empty one from a model
+    folder without tokenizer files: a one-token vocabulary that encodes all text as nothing), or
+    None when it looks usable: at least 2 tokens, and plain English text encodes to non-special ids."""
+    size = len(tokenizer)
+    if size < 2:
+        return f"has a vocabulary of {size} token(s)"
+    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    if not [i for i in ids if i not in special]:
+        return f"encodes English text ({_PROBE[:19]!r}...) as no token"
+    return None
+
+
+def _tokenizer_error(model_id: str, e: _TokenizerProblem, needs: str) -> ModelLoadError:
+    what = f"the tokenizer of model {model_id!r} {e}, so a harvest would hold no text" if e.degenerate else \
+        f"cannot load the tokenizer of model {model_id!r} ({e})"
+    return ModelLoadError(f"{what}; {needs} its tokenizer files ({TOKENIZER_FILES}): copy them from the model's source")
+
+
+def context_limit(model) -> int | None:
+    """The longest context `model` was trained for (config max_position_embeddings; GPT-2's
+    n_positions), or None when its config names none."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context_length(model, model_id: str, context_length: int) -> None:
+    """ModelLoadError when contexts of `context_length` tokens exceed the model's positions: learned
+    position tables (GPT-2) would fail, rotary ones (Llama) would give activations outside the
+    range the model was trained on."""
+    limit = context_limit(model)
+    if limit is not None and context_length > limit:
+        raise ModelLoadError(f"--context-length {context_length} is longer than model {model_id!r} supports "
+                             f"({limit} positions); use --context-length {limit} or less")
 
 
 def load_model(spec: str, device: str = "cpu", torch_dtype=None) -> LoadedModel:
@@ -177,18 +244,26 @@ def load_model(spec: str, device: str = "cpu", torch_dtype=None) -> LoadedModel:
         source = "gguf" if path.is_file() else "folder"
         target, gguf = (str(path.parent), path.name) if path.is_file() else (str(path), None)
         model_id = str(path)
+        if source == "folder" and not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"cannot load model from {model_id!r}: the folder has no config.json, so it is not a Hugging Face "
+                f"model folder (one holds config.json, the weights and the tokenizer files, as save_pretrained "
+                f"writes them); pass such a folder, a .gguf file or a hub id")
         try:
             model, tokenizer = _from_pretrained(target, gguf, torch_dtype, local_only=True)
+        except _TokenizerProblem as e:
+            raise _tokenizer_error(model_id, e, "the model folder needs" if source == "folder" else "it needs") from None
         except Exception as e:  # noqa: BLE001 - transformers raises many types here
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"cannot load model from {model_id!r}: {first}") from e
+            raise ModelLoadError(f"cannot load model from {model_id!r}: {_one_line(e)}") from e
     else:
         source, model_id = "hub", spec
         reason = hub_offline_reason()
         try:
             model, tokenizer = _from_pretrained(spec, None, torch_dtype, local_only=reason is not None)
         except Exception as e:  # noqa: BLE001
-            why = f"{reason} and it is not in the local HF cache" if reason else str(e).strip().splitlines()[0]
+            if isinstance(e, _TokenizerProblem) and e.degenerate:
+                raise _tokenizer_error(model_id, e, "its hub repository needs") from None
+            why = f"{reason} and it is not in the local HF cache" if reason else _one_line(e)
             raise ModelLoadError(
                 f"cannot load hub model {spec!r}: {why}; pass a local HF model folder or a .gguf file instead"
             ) from e

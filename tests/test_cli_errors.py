@@ -107,6 +107,24 @@ def _export_target_in_use(c: Ctx) -> str:
     return str(d)
 
 
+def _empty_model(c: Ctx) -> str:
+    d = c.tmp / "empty_model"
+    d.mkdir(exist_ok=True)
+    return str(d)
+
+
+def _garbage_sweep(c: Ctx) -> str:
+    d = c.tmp / "garbage_sweep"
+    d.mkdir(exist_ok=True)
+    (d / "sweep.json").write_text('{"name": "s", "runs": [{"run_d')
+    return str(d)
+
+
+def _with_model(args: list[str], model: str) -> list[str]:
+    i = args.index("--model")
+    return [*args[: i + 1], model, *args[i + 2:]]
+
+
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful without CUDA")
 
 
@@ -164,6 +182,12 @@ CASES = [
     pytest.param(H, lambda c: c.harvest(c.out("a"), "--text-column", "body"),
                  ["corpus.jsonl:1: no column 'body'; available columns: id, text"], id="harvest-missing-text-column"),
     pytest.param(H, lambda c: c.harvest(c.out("a"), "--device", "banana"), ["banana"], id="harvest-unknown-device"),
+    pytest.param(H, lambda c: c.harvest(c.out("a"), "--context-length", "129"),
+                 ["--context-length 129 is longer than model", "supports (128 positions); use --context-length 128 or less"],
+                 id="harvest-context-beyond-positions"),
+    pytest.param(H, lambda c: _with_model(c.harvest(c.out("a")), _empty_model(c)),
+                 ["empty_model': the folder has no config.json, so it is not a Hugging Face model folder",
+                  "pass such a folder, a .gguf file or a hub id"], id="harvest-empty-model-folder"),
     pytest.param(H, lambda c: c.harvest(c.out("a"), "--device", "cuda"), ["cuda"], id="harvest-cuda-without-cuda",
                  marks=NO_CUDA),
     # ------------------------------------------------------------------ harvest verify / info
@@ -190,6 +214,23 @@ CASES = [
                  ["arch='topkk' is not one of vanilla, topk, batchtopk, jumprelu; did you mean 'topk'?"],
                  id="train-arch-typo"),
     pytest.param(T, lambda c: c.train("--lr", "-1"), ["lr=-1.0 must be positive"], id="train-negative-lr"),
+    pytest.param(T, lambda c: c.train("--lr", "nan"), ["lr=nan must be a finite number"], id="train-nan-lr"),
+    pytest.param(T, lambda c: c.train("--lr", "inf"), ["lr=inf must be a finite number"], id="train-inf-lr"),
+    pytest.param(T, lambda c: c.train("--set", "l1_coeff=nan"), ["l1_coeff=nan must be a finite number"],
+                 id="train-nan-coefficient"),
+    pytest.param(T, lambda c: c.train("--set", "beta2=1"), ["beta2=1.0 must be in [0, 1) (Adam's decay rate)"],
+                 id="train-beta-out-of-range"),
+    pytest.param(T, lambda c: c.train("--set", "max_grad_norm=0"),
+                 ["max_grad_norm=0.0 must be positive (or none to disable clipping)"], id="train-zero-grad-clip"),
+    pytest.param(T, lambda c: c.train("--set", "eval_every=often"),
+                 ["config key 'eval_every' must be a number of tokens (200000, 200k, 50M, 1e6), got 'often'"],
+                 id="train-set-bad-count"),
+    pytest.param(T, lambda c: c.train("--config", c.file("count.toml", 'checkpoint_every = "1.5k2"\n')),
+                 ["config key 'checkpoint_every' must be a number of tokens", "got '1.5k2'"], id="train-toml-bad-count"),
+    pytest.param(T, lambda c: c.train("--out", c.file("out_file", "x")),
+                 ["--out", "out_file is a file, not a folder; choose a folder for --out"], id="train-out-is-a-file"),
+    pytest.param(T, lambda c: c.train("--out", Path(c.file("out_file", "x")) / "runs"),
+                 ["out_file is a file, not a folder; choose a folder for --out"], id="train-out-under-a-file"),
     pytest.param(T, lambda c: c.train("--set", "lr_decay_start=2"), ["lr_decay_start=2.0 must be a fraction in [0, 1]"],
                  id="train-decay-start-fraction"),
     pytest.param(T, lambda c: c.train("--tokens", "ten"), ["'--tokens'", "'ten' is not a count"], id="train-bad-tokens-string"),
@@ -206,7 +247,7 @@ CASES = [
     pytest.param(T, lambda c: [a for a in c.train() if a not in ("--store", str(c.store))],
                  ["no store given: set store (train run --store PATH) to a sealed activation cache"], id="train-no-store"),
     pytest.param(T, lambda c: c.train(store=c.tmp / "nostore"),
-                 ["nostore is not an activation cache (no zarr.json); harvest one first"], id="train-store-missing"),
+                 ["nostore does not exist; pass the folder of an activation cache"], id="train-store-missing"),
     pytest.param(T, lambda c: c.train(store=c.unsealed), ["unsealed is not sealed (harvest unfinished)"],
                  id="train-store-not-sealed"),
     pytest.param(T, lambda c: c.train("--site", "blocks.9.hook_resid_pre"),
@@ -228,7 +269,16 @@ CASES = [
                  ["unknown config key 'kk'; did you mean 'k'?"], id="sweep-grid-unknown-key"),
     pytest.param(T, lambda c: ["sweep", c.file("nostore.toml", "[grid]\nk = [1, 2]\n"), "--quiet"],
                  ["the sweep has no store: set base.store (or --store)"], id="sweep-no-store"),
+    pytest.param(T, lambda c: ["sweep", c.file("s.toml", f'[base]\nstore = "{c.store}"\ntokens = 2560\n[grid]\nk = [2, 4]\n'),
+                               "--quiet", "--out", c.file("sweep_out", "x")],
+                 ["sweep_out is a file, not a folder; choose a folder for --out"], id="sweep-out-is-a-file"),
+    pytest.param(T, lambda c: ["sweep", c.file("s.toml", "[grid]\nk = [2, 4]\n"), "--quiet", "--store",
+                               str(c.tmp / "nowhere")],
+                 ["nowhere does not exist; pass the folder of an activation cache"], id="sweep-store-missing"),
     # ------------------------------------------------------------------ train resume / export / calibrate
+    pytest.param(T, lambda c: ["resume", _garbage_sweep(c)],
+                 ["sweep.json is not valid JSON", "start the sweep again with `train sweep SPEC`"],
+                 id="resume-garbage-sweep-json"),
     pytest.param(T, lambda c: ["resume", str(c.junk)],
                  ["junk is neither a run folder (no config.json) nor a checkpoint folder"], id="resume-not-a-run"),
     pytest.param(T, lambda c: ["resume", _run_without_checkpoints(c)],
@@ -240,6 +290,12 @@ CASES = [
                  ["export_in_use already holds cfg.json; choose another --out or pass --force"], id="export-out-in-use"),
     pytest.param(T, lambda c: ["export", str(c.topk_run), "--out", str(c.out("e")), "--store", str(c.tmp / "nowhere")],
                  ["the run's activation cache", "nowhere' does not exist; pass --store PATH"], id="export-store-missing"),
+    pytest.param(T, lambda c: ["export", str(c.topk_run), "--out", c.file("export_file", "x")],
+                 ["Invalid value for '--out'", "export_file' is a file"], id="export-out-is-a-file"),
+    pytest.param(T, lambda c: ["eval", str(c.topk_run), "--skip-lm", "--out", c.junk],
+                 ["Invalid value for '--out'", "junk' is a directory"], id="eval-out-is-a-folder"),
+    pytest.param(T, lambda c: ["eval", str(c.topk_run), "--skip-lm", "--out", Path(c.file("eval_file", "x")) / "e.json"],
+                 ["eval_file is a file, not a folder; choose a folder for --out"], id="eval-out-under-a-file"),
     pytest.param(T, lambda c: ["export", str(c.topk_run), "--out", str(c.out("hub")), "--push-to-hub", "someone/an-sae"],
                  ["--push-to-hub someone/an-sae: the hub is offline (HF_HUB_OFFLINE is set); the export is complete in",
                   "upload it later with `hf upload someone/an-sae"], id="export-push-to-hub-offline"),

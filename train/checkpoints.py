@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.durable import file_checksum, fsync_path, write_atomic
+from shared.durable import FolderError, file_checksum, fsync_path, make_folder, write_atomic
 from shared.errors import UserError
 from shared.faults import fault_point
 from train.layout import STATE, TRAINER, WEIGHTS, RunLayout, SweepLayout, is_checkpoint_dir
@@ -34,14 +34,16 @@ class CheckpointError(UserError):
 
 def create_run_dir(parent: str | os.PathLike, name: str, checkpoints: bool = True) -> Path:
     """Create parent/name, or parent/name-2, -3 ... : an existing folder is never reused."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
+    parent = make_folder(parent, "--out")
     for i in range(1, 10_000):
         path = parent / (name if i == 1 else f"{name}-{i}")
         try:
             path.mkdir()
         except FileExistsError:
             continue
+        except OSError as e:  # e.g. no permission to write in parent
+            raise FolderError(f"--out {parent}: cannot create the run folder {path.name} ({e.strerror or e}); "
+                              "choose a writable --out") from None
         if checkpoints:
             RunLayout(path).checkpoints.mkdir()
         fsync_path(parent)
@@ -61,14 +63,18 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # give back the space of the partial checkpoint
         previous = list_checkpoints(run_dir)
-        kept = (f"the previous checkpoint {previous[-1].name} is intact" if previous
-                else "no checkpoint is committed yet")
         sweep = Path(run_dir).parent
-        target = sweep if SweepLayout.is_sweep(sweep) else Path(run_dir)  # a sweep resumes as a whole
-        raise CheckpointError(
-            f"disk full (no space left on device) while writing checkpoint {final}; {kept}. Free space, then "
-            f"continue with `train resume {target}`"
-        ) from None
+        if SweepLayout.is_sweep(sweep):  # a sweep resumes as a whole, from scratch when nothing is committed
+            kept = (f"the previous checkpoint {previous[-1].name} is intact" if previous
+                    else "no checkpoint is committed yet, so the sweep restarts from the beginning")
+            then = f"continue with `train resume {sweep}`"
+        elif previous:
+            kept, then = f"the previous checkpoint {previous[-1].name} is intact", f"continue with `train resume {run_dir}`"
+        else:
+            kept = "no checkpoint is committed yet, so there is nothing to resume"
+            then = f"start the run again with the same `train run` command (and delete {run_dir})"
+        raise CheckpointError(f"disk full (no space left on device) while writing checkpoint {final}; {kept}. "
+                              f"Free space, then {then}") from None
     for stale in layout.retired_dirs():  # left by a kill during an earlier deletion
         shutil.rmtree(stale, ignore_errors=True)
     if final.exists():  # same step written again after a resume: replace it

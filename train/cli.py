@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import click
 
-from shared.cli_common import AUTOCAST_TYPE, COUNT, format_count, run_user_errors
+from shared.cli_common import AUTOCAST_TYPE, COUNT, format_count, one_line_warnings, run_user_errors
 from train.config import field_help, get_default_cfg, key_facts, load_toml, parse_set, update_cfg
 
 HELP = field_help()
 
 
-def config_option(key: str, *, count: bool = False, note: str = ""):
+def config_option(key: str):
     """The option --KEY (dashes for underscores) of config key `key`: its type, choices, help and
-    shown default come from TrainConfig's declaration (a count takes 50M, 1e6). It defaults to
-    None, so that only the options given override a --config file."""
+    shown default come from TrainConfig's declaration (a token count takes 50M, 1e6). It defaults
+    to None, so that only the options given override a --config file."""
     facts, default = key_facts(key), getattr(get_default_cfg(), key)
+    count, note = facts.count, "Accepts 20k, 50M, 1e6." if facts.count else ""
     kind = {bool: None, int: COUNT if count else int, float: float, str: None}[facts.type]
     if facts.choices is not None:
         kind = click.Choice(facts.choices)
@@ -35,6 +36,7 @@ def config_option(key: str, *, count: bool = False, note: str = ""):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Train sparse autoencoders on a harvested activation cache."""
+    one_line_warnings()
 
 
 @main.command()
@@ -46,12 +48,12 @@ def main() -> None:
 @config_option("expansion")
 @config_option("lr")
 @config_option("batch_size")
-@config_option("tokens", count=True, note="Accepts 50M, 1e6.")
+@config_option("tokens")
 @config_option("seed")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config keys (flat, or under [train]).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key; repeatable (see `train config`).")
 @config_option("out")
-@config_option("checkpoint_every", count=True, note="Accepts 5M.")
+@config_option("checkpoint_every")
 @config_option("allow_unsealed")
 @config_option("wandb_mode")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -86,11 +88,22 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
 
     The run finishes exactly as it would have without the interruption.
     """
-    from train.sweep import is_sweep_dir, resume_sweep
+    import json
+
+    from train.checkpoints import latest_checkpoint
+    from train.layout import RunLayout
     from train.runs import load_run_config
+    from train.sweep import is_sweep_dir, resume_sweep, sweep_runs
     from train.training import resume_training
 
     if is_sweep_dir(checkpoint):  # under torchrun its unfinished SAEs are spread over the ranks again
+        runs = run_user_errors(sweep_runs, checkpoint)
+        if all(RunLayout(d).done.exists() for d, _ in runs):
+            if _is_rank0():
+                click.echo(f"sweep {checkpoint} is already complete (all {len(runs)} SAEs finished); nothing to "
+                           f"resume. Its results: `train report {checkpoint}`", err=True)
+                click.echo(str(checkpoint))
+            return
         sweep_dir = run_user_errors(resume_sweep, checkpoint, progress=not quiet)
         if _is_rank0():
             _print_sweep(sweep_dir)
@@ -98,14 +111,19 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
         return
 
     def build():
-        from train.checkpoints import latest_checkpoint
-
         run_dir = latest_checkpoint(checkpoint)[0]
         cfg = load_run_config(run_dir)
         changes = {"tokens": tokens, "wandb_mode": wandb_mode}
-        return update_cfg(cfg, **{k: v for k, v in changes.items() if v is not None})
+        return run_dir, update_cfg(cfg, **{k: v for k, v in changes.items() if v is not None})
 
-    cfg = run_user_errors(build)
+    run_dir, cfg = run_user_errors(build)
+    done = RunLayout(run_dir).done
+    trained = json.loads(done.read_text())["tokens"] if done.exists() else None
+    if trained is not None and (tokens is None or tokens <= trained):
+        click.echo(f"{run_dir} is already complete ({trained:,} tokens trained, done.json); nothing to resume. "
+                   f"To train it further, pass --tokens with more than {format_count(trained)}", err=True)
+        click.echo(str(run_dir))
+        return
     sae, run_dir = run_user_errors(resume_training, None, cfg, checkpoint, progress=not quiet)
     _print_results(run_dir)
     click.echo(str(run_dir))
@@ -119,6 +137,24 @@ def resume(checkpoint, tokens, wandb_mode, quiet) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sweep(spec, store, out, sets, quiet) -> None:
     """Train every SAE of a TOML sweep spec together, reading each batch once.
+
+    The spec (e.g. pipelines/sweeps/smollm2_k.toml):
+
+    \b
+      name = "smollm2-l8-k"     # optional: the sweep folder is sweep-NAME-HASH
+      [base]                    # config keys (`train config`) every SAE shares
+      store = "/data/acts"
+      tokens = "1M"             # token counts take 1M, 20k, 1e6, 1000000
+      [grid]                    # lists: every combination is one SAE
+      arch = ["topk", "batchtopk"]
+      k = [16, 32]
+
+    A grid may vary any key except those one data stream fixes for all SAEs (`train config`
+    marks them "one value for every SAE of a sweep": store, site, batch_size, tokens, seed,
+    window_shards, heldout_shards, normalize, drop_bos, checkpoint_every, out). Optional top-level
+    keys: devices = ["cuda:0", "cuda:1"] (spread the SAEs of one process over GPUs) and
+    distribute = "sae". --store, --out and --set KEY=VALUE override the spec: its [base], and its
+    [grid] too (a key set on the command line takes that one value).
 
     Under torchrun (`torchrun --nproc_per_node=R -m train sweep SPEC`) the SAEs are spread over
     the ranks (spec key distribute = "sae", the default): rank r trains the SAEs with index

@@ -18,6 +18,8 @@ of `train run`'s options) and its facts, kept as field metadata (`_key(...)`, re
                   grid may not vary it
     choices       the valid values when the type cannot list them: `arch` takes the names
                   registered in train.sae (variants register themselves)
+    count         a number of tokens: it takes the spellings of shared.counts (20k, 50M, 1e6)
+                  wherever it is given (a `train run` option, --set, a TOML file, a sweep spec)
     aliases       older spellings of a value, accepted and stored as the value
 
 What depends on the architecture is declared by its class (train.sae): the variant checks its own
@@ -31,6 +33,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple
 
 from shared.autocast import AUTOCAST_ALIASES
+from shared.counts import EXAMPLES as COUNT_EXAMPLES, parse_count
 from shared.devices import DeviceError, parse_device
 from shared.errors import UserError
 from train.sae.registry import arch_names, sae_class
@@ -50,12 +54,12 @@ class ConfigError(UserError, ValueError):
 
 def _key(default: Any, *, identity: bool | Literal["when_set"] = True, resumable: bool = False,
          sweep_shared: bool = False, choices: Callable[[], tuple[str, ...]] | None = None,
-         aliases: dict[str, str] | None = None) -> Any:
+         aliases: dict[str, str] | None = None, count: bool = False) -> Any:
     """A TrainConfig field declared with its facts (module docstring) where they differ from the
     usual ones: part of the run identity, fixed on resume, free to vary in a sweep, any value of
     its type."""
     return field(default=default, metadata={"identity": identity, "resumable": resumable, "sweep_shared": sweep_shared,
-                                            "choices": choices, "aliases": aliases or {}})
+                                            "choices": choices, "aliases": aliases or {}, "count": count})
 
 
 @dataclass(frozen=True)
@@ -69,11 +73,11 @@ class TrainConfig:
     start a new run to use them all."""
     site: str | None = _key(None, sweep_shared=True)
     """Hook site to train on (TransformerLens name); default: the cache's first site."""
-    batch_size: int = _key(4096, sweep_shared=True)
+    batch_size: int = _key(4096, sweep_shared=True, count=True)
     """Tokens per optimiser step (the global batch)."""
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = _key(None, count=True)
     """Tokens per forward/backward; gradients of batch_size / micro_batch_size micro-batches are summed."""
-    tokens: int = _key(10_000_000, resumable=True, sweep_shared=True)
+    tokens: int = _key(10_000_000, resumable=True, sweep_shared=True, count=True)
     """Training tokens in total (epochs over the cache continue seamlessly)."""
     window_shards: int = _key(4, sweep_shared=True)
     """Shuffle buffer, in shards read together (all shards = exact global shuffle)."""
@@ -118,7 +122,7 @@ class TrainConfig:
     """Dead latents used by the AuxK loss; default d_in // 2."""
     aux_coeff: float = 1 / 32
     """AuxK loss coefficient (topk, batchtopk)."""
-    dead_tokens_threshold: int = 1_000_000
+    dead_tokens_threshold: int = _key(1_000_000, count=True)
     """A latent is dead after this many tokens without firing."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """Decoder bias init from a data sample: geometric_median, mean or zeros."""
@@ -129,13 +133,13 @@ class TrainConfig:
     """Adam beta1 (decay of the gradient's running mean)."""
     beta2: float = 0.999
     """Adam beta2 (decay of the squared gradient's running mean)."""
-    lr_warmup_tokens: int = 0
+    lr_warmup_tokens: int = _key(0, count=True)
     """Linear learning-rate warm-up, in tokens."""
     lr_decay: Literal["none", "linear", "cosine"] = "linear"
     """Decay after lr_decay_start: none, linear (to 0) or cosine."""
     lr_decay_start: float = 0.8
     """Fraction of training after which the learning rate decays."""
-    sparsity_warmup_tokens: int = 0
+    sparsity_warmup_tokens: int = _key(0, count=True)
     """Linear warm-up of the sparsity coefficient (vanilla L1, jumprelu L0), in tokens."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping by global norm; None disables it."""
@@ -167,14 +171,14 @@ class TrainConfig:
     threshold_batches: int = 20
     """Held-out batches used to calibrate the threshold."""
     # --- evaluation during training
-    eval_every: int = _key(0, identity=False)
+    eval_every: int = _key(0, identity=False, count=True)
     """Tokens between held-out reconstruction evaluations logged as eval/* (0: only at the end)."""
     eval_batches: int = _key(10, identity=False)
     """Held-out batches per evaluation during training."""
     # --- checkpoints and logs
     out: str = _key("runs", identity=False, sweep_shared=True)
     """Folder under which each run gets its own checkpoint folder."""
-    checkpoint_every: int = _key(5_000_000, resumable=True, sweep_shared=True)
+    checkpoint_every: int = _key(5_000_000, resumable=True, sweep_shared=True, count=True)
     """Tokens between checkpoints (and one at the end)."""
     keep_checkpoints: int = _key(2, resumable=True)
     """How many most recent checkpoints to keep."""
@@ -205,8 +209,8 @@ def field_names() -> list[str]:
 
 class KeyFacts(NamedTuple):
     """What is declared about a config key (module docstring): its value type (bool, int, float or
-    str; None may be allowed besides), its choices (None: any value of that type), and its part in
-    run names, resumes and sweeps."""
+    str; None may be allowed besides), its choices (None: any value of that type), its part in
+    run names, resumes and sweeps, and whether it is a token count."""
 
     type: type
     choices: tuple[str, ...] | None
@@ -214,6 +218,7 @@ class KeyFacts(NamedTuple):
     resumable: bool
     sweep_shared: bool
     aliases: dict[str, str]
+    count: bool
 
 
 def key_facts(key: str) -> KeyFacts:
@@ -226,7 +231,7 @@ def key_facts(key: str) -> KeyFacts:
     else:
         value_type, choices = annotation, meta["choices"]() if meta.get("choices") else None
     return KeyFacts(value_type, choices, meta.get("identity", True), meta.get("resumable", False),
-                    meta.get("sweep_shared", False), meta.get("aliases", {}))
+                    meta.get("sweep_shared", False), meta.get("aliases", {}), meta.get("count", False))
 
 
 def resumable_keys() -> set[str]:
@@ -268,6 +273,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if type(None) in types_:
             return None
         raise ConfigError(f"config key {key!r} cannot be None")
+    if _FIELDS[key].metadata.get("count") and not isinstance(value, bool):
+        try:
+            return parse_count(value)
+        except ValueError:
+            raise ConfigError(f"config key {key!r} must be a number of tokens ({COUNT_EXAMPLES}, 1e6), "
+                              f"got {value!r}") from None
     for t in types_:
         if t is type(None):
             continue
@@ -340,6 +351,15 @@ def validate(cfg: TrainConfig) -> None:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    for key in field_names():
+        value = getattr(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+    for key in ["beta1", "beta2"]:
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1) (Adam's decay rate)")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise ConfigError(f"max_grad_norm={cfg.max_grad_norm} must be positive (or none to disable clipping)")
     for key in ["lr", "jumprelu_bandwidth", "threshold_init"]:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")

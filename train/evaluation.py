@@ -46,7 +46,7 @@ from torch import Tensor
 
 from shared.autocast import canonical_autocast
 from shared.cache import Cache
-from shared.durable import write_atomic
+from shared.durable import make_folder, write_atomic
 from shared.remote import is_remote
 from train.activation_store import ActivationStore, cache_identity
 from train.errors import EvalError
@@ -183,6 +183,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
     if batches < 1 or max_contexts < 1 or lm_batch_size < 1:
         raise EvalError("--batches, --max-contexts and --lm-batch-size must be positive")
     autocast = canonical_autocast(autocast)  # none, bf16 or auto (bfloat16 = bf16)
+    if out is not None:  # before the work: where eval.json goes must be a writable file path
+        if Path(out).is_dir():
+            raise EvalError(f"--out {out} is a folder; give the JSON file to write, e.g. --out {Path(out) / EVAL}")
+        make_folder(Path(out).parent, "--out")
     run = load_sae_checkpoint(path)
     cfg, sae = run.cfg, run.sae
     dev = resolve_device(device or cfg.device)
@@ -317,10 +321,9 @@ def log_to_wandb(run_dir: Path, cfg: TrainConfig, results: dict[str, Any], mode:
     try:
         import wandb
 
-        from train.logs import _wandb_id
+        from train.logs import start_wandb
 
-        run = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group, name=cfg.run_name, config=cfg.to_dict(),
-                         mode=mode, dir=str(run_dir), id=_wandb_id(run_dir), resume="allow", reinit="finish_previous")
+        run = start_wandb(run_dir, cfg.to_dict(), mode, cfg.wandb_project, cfg.wandb_group)
         payload: dict[str, Any] = scalar_figures(results)
         for name, figs in results["encodings"].items():
             hist = figs["density_hist"]
@@ -356,28 +359,36 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"  CE clean {lm['ce_clean']:.4f}   zero-ablation {lm['ce_zero_ablation']:.4f}   "
                      f"mean-ablation {lm['ce_mean_ablation']:.4f}")
     d = results["d_sae"]
-    rows: list[tuple[str, str, Callable[[dict], str]]] = [
-        ("explained variance", "explained_variance", lambda r: f"{r['explained_variance']:.4f}"),
-        ("mse (normalised)", "mse", lambda r: f"{r['mse']:.4g}"),
-        ("mse (raw)", "mse_raw", lambda r: f"{r['mse_raw']:.4g}"),
-        ("cosine similarity", "cosine_similarity", lambda r: f"{r['cosine_similarity']:.4f}"),
-        ("L0", "l0", lambda r: f"{r['l0']:.2f}"),
-        ("L1", "l1", lambda r: f"{r['l1']:.4g}"),
-        ("dead latents", "dead", lambda r: f"{r['dead']}/{d} ({r['dead_fraction']:.1%})"),
-        (f"dense latents (>{DENSE_THRESHOLD:.0%})", "dense", lambda r: f"{r['dense']}/{d} ({r['dense_fraction']:.1%})"),
-        ("CE spliced", "ce_spliced", lambda r: f"{r['ce_spliced']:.4f}"),
-        ("CE degradation", "ce_degradation", lambda r: f"{r['ce_degradation']:+.4f}"),
-        ("CE-loss score", "ce_loss_score", lambda r: _fmt(r["ce_loss_score"], ".4f")),
-        ("KL(clean||spliced)", "kl_spliced", lambda r: f"{r['kl_spliced']:.4g}"),
-        ("KL-div score", "kl_div_score", lambda r: _fmt(r["kl_div_score"], ".4f")),
+    rows: list[tuple[str, str, Callable[[dict], str], str]] = [
+        ("explained variance", "explained_variance", lambda r: f"{r['explained_variance']:.4f}",
+         "share of the activations' variance reconstructed: higher is better, 1 = perfect"),
+        ("mse (normalised)", "mse", lambda r: f"{r['mse']:.4g}", "squared error per row, scaled so E||x||^2 = d_in: lower is better"),
+        ("mse (raw)", "mse_raw", lambda r: f"{r['mse_raw']:.4g}", "the same in the model's units: lower is better"),
+        ("cosine similarity", "cosine_similarity", lambda r: f"{r['cosine_similarity']:.4f}",
+         "of each row and its reconstruction: higher is better, 1 = same direction"),
+        ("L0", "l0", lambda r: f"{r['l0']:.2f}", "active latents per token: the sparsity (lower = sparser)"),
+        ("L1", "l1", lambda r: f"{r['l1']:.4g}", "sum of the latents' activations per token"),
+        ("dead latents", "dead", lambda r: f"{r['dead']}/{d} ({r['dead_fraction']:.1%})",
+         "never fired on these rows: lower is better"),
+        (f"dense latents (>{DENSE_THRESHOLD:.0%})", "dense", lambda r: f"{r['dense']}/{d} ({r['dense_fraction']:.1%})",
+         f"fire on more than {DENSE_THRESHOLD:.0%} of tokens: lower is better"),
+        ("CE spliced", "ce_spliced", lambda r: f"{r['ce_spliced']:.4f}",
+         "the LM's next-token loss with the SAE spliced in: lower is better"),
+        ("CE degradation", "ce_degradation", lambda r: f"{r['ce_degradation']:+.4f}", "CE spliced - CE clean: lower is better, 0 = no loss"),
+        ("CE-loss score", "ce_loss_score", lambda r: _fmt(r["ce_loss_score"], ".4f"),
+         "1 = as good as the clean LM, 0 = as bad as zero-ablation: higher is better"),
+        ("KL(clean||spliced)", "kl_spliced", lambda r: f"{r['kl_spliced']:.4g}",
+         "how far the spliced LM's predictions move: lower is better"),
+        ("KL-div score", "kl_div_score", lambda r: _fmt(r["kl_div_score"], ".4f"),
+         "1 - KL spliced / KL zero-ablation: higher is better, 1 = perfect"),
     ]
     width = max(17, *(len(n) + 2 for n in names))
     lines.append("")
-    lines.append(f"  {'':26s}" + "".join(f"{n:>{width}s}" for n in names))
-    for title, key, fmt in rows:
+    lines.append(f"  {'':26s}" + "".join(f"{n:>{width}s}" for n in names) + "   meaning")
+    for title, key, fmt, meaning in rows:
         if key not in enc[names[0]]:
             continue
-        lines.append(f"  {title:26s}" + "".join(f"{fmt(enc[n]):>{width}s}" for n in names))
+        lines.append(f"  {title:26s}" + "".join(f"{fmt(enc[n]):>{width}s}" for n in names) + f"   {meaning}")
     if results.get("note"):
         lines.append(f"  note: {results['note']}")
     return "\n".join(lines)

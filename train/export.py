@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from safetensors.torch import save_file
 
 from shared.cache_spec import software_version
 from shared.errors import UserError
-from shared.durable import write_atomic
+from shared.durable import make_folder, write_atomic
 from train.errors import EvalError
 from train.evaluation import checkpoint_scaling, open_cache_checked
 from train.model_card import CARD_FILENAME, check_repo_id, find_eval, model_card
@@ -183,6 +184,10 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *, fm
         cache = open_cache_checked(run.cfg, run.state, store_path)
     except EvalError as e:
         raise ExportError(f"{e} (the export needs its scaling factor and provenance)") from None
+    if model_name is None and cache.spec.model.get("source") in ("folder", "gguf"):
+        warnings.warn(f"metadata.model_name will be the local path {cache.spec.model.get('id')!r} the cache was "
+                      "harvested from, which SAELens and other tools cannot load by name; pass --model-name with the "
+                      "model's hub id (e.g. --model-name HuggingFaceTB/SmolLM2-135M)")
     s_in, s_out = checkpoint_scaling(run, cache).fold_factors(run.cfg.site)
     tensors = saelens_state_dict(run.sae, s_in, s_out)
     config = saelens_config(run.sae, run.cfg, cache.spec, scale=s_in, checkpoint=run.checkpoint,
@@ -197,7 +202,7 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *, fm
     existing = [n for n in (CFG_FILENAME, WEIGHTS_FILENAME, CARD_FILENAME, SAEBENCH_FILENAME) if (out / n).exists()]
     if existing and not force:
         raise ExportError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --force")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     tmp = out / f".{WEIGHTS_FILENAME}.tmp.{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / WEIGHTS_FILENAME)

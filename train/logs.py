@@ -1,7 +1,8 @@
 """Run logging: a local metrics.jsonl in the run folder (train.layout), mirrored to wandb when enabled.
 
 wandb never crashes a run: mode "online" without an API key falls back to "offline", and a wandb
-failure at start-up downgrades to local logging with a warning.
+failure at start-up downgrades to local logging with a warning. wandb writes its files into the run
+folder but prints nothing unless WANDB_SILENT=false asks for its console output (start_wandb).
 """
 
 from __future__ import annotations
@@ -50,12 +51,7 @@ class RunLogger:
         mode = resolve_wandb_mode(os.environ.get("WANDB_MODE", mode) if mode != "disabled" else mode)
         if mode != "disabled":
             try:
-                import wandb
-
-                self.wandb = wandb.init(
-                    project=project, group=group, name=config.get("run_name"), config=config, mode=mode,
-                    dir=str(run_dir), id=_wandb_id(run_dir), resume="allow", reinit="finish_previous",
-                )
+                self.wandb = start_wandb(run_dir, config, mode, project, group)
             except Exception as e:  # noqa: BLE001 - logging must not kill training
                 warnings.warn(f"wandb could not start ({e}); logging to {self.path} only")
 
@@ -84,6 +80,18 @@ class RunLogger:
             self.wandb.finish()
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"heldout": {"l0": 4}} -> {"heldout/l0": 4}: nested results as flat metric names."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
 def _kept(line: str, step: int) -> bool:
     """Whether a metrics.jsonl line survives a resume at `step` (a line cut short by a kill does not)."""
     try:
@@ -91,6 +99,24 @@ def _kept(line: str, step: int) -> bool:
     except json.JSONDecodeError:
         return False
     return record.get("step", 0) <= step and not any(k.startswith(FINAL) for k in record)
+
+
+def start_wandb(run_dir: Path, config: dict[str, Any], mode: str, project: str, group: str | None):
+    """The wandb run of a run folder (training and `train eval` log to the same one: its id is the
+    folder's). Its files go into the run folder as usual; its console output (banners, the history
+    and summary printed at the end) is off unless WANDB_SILENT=false asks for it."""
+    import wandb
+
+    asked = os.environ.get("WANDB_SILENT")
+    os.environ["WANDB_SILENT"] = asked or "true"  # read by wandb.init into the run's settings
+    try:
+        # create_new: a sweep holds one wandb run per SAE at once ("finish_previous" ended the first
+        # SAE's run when the second started, and its next log raised UsageError)
+        return wandb.init(project=project, group=group, name=config.get("run_name"), config=config, mode=mode,
+                          dir=str(run_dir), id=_wandb_id(run_dir), resume="allow", reinit="create_new")
+    finally:
+        if asked is None:
+            del os.environ["WANDB_SILENT"]
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -9,18 +9,21 @@
                                state: what evaluation, calibration and export start from
     load_run_config(run_dir)   the run's resolved TrainConfig (config.json)
     open_store(cfg, device)    the run's ActivationStore (training rows; held-out shards for evaluation)
+    warn_many_epochs(cfg, store)  a warning when the token budget is many passes over a small cache
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from shared.counts import format_count
 from shared.devices import DeviceError, resolve_device as resolve_any_device
 from train.activation_store import ActivationStore
 from train.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
@@ -49,6 +52,19 @@ def open_store(cfg: TrainConfig, device: torch.device, world: World = World()) -
         normalize=cfg.normalize, device=device, rank=world.rank, world_size=world.size,
         allow_unsealed=cfg.allow_unsealed, threads=cfg.store_threads, window_io=cfg.store_io,
     )
+
+
+MANY_EPOCHS = 10  # a token budget this many times the training rows is worth a warning
+
+
+def warn_many_epochs(cfg: TrainConfig, store: ActivationStore) -> None:
+    """Warn when cfg.tokens means MANY_EPOCHS or more passes over the store's training rows (a small
+    cache: every row is seen that many times, and the SAE may fit those rows rather than the model)."""
+    epochs = cfg.tokens / max(store.rows_per_epoch, 1)
+    if epochs >= MANY_EPOCHS:
+        warnings.warn(f"tokens={format_count(cfg.tokens)} is {epochs:.0f} epochs over the {store.rows_per_epoch:,} "
+                      f"training rows of {cfg.store}: each row is seen about {epochs:.0f} times; harvest more "
+                      f"tokens (harvest run --tokens) or train on fewer (--tokens)")
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:

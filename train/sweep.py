@@ -50,7 +50,7 @@ from train.config import (ConfigError, TrainConfig, cfg_from_dict, get_default_c
                           sweep_shared_keys, update_cfg)
 from train.distributed import SoloWorld, World
 from train.layout import RunLayout, SweepLayout, step_of
-from train.runs import open_store, resolve_device
+from train.runs import open_store, resolve_device, warn_many_epochs
 from train.training import Restore, build_trainer, run_to_end
 
 # Keys that define the shared data stream and schedule, equal for every SAE of a sweep: those
@@ -84,9 +84,13 @@ def load_spec(path: str | Path) -> dict[str, Any]:
 
 
 def expand_spec(spec: dict[str, Any], overrides: dict[str, Any] | None = None) -> list[TrainConfig]:
-    """Every grid combination applied to base (+ overrides), validated; shared keys must agree."""
-    base = update_cfg(get_default_cfg(), **spec.get("base", {}), **(overrides or {}))
-    grid = spec.get("grid", {})
+    """Every grid combination applied to base, validated; shared keys must agree.
+
+    overrides (the command line's --store, --out, --set) win over the spec: over its [base], and
+    over its [grid] too, where a key they set is no longer varied (it takes the one value)."""
+    overrides = overrides or {}
+    base = update_cfg(get_default_cfg(), **{**spec.get("base", {}), **overrides})
+    grid = {k: v for k, v in spec.get("grid", {}).items() if k not in overrides}
     for key in grid:
         if key in SHARED_KEYS:
             raise ConfigError(f"grid.{key}: {key} is shared by all SAEs of a sweep (one data stream); move it to [base]")
@@ -126,6 +130,7 @@ def run_sweep(spec_path: str | Path, overrides: dict[str, Any] | None = None, pr
     try:
         created = None
         if world.is_main:
+            warn_many_epochs(lead, store)
             sweep_dir = create_run_dir(lead.out, sweep_name(spec, configs), checkpoints=False)
             name = sweep_dir.name
             records = []
@@ -153,6 +158,11 @@ def _device(cfg: TrainConfig, world: World) -> torch.device:
     return world.device(torch.device(device.type)) if world.size > 1 else device
 
 
+def sweep_runs(sweep_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
+    """(run folder, config) of every SAE of a sweep folder, in sweep.json's order."""
+    return _read_runs(Path(sweep_dir), World.single())
+
+
 def _read_runs(sweep_dir: Path, world: World) -> list[tuple[Path, TrainConfig]]:
     """(run folder, config) of every SAE of a sweep, in sweep.json's order."""
     layout = SweepLayout(sweep_dir)
@@ -161,7 +171,14 @@ def _read_runs(sweep_dir: Path, world: World) -> list[tuple[Path, TrainConfig]]:
     except FileNotFoundError:
         where = f" (rank {world.rank} of {world.size}: the out folder must be on a filesystem every rank shares)"
         raise ConfigError(f"{layout.spec} does not exist{where if world.size > 1 else ''}") from None
-    return [(layout.run(r["run_dir"]).root, cfg_from_dict(r["config"])) for r in record["runs"]]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{layout.spec} is not valid JSON ({e}); it is written once when the sweep starts: "
+                          f"restore it, or start the sweep again with `train sweep SPEC`") from None
+    try:
+        return [(layout.run(r["run_dir"]).root, cfg_from_dict(r["config"])) for r in record["runs"]]
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{layout.spec} does not describe a sweep (missing {e}); restore it, or start the sweep "
+                          f"again with `train sweep SPEC`") from None
 
 
 def _train_share(runs: list[tuple[Path, TrainConfig]], store, world: World, progress: bool,

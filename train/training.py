@@ -38,8 +38,8 @@ from train.distributed import World
 from train.errors import TrainingError
 from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
 from train.layout import RunLayout
-from train.logs import FINAL, RunLogger, density_histogram
-from train.runs import load_run_config, open_store, resolve_device  # noqa: F401 (importable from here, as before)
+from train.logs import FINAL, RunLogger, density_histogram, flatten
+from train.runs import load_run_config, open_store, resolve_device, warn_many_epochs  # noqa: F401 (importable from here)
 from train.sae import BaseAutoencoder
 from train.sae.losses import auxk_refresh_steps, refresh_auxk_candidates
 from train.sae.registry import build_from_cfg, sae_record
@@ -100,7 +100,7 @@ class Trainer:
     progress: bool = True
     last_checkpoint: Path | None = None
     world: World = field(default_factory=World)
-    _bad: torch.Tensor | None = field(default=None, repr=False)
+    _bad: torch.Tensor | None = field(default=None, repr=False)  # first step with a non-finite loss or grad; -1: none
     _auxk_due: bool = field(default=True, repr=False)  # refresh AuxK's candidates at the next step
 
     @property
@@ -112,7 +112,7 @@ class Trainer:
         use_deterministic_kernels(dev, self.cfg.deterministic)
         if self.fire_counts is None:
             self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.long, device=dev)
-        self._bad = torch.zeros((), dtype=torch.bool, device=dev)
+        self._bad = torch.full((), -1, dtype=torch.long, device=dev)
         self._micro = self.cfg.micro_batch_size or self.cfg.batch_size
         self._forward = torch.compile(self.sae) if self.cfg.compile else self.sae
         self._t_log, self._tok_log = time.perf_counter(), self.tokens
@@ -146,7 +146,6 @@ class Trainer:
             w = micro.shape[0] / n
             for k, v in {"loss": out.loss, **out.losses}.items():
                 parts[k] = parts.get(k, 0) + v.detach() * w
-        self._bad |= ~torch.isfinite(parts["loss"])
         params = [p for p in sae.parameters() if p.grad is not None]
         self.world.average_gradients(params)
         if counters_before is not None:
@@ -158,6 +157,8 @@ class Trainer:
                     parts[f"grad_norm/{name}"] = p.grad.norm()
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
         parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        diverged = ~(torch.isfinite(parts["loss"]) & torch.isfinite(parts["grad_norm"]))  # no host sync
+        self._bad = torch.where(diverged & (self._bad < 0), self.step + 1, self._bad)
         self.optimizer.step()
         sae.make_decoder_unit_norm()
         self.step += 1
@@ -181,11 +182,16 @@ class Trainer:
         return metrics
 
     def _check_finite(self) -> None:
-        if bool(self._bad):
-            where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
+        """TrainingError once a step's loss or gradient norm was inf or NaN (training diverged); no
+        checkpoint is written after it, so the last one is the last good state."""
+        step = int(self._bad)
+        if step >= 0:
+            where = (f"last good checkpoint: {self.last_checkpoint}, kept" if self.last_checkpoint
+                     else "no checkpoint was written")
             raise TrainingError(
-                f"loss became NaN or inf by step {self.step} ({where}); lower lr, check the cache with "
-                "`harvest verify`, or raise max_grad_norm clipping"
+                f"training diverged at step {step}: the loss or its gradient norm became NaN or inf ({where}); lower "
+                f"the learning rate (lr={self.cfg.lr:g}), check the cache with `harvest verify`, or clip gradients "
+                f"harder (max_grad_norm={self.cfg.max_grad_norm})"
             )
 
     def _metrics(self, parts: dict[str, torch.Tensor], tokens_per_s: float) -> dict[str, Any]:
@@ -386,23 +392,14 @@ def finish_run(trainer: Trainer) -> None:
         trainer.world.barrier()
         return
     results = calibrate_and_evaluate(trainer)
+    if trainer.density_tokens:  # the density since the last one logged: a short run gets one too
+        trainer.log(trainer._density())
     final = trainer.checkpoint(extra_state={"results": results})
     if results:
-        trainer.log({f"{FINAL}{k}": v for k, v in _flatten(results).items()})
+        trainer.log({f"{FINAL}{k}": v for k, v in flatten(results).items()})
     done = {"checkpoint": str(final.relative_to(trainer.run_dir)), "step": trainer.step, "tokens": trainer.tokens,
             "results": results}
     write_atomic(RunLayout(trainer.run_dir).done, json.dumps(done, indent=1).encode())
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
 
 
 def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -> tuple[BaseAutoencoder, Path]:
@@ -419,6 +416,8 @@ def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -
     try:
         cfg = post_init_cfg(cfg, store.d_model, store.sites[0])
         store.check_compatible(cfg.site, cfg.d_in)
+        if world.is_main:
+            warn_many_epochs(cfg, store)
         run_dir = world.broadcast(generate_checkpoint_dir(cfg) if world.is_main else None)
         if world.is_main:
             write_atomic(RunLayout(run_dir).config, json.dumps(cfg.to_dict(), indent=1).encode())
