@@ -1,6 +1,7 @@
 """`train report PATH`: PNG figures and a Markdown summary for a run folder or a sweep folder.
 
-Run: loss and L0 curves against tokens, the latest feature-density histogram.
+Run: loss and L0 curves against tokens, the latest feature-density histogram, the held-out
+figures (a Matryoshka SAE's also for each inner prefix alone).
 Sweep: the same curves overlaid (one line per SAE), and the L0 / explained-variance frontier (and
 L0 / CE-loss score when `train eval` has written eval.json), one point per SAE.
 """
@@ -37,6 +38,8 @@ def final_figures(run_dir: Path) -> dict[str, Any]:
         held = res.get("heldout", {})
         out.update({"explained_variance": held.get("explained_variance"), "l0": held.get("l0"),
                     "never_fired_fraction": held.get("never_fired_fraction")})
+        for width, figures in res.get("heldout_prefix", {}).items():  # Matryoshka: each inner prefix alone
+            out[f"explained_variance_prefix_{width}"] = figures.get("explained_variance")
     ev = layout.eval
     if ev.exists():
         data = json.loads(ev.read_text())

@@ -24,7 +24,7 @@ import torch
 from shared.devices import DeviceError, resolve_device as resolve_any_device
 from train.activation_store import ActivationStore
 from train.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
-from train.config import TrainConfig, cfg_from_dict
+from train.config import TrainConfig, cfg_from_saved
 from train.distributed import World
 from train.errors import TrainingError
 from train.layout import STATE, RunLayout, is_checkpoint_dir
@@ -52,7 +52,8 @@ def open_store(cfg: TrainConfig, device: torch.device, world: World = World()) -
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
-    return cfg_from_dict(json.loads(RunLayout(run_dir).config.read_text()))
+    """The run's config.json; keys added since it was written take the value it computed with."""
+    return cfg_from_saved(json.loads(RunLayout(run_dir).config.read_text()))
 
 
 @dataclass

@@ -46,7 +46,7 @@ import torch
 
 from shared.durable import write_atomic
 from train.checkpoints import CheckpointError, create_run_dir, list_checkpoints, read_checkpoint
-from train.config import (ConfigError, TrainConfig, cfg_from_dict, get_default_cfg, post_init_cfg,
+from train.config import (ConfigError, TrainConfig, cfg_from_saved, get_default_cfg, post_init_cfg,
                           sweep_shared_keys, update_cfg)
 from train.distributed import SoloWorld, World
 from train.layout import RunLayout, SweepLayout, step_of
@@ -161,7 +161,7 @@ def _read_runs(sweep_dir: Path, world: World) -> list[tuple[Path, TrainConfig]]:
     except FileNotFoundError:
         where = f" (rank {world.rank} of {world.size}: the out folder must be on a filesystem every rank shares)"
         raise ConfigError(f"{layout.spec} does not exist{where if world.size > 1 else ''}") from None
-    return [(layout.run(r["run_dir"]).root, cfg_from_dict(r["config"])) for r in record["runs"]]
+    return [(layout.run(r["run_dir"]).root, cfg_from_saved(r["config"])) for r in record["runs"]]
 
 
 def _train_share(runs: list[tuple[Path, TrainConfig]], store, world: World, progress: bool,
