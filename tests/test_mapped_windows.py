@@ -164,7 +164,7 @@ def test_float16_and_bfloat16_caches_map_to_the_same_batches(tmp_path):
 
 
 def test_a_file_system_without_mmap_falls_back_to_copies_or_is_named(paged_cache, monkeypatch):
-    import train.activation_store as store_module
+    import train.window_reader as store_module
 
     def no_mmap(files, stride):
         raise OSError(19, f"cannot memory-map {files[0][0]}: No such device")

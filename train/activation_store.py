@@ -9,37 +9,30 @@ Usage::
         ...
     ckpt["store"] = store.state_dict()           # {"position": int, + identity fields}
 
-Row order (ORDER_VERSION 1; a pure function of the cache identity, seed, window size and position)
-    Training rows are the rows of the training shards (the cache's readable shards minus the
-    held-out ones), without the rows at position 0 of their context when drop_bos. N = their
-    number = rows_per_epoch. Global position p (rows served by all ranks together since the start)
-    lies in epoch e = p // N, at offset r = p % N of that epoch.
-    * Shard order of epoch e: training shard i goes to place permute(i, S, derive_key(seed, e, 0))
-      of the epoch (S training shards, listed by index; `train.permutation`).
-    * Windows: consecutive groups of W = window_shards shards in that order (the last may be
-      smaller). W >= S gives one window per epoch, an exact global shuffle.
-    * Rows of window w: its shards' kept rows concatenated in window order (L of them), served in
-      the order local[permute(j, L, derive_key(seed, e, 1, w))], j = 0..L-1.
-    Epochs follow each other seamlessly; a batch may straddle windows and epochs. Global batch k
-    is the rows at positions [k*B, (k+1)*B) (B = batch_size); rank r of R gets the contiguous
-    slice [k*B + r*B/R, k*B + (r+1)*B/R), so the union over ranks is the same for every R.
-    `seek(p)` and `load_state_dict` cost O(S): locate (e, w, offset) arithmetically, load that
-    window, continue. `row_ids(p, n)` names the (shard, row) of any served rows without reading
-    activations.
+Data flow, top to bottom (one home each)
+    train.row_order     RowOrder: position -> (epoch, window, offset); a window's shards and the
+                        permutation of its rows. A pure function of the cache identity, seed,
+                        window size and position (`train.permutation` holds the keyed permutation).
+    train.window_reader WindowReader: a window's shards -> one [W * rows_per_shard, d] tensor per
+                        site in storage dtype, memory-mapped ("map", the default where possible)
+                        or copied ("copy"), checked against the ledger (`verify`); the two modes
+                        serve identical bytes. `train.mapped_files` holds the mmap plumbing.
+    this module         ActivationStore: which windows are resident, the gather of a batch's rows
+                        (torch.index_select), the prefetch threads, position / seek / state_dict,
+                        held-out batches.
+    train.batch_output  OutputPool and convert: the output tensors, their dtype and scaling.
 
-Memory (window_io)
-    "map" (the default where possible: uncompressed cache, Linux, chunk files a whole number of
-    pages): a window's chunk files are memory-mapped back to back into one read-only address
-    range (`train.mapped_files`), read into the page cache and mapped by the loader thread
-    (sequential reads of a cold file), and gathered from directly: no copy into private memory.
-    The mapping is dropped when the window is evicted. "copy" (compressed caches, other systems,
-    or asked for): a window is read shard by shard with large sequential copies from the chunk
-    files into a preallocated buffer in storage dtype. Either way a window is [W *
-    rows_per_shard, d] per site (`window_bytes` for all sites), at most two windows are resident
-    (the one being served and the one prefetched; one with prefetch=False), plus int64 row
-    indices (8 bytes a row) and a few batches: output tensors are recycled once the caller holds
-    no reference to them (storage use count), never while it does. Nothing of size n_rows is
-    ever built. Both modes serve identical bytes.
+Position and resume
+    Global batch k is the rows at positions [k*B, (k+1)*B) (B = batch_size); rank r of R gets the
+    contiguous slice [k*B + r*B/R, k*B + (r+1)*B/R). `seek(p)` and `load_state_dict` cost O(S):
+    locate (epoch, window, offset) arithmetically, load that window, continue (never replay).
+    `row_ids(p, n)` names the (shard, row) of any served rows without reading activations.
+
+Memory
+    At most two windows are resident (the one being served and the one prefetched; one with
+    prefetch=False): `window_bytes` each, plus int64 row indices (8 bytes a row) and a few
+    batches: output tensors are recycled once the caller holds no reference to them
+    (`train.batch_output`), never while it does. Nothing of size n_rows is ever built.
 
 Threads (prefetch=True)
     One loader thread fills the next window while the current one is served; one batch thread
@@ -51,32 +44,20 @@ Threads (prefetch=True)
     threads (e.g. a truncated shard) are re-raised by the next_batch() that needs them.
     close() (or `with store:`) stops the threads.
 
-Integrity
-    Cache.read_acts checks each chunk file's size against the ledger before mapping it (missing or
-    truncated shards raise CacheError naming the shard, never zeros). verify="once" (default) also
-    checks each shard's xxh3 checksum against the ledger the first time this store reads it
-    (hashing the buffer just read: no second read); "always" / "never" as named. A file truncated
-    by another process while mapped would still fault (SIGBUS): cache files are write-once and
-    rewritten only by rename, which leaves a mapped file intact.
-
-Held-out data and normalisation
-    heldout_shards=n (or heldout_fraction=f: n = ceil(f * n_shards)) reserves the last n shards by
-    index. They are never served for training; `eval_batches()` serves them in cache order. With
-    normalize=True each site is multiplied by its dataset-level factor sqrt(d / E||x||^2) from the
-    cache statistics (`scaling_factors`), so that E||x||^2 = d; fold it into exported weights.
-
-The cache is reached only through `shared.cache.Cache` (read_acts / read_vector / ledger), so
-an object-store backend can replace the local one without changing this module.
+Sites, held-out data and normalisation
+    `sites=[a, b, ...]` serves a dict site -> tensor: the same rows in the same order for every
+    site (the order does not depend on the sites); an input and a target site of one cache are
+    served this way. heldout_shards=n (or heldout_fraction=f: n = ceil(f * n_shards)) reserves
+    the last n shards by index: never served for training, `eval_batches()` serves them in cache
+    order. With normalize=True each site is multiplied by its own dataset-level factor
+    sqrt(d / E||x||^2) from the cache statistics (`scaling_factors`), so that E||x||^2 = d; fold
+    it into exported weights (`train.scaling`). The cache is reached only through
+    `shared.cache.Cache`, so an object-store backend can replace the local one.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import mmap
 import os
-import threading
-import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -84,113 +65,16 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import xxhash
 
-from shared.cache import Cache, CacheError, Layout
-from shared.durable import file_checksum
-from train.mapped_files import MADV_POPULATE_READ, MappedFiles, mappable
-from train.permutation import ORDER_VERSION, derive_key, permute, permutation
+from shared.cache import Cache, CacheError
+from train.batch_output import OUT_DTYPES, OutputPool, convert
+from train.permutation import ORDER_VERSION, permutation
+from train.row_order import RowOrder, cache_identity, heldout_count
+from train.window_reader import WindowReader, kept_rows
 
-_TORCH_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_BLOCK_ROWS = 256  # rows converted at a time through float32 for bfloat16 output (fits in L2)
+__all__ = ["ActivationStore", "IDENTITY_FIELDS", "RowOrder", "cache_identity"]  # the last two: train.row_order
+
 IDENTITY_FIELDS = ("order_version", "cache_id", "seed", "window_shards", "batch_size", "heldout_shards", "drop_bos")
-
-
-def cache_identity(cache: Cache) -> str:
-    """xxh3-128 hex of the cache spec and the (index, rows, checksums) of every readable shard."""
-    payload = {
-        "spec": cache.spec.to_dict(),
-        "shards": [[k, cache.shard_rows(k), cache.ledger[k].checksums] for k in cache.shards],
-    }
-    return xxhash.xxh3_128(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-class RowOrder:
-    """The arithmetic of the training order (module docstring); reads no activations.
-
-    shards: training shard indices, ascending [S]; kept: rows served from each of them [S].
-    """
-
-    def __init__(self, shards: Sequence[int], kept: Sequence[int], window_shards: int, seed: int):
-        self.shards = np.asarray(shards, dtype=np.int64)
-        self.kept = np.asarray(kept, dtype=np.int64)
-        self.seed = int(seed)
-        self.window_shards = min(int(window_shards), len(self.shards))
-        self.n_windows = -(-len(self.shards) // self.window_shards)
-        self.rows_per_epoch = int(self.kept.sum())
-        self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._lock = threading.Lock()
-
-    def epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(shard ids in serving order [S], cumulative kept rows at window starts [n_windows + 1])."""
-        with self._lock:
-            if epoch not in self._layouts:
-                s = len(self.shards)
-                place = permute(np.arange(s), s, derive_key(self.seed, epoch, 0))
-                order = np.empty(s, dtype=np.int64)
-                order[place] = np.arange(s)
-                starts = np.arange(0, s, self.window_shards)
-                per_window = np.add.reduceat(self.kept[order], starts)
-                cum = np.concatenate([[0], np.cumsum(per_window)])
-                if len(self._layouts) >= 4:
-                    self._layouts.pop(next(iter(self._layouts)))
-                self._layouts[epoch] = (self.shards[order], cum)
-            return self._layouts[epoch]
-
-    def locate(self, position: int) -> tuple[int, int, int]:
-        """(epoch, window, offset of the position inside that window's served rows)."""
-        epoch, r = divmod(int(position), self.rows_per_epoch)
-        _, cum = self.epoch_layout(epoch)
-        w = int(np.searchsorted(cum, r, side="right")) - 1
-        return epoch, w, r - int(cum[w])
-
-    def window(self, epoch: int, w: int) -> np.ndarray:
-        """Shard ids of window w of an epoch, in window order."""
-        order, _ = self.epoch_layout(epoch)
-        return order[w * self.window_shards : (w + 1) * self.window_shards]
-
-    def next_window(self, epoch: int, w: int) -> tuple[int, int]:
-        return (epoch, w + 1) if w + 1 < self.n_windows else (epoch + 1, 0)
-
-    def row_key(self, epoch: int, w: int) -> int:
-        return derive_key(self.seed, epoch, 1, w)
-
-
-def _storage_use_count(t: torch.Tensor) -> int | None:
-    """References to t's memory (tensors and views over it, +1 for the query itself); None if unknown."""
-    fn = getattr(torch._C, "_storage_Use_Count", None)
-    return None if fn is None else int(fn(t.untyped_storage()._cdata))
-
-
-class _OutputPool:
-    """Output tensors of one shape, recycled once nothing else holds their memory.
-
-    The pool keeps each buffer and hands out a view of it. A buffer is handed out again only when
-    its storage's use count is back to the pool's own reference: no batch the caller kept, no view,
-    numpy array or autograd graph still refers to it, so nothing the caller can see is overwritten.
-    Recycling spares the page faults of a fresh multi-MB allocation per batch. Pinned memory
-    (CUDA targets; torch's host allocator already caches it, and tracks asynchronous copies) and
-    torch builds without the counter get fresh tensors.
-    """
-
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, pin: bool = False, capacity: int = 4):
-        self.shape, self.dtype, self.pin, self.capacity = shape, dtype, pin, capacity
-        self._keep: list[torch.Tensor] = []
-        self._idle: int | None = None  # use count of a buffer only the pool holds
-
-    def get(self) -> torch.Tensor:
-        for buf in self._keep:
-            if _storage_use_count(buf) == self._idle:
-                return buf.view(self.shape)
-        buf = torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin)
-        self._idle = self._idle or (None if self.pin else _storage_use_count(buf))
-        if self._idle is None:
-            return buf
-        if len(self._keep) >= self.capacity:  # all still held by the caller: forget the oldest
-            self._keep.pop(0)
-        self._keep.append(buf)
-        return buf.view(self.shape)
 
 
 @dataclass
@@ -216,7 +100,7 @@ class ActivationStore:
     unfinished cache. prefetch: background loader and batch threads. max_tokens: iteration stops
     before position would exceed it. verify: checksum shards "once" per store, "always", "never".
     threads: torch intra-op threads of each background thread. window_io: "auto", "map" or "copy"
-    (module docstring, Memory); the bytes served do not depend on it.
+    (`train.window_reader`); the bytes served do not depend on it.
     """
 
     def __init__(
@@ -250,8 +134,8 @@ class ActivationStore:
         for s in self.sites:
             self.cache.check_site(s)
         self.d_model = spec.d_model
-        self.dtype = _OUT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        if self.dtype not in _OUT_DTYPES.values():
+        self.dtype = OUT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if self.dtype not in OUT_DTYPES.values():
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size or batch_size < 1:
             raise ValueError(f"need 0 <= rank < world_size dividing batch_size; got rank={rank}, world_size={world_size}, batch_size={batch_size}")
@@ -274,27 +158,22 @@ class ActivationStore:
         self._threads = int(threads)
 
         shards = self.cache.shards
-        n_held = _heldout_count(len(shards), heldout_shards, heldout_fraction, self.cache.root)
+        n_held = heldout_count(len(shards), heldout_shards, heldout_fraction, self.cache.root)
         self.heldout_shards = shards[len(shards) - n_held :]
         self.train_shards = shards[: len(shards) - n_held]
-        kept = [self._kept_rows(k) for k in self.train_shards]
+        kept = [kept_rows(self.cache, k, self.drop_bos) for k in self.train_shards]
         self.order = RowOrder(self.train_shards, kept, window_shards, self.seed)
         if self.order.rows_per_epoch == 0:
             raise CacheError(f"{self.cache.root}: no training rows left (drop_bos removed every row)")
         self.cache_id = cache_identity(self.cache)
         self.scaling_factors = {s: float(self.cache.stats(s).norm_scaling_factor) for s in self.sites}
 
-        self._rps = spec.rows_per_shard
-        self._storage = _TORCH_STORAGE[spec.dtype]
-        self._itemsize = torch.empty((), dtype=self._storage).element_size()
-        self.window_bytes = self.order.window_shards * self._rps * self.d_model * self._itemsize * len(self.sites)
-        self._window_io_asked = window_io
-        self.window_io = self._choose_window_io(window_io)
-        self._verified: set[tuple[str, int]] = set()
-        self._bufs: dict[int, dict[str, torch.Tensor]] = {}
+        self.reader = WindowReader(self.cache, self.sites, self.order.window_shards, verify, window_io, self.drop_bos)
+        self.window_bytes = self.reader.window_bytes
+        self._rps, self._storage = self.reader.rows_per_shard, self.reader.storage
         self._windows: dict[tuple[int, int], tuple[int, Future]] = {}
         self._tmp: dict[str, torch.Tensor] = {}
-        self._pools: dict[tuple[str, torch.dtype], _OutputPool] = {}
+        self._pools: dict[tuple[str, torch.dtype], OutputPool] = {}
         self._position = 0
         self._pending: tuple[int, Future] | None = None
         self._prefetch = bool(prefetch)
@@ -305,16 +184,10 @@ class ActivationStore:
         self._batcher = ThreadPoolExecutor(thread_name_prefix="store-batch", **pool) if prefetch else None
         self._finalizer = weakref.finalize(self, _shutdown, self._loader, self._batcher)
 
-    def _choose_window_io(self, asked: str) -> str:
-        if asked not in ("auto", "map", "copy"):
-            raise ValueError(f"window_io must be 'auto', 'map' or 'copy', got {asked!r}")
-        if asked == "copy":
-            return asked
-        why = (f"the cache is compressed ({self.cache.spec.compression})" if self.cache.spec.compression != "none"
-               else mappable(self._rps * self.d_model * self._itemsize))
-        if why and asked == "map":
-            raise ValueError(f"window_io='map' is not possible for {self.cache.root}: {why}; use 'copy' or 'auto'")
-        return "copy" if why else "map"
+    @property
+    def window_io(self) -> str:
+        """"map" or "copy": how windows are read now (`train.window_reader`)."""
+        return self.reader.window_io
 
     # ------------------------------------------------------------------ position and state
 
@@ -430,8 +303,8 @@ class ActivationStore:
         have = 0
         for k in self.heldout_shards:
             for s in self.sites:
-                self._read_shard(s, k, bufs[s])
-            idx = torch.from_numpy(self._kept_index(k))
+                self.reader.read_shard(s, k, bufs[s])
+            idx = torch.from_numpy(self.reader.kept_index(k))
             i = 0
             while i < len(idx):
                 take = min(bs - have, len(idx) - i)
@@ -453,7 +326,7 @@ class ActivationStore:
             if ex is not None:
                 ex.shutdown(wait=True)
         self._windows.clear()  # unmaps mapped windows, frees copied ones
-        self._bufs.clear()
+        self.reader.release()
 
     def __enter__(self) -> "ActivationStore":
         return self
@@ -503,10 +376,10 @@ class ActivationStore:
             return out
         return {s: self._convert(target[s], s, out[s]) for s in self.sites}
 
-    def _pool(self, site: str, dtype: torch.dtype) -> _OutputPool:
+    def _pool(self, site: str, dtype: torch.dtype) -> OutputPool:
         key = (site, dtype)
         if key not in self._pools:
-            self._pools[key] = _OutputPool((self.local_batch_size, self.d_model), dtype, pin=self._pin)
+            self._pools[key] = OutputPool((self.local_batch_size, self.d_model), dtype, pin=self._pin)
         return self._pools[key]
 
     def _tmp_buffer(self, site: str, rows: int) -> torch.Tensor:
@@ -516,29 +389,8 @@ class ActivationStore:
         return buf[:rows]
 
     def _convert(self, x: torch.Tensor, site: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[n, d] storage dtype -> [n, d] self.dtype (into `out`, else a new tensor on x's device),
-        times the scaling factor in float32 arithmetic if normalize.
-
-        bfloat16 output on the CPU goes through float32 in blocks of _BLOCK_ROWS rows (an exact
-        step for float16 / bfloat16 input, so the same bits): torch's direct float16 -> bfloat16
-        copy is scalar, about 3.5x slower than the two vectorised conversions."""
-        if out is None:
-            out = torch.empty(x.shape, dtype=self.dtype, device=x.device)
-        scale = self.scaling_factors[site] if self.normalize else None
-        if self.dtype == torch.float32:
-            out.copy_(x)
-            if scale is not None:
-                out.mul_(scale)
-        elif x.device.type == "cpu" and (x.dtype != self.dtype or scale is not None):
-            scratch = torch.empty((min(_BLOCK_ROWS, len(x)), x.shape[1]), dtype=torch.float32)
-            for i in range(0, len(x), _BLOCK_ROWS):
-                block = scratch[: len(x) - i].copy_(x[i : i + _BLOCK_ROWS])
-                out[i : i + _BLOCK_ROWS].copy_(block if scale is None else block.mul_(scale))
-        elif scale is not None:
-            out.copy_(x.to(torch.float32).mul_(scale))
-        else:
-            out.copy_(x)
-        return out
+        """[n, d] storage dtype -> [n, d] self.dtype, scaled if normalize (`batch_output.convert`)."""
+        return convert(x, self.dtype, self.scaling_factors[site] if self.normalize else None, out)
 
     def _emit(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
         """Move a CPU batch to the device (and, for CUDA, convert it there); tensor or dict."""
@@ -589,149 +441,16 @@ class ActivationStore:
     def _load(self, key: tuple[int, int], slot: int) -> _Window:
         """Map window `key`, or read it into buffer slot `slot` (loader thread)."""
         shards, local = self._plan(*key)
-        rows = None
-        if self.window_io == "map":
-            try:
-                rows = {s: self._map_window(s, shards.tolist()) for s in self.sites}
-            except OSError as e:  # e.g. a file system without mmap; a damaged file fails the copy's checks too
-                if self._window_io_asked == "map":
-                    raise CacheError(f"{self.cache.root}: shards {shards.tolist()} cannot be memory-mapped ({e}); "
-                                     "use window_io='copy' (training: store_io=copy)") from e
-                warnings.warn(f"{self.cache.root}: shards {shards.tolist()} cannot be memory-mapped ({e}); "
-                              "copying windows into memory instead", RuntimeWarning, stacklevel=2)
-                self.window_io = "copy"
-        if rows is None:
-            if slot not in self._bufs:
-                n = self.order.window_shards * self._rps
-                self._bufs[slot] = {s: torch.empty((n, self.d_model), dtype=self._storage) for s in self.sites}
-            rows = self._bufs[slot]
-            for j, k in enumerate(shards.tolist()):
-                for s in self.sites:
-                    self._read_shard(s, k, rows[s][j * self._rps : (j + 1) * self._rps])
-        return _Window(key, slot, torch.from_numpy(local), shards, rows)
-
-    def _map_window(self, site: str, shards: list[int]) -> torch.Tensor:
-        """The chunk files of `shards` mapped back to back, populated and (verify) checked:
-        [len(shards) * rows_per_shard, d] storage dtype, read-only."""
-        files = [self._chunk_file(site, k)[:2] for k in shards]
-        row_bytes = self.d_model * self._itemsize
-        mapped = MappedFiles(files, self._rps * row_bytes)  # OSError: handled by _load
-        mapped.populate()
-        name = f"acts/{site}"
-        for j, k in enumerate(shards):
-            if self._needs_check(site, k):
-                self._check_digest(k, name, xxhash.xxh3_128(mapped.file_bytes(j)).hexdigest())
-                self._verified.add((site, k))
-        return mapped.tensor(self._storage, row_bytes)
+        return _Window(key, slot, torch.from_numpy(local), shards, self.reader.load(shards.tolist(), slot))
 
     def _plan(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(shards of the window, buffer row of each served row in serving order: int64 [L])."""
         shards = self.order.window(epoch, w)
-        local = np.concatenate([j * self._rps + self._kept_index(k) for j, k in enumerate(shards.tolist())])
+        local = np.concatenate([j * self._rps + self.reader.kept_index(k) for j, k in enumerate(shards.tolist())])
         _, cum = self.order.epoch_layout(epoch)
         if len(local) != cum[w + 1] - cum[w]:
             raise CacheError(f"{self.cache.root}: shards {shards.tolist()} changed since the store was opened; reopen it")
         return shards, local[permutation(len(local), self.order.row_key(epoch, w))]
-
-    # ------------------------------------------------------------------ shard reading
-
-    def _kept_index(self, shard: int) -> np.ndarray:
-        """Rows of a shard that are served: all, or those not at position 0 when drop_bos. int64 [kept]."""
-        if not self.drop_bos:
-            return np.arange(self.cache.shard_rows(shard), dtype=np.int64)
-        return np.flatnonzero(self.cache.read_vector("positions", shard) != 0).astype(np.int64)
-
-    def _kept_rows(self, shard: int) -> int:
-        return len(self._kept_index(shard)) if self.drop_bos else self.cache.shard_rows(shard)
-
-    def _read_shard(self, site: str, shard: int, dst: torch.Tensor) -> None:
-        """Copy one shard's activations into dst [rows_per_shard, d] (storage dtype), checking it.
-
-        Uncompressed: one sequential copy of the whole chunk file (padding included) from its
-        memory map, then (verify) the xxh3-128 of the copied bytes against the ledger.
-        Compressed: (verify) the checksum of the file first, then zarr decodes it.
-        """
-        name = f"acts/{site}"
-        dst_np = dst.view(torch.int16).numpy() if self._itemsize == 2 else dst.numpy()
-        check = self._needs_check(site, shard)
-        if self.cache.spec.compression != "none":
-            path = Layout(self.cache.root).acts_chunk(site, shard)
-            if check and shard in self.cache.ledger and path.exists():
-                self._check_digest(shard, name, file_checksum(path))
-            try:
-                arr = self.cache.read_acts(site, shard)  # CacheError if missing / wrong size
-            except CacheError:
-                raise
-            except Exception as e:  # a codec error: name the shard
-                raise CacheError(f"{self.cache.root}: shard {shard} ({name}) cannot be decoded ({e}); re-harvest that shard") from e
-            np.copyto(dst_np[: arr.shape[0]], arr.view(dst_np.dtype))
-        else:
-            path, size, file_rows = self._chunk_file(site, shard)
-            try:
-                _copy_file(path, size, dst_np[:file_rows])
-            except (OSError, ValueError) as e:  # changed since the size check
-                raise CacheError(f"{self.cache.root}: shard {shard} file {path} cannot be read ({e}); re-harvest that shard") from e
-            if check:
-                self._check_digest(shard, name, xxhash.xxh3_128(memoryview(dst_np[:file_rows])).hexdigest())
-        if check:
-            self._verified.add((site, shard))
-
-    def _chunk_file(self, site: str, shard: int) -> tuple[str, int, int]:
-        """(path, bytes, rows incl. padding) of an uncompressed chunk file, checked against the
-        ledger: CacheError naming the shard if it is missing, truncated or not whole rows."""
-        arr = self.cache.read_acts(site, shard)  # CacheError if missing / wrong size
-        path, rows = arr.filename, arr.shape[0]
-        del arr
-        size = self.cache.ledger[shard].sizes[f"acts/{site}"]
-        row_bytes = self.d_model * self._itemsize
-        file_rows = size // row_bytes
-        if size % row_bytes or not rows <= file_rows <= self._rps:
-            raise CacheError(f"{self.cache.root}: shard {shard} file {path} has {size} bytes, not whole rows of a shard; re-harvest that shard")
-        return path, size, file_rows
-
-    def _needs_check(self, site: str, shard: int) -> bool:
-        """Whether this read of the shard's activations is checksummed (the `verify` policy)."""
-        return self.verify == "always" or (self.verify == "once" and (site, shard) not in self._verified)
-
-    def _check_digest(self, shard: int, name: str, digest: str) -> None:
-        if digest != self.cache.ledger[shard].checksums[name]:
-            raise CacheError(f"{self.cache.root}: shard {shard} ({name}) fails its checksum (corrupt); re-harvest that shard")
-
-
-def _copy_file(path: str, size: int, dst: np.ndarray, chunk: int = 1 << 25) -> None:
-    """Copy the first `size` bytes of a file into the C-contiguous array dst (dst.nbytes == size).
-
-    The file is memory-mapped `chunk` bytes at a time, each piece's page tables populated in one
-    call (MADV_POPULATE_READ, Linux >= 5.14; a cold file is read sequentially by the kernel),
-    copied with one memcpy and unmapped: about twice as fast as faulting page by page, and at
-    most `chunk` bytes of the file are mapped at any time.
-    """
-    out = dst.reshape(-1).view(np.uint8)
-    with open(path, "rb") as f:
-        for off in range(0, size, chunk):
-            n = min(chunk, size - off)
-            with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=off) as m:
-                try:
-                    m.madvise(MADV_POPULATE_READ)
-                except (OSError, ValueError):  # older kernel: plain page faults, same result
-                    pass
-                src = np.frombuffer(m, dtype=np.uint8)
-                np.copyto(out[off : off + n], src)
-                del src  # release the buffer before the map closes
-
-
-def _heldout_count(n_shards: int, shards: int, fraction: float | None, root: Any) -> int:
-    if n_shards == 0:
-        raise CacheError(f"{root} has no readable shards")
-    if fraction is not None:
-        if shards:
-            raise ValueError("give heldout_shards or heldout_fraction, not both")
-        if not 0 <= fraction < 1:
-            raise ValueError(f"heldout_fraction must lie in [0, 1), got {fraction}")
-        shards = math.ceil(fraction * n_shards)
-    if shards < 0 or shards >= n_shards:
-        raise CacheError(f"{root}: holding out {shards} of {n_shards} shards leaves no training shard; hold out fewer")
-    return int(shards)
 
 
 def _shutdown(*executors: ThreadPoolExecutor | None) -> None:

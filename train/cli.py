@@ -1,4 +1,4 @@
-"""`train` command: run / resume / sweep / report / config / eval / calibrate / export.
+"""`train` command: run / resume / sweep / report / config / eval / calibrate / export / inspect.
 
 The options of `run` are config keys (config_option: type, choices, help and default from
 TrainConfig); the commands run their work through shared.cli_common.run_user_errors, which prints a
@@ -195,7 +195,7 @@ def _facts_note(key: str) -> str:
 @click.option("--heldout-shards", type=click.IntRange(1), help="Evaluate on the cache's last N shards instead of the run's held-out shards.")
 @click.option("--autocast", type=AUTOCAST_TYPE, default="auto", show_default=True,
               help="LM compute dtype; auto = the harvest's (bf16 on CUDA when the cache was harvested so); bfloat16 = bf16.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Where to write eval.json [default: into CHECKPOINT].")
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write eval.json [default: into CHECKPOINT]; saebench_core.json goes beside it.")
 @click.option("--wandb-mode", type=click.Choice(key_facts("wandb_mode").choices), help="[default: the run's]")
 def eval_cmd(checkpoint, **options) -> None:
     """Evaluate a run folder's newest checkpoint (or one checkpoint folder) on held-out data.
@@ -204,12 +204,17 @@ def eval_cmd(checkpoint, **options) -> None:
     histogram) on held-out cache rows, and the LM's CE loss clean / with the SAE spliced in /
     zero- and mean-ablated, CE-loss score and KL on the held-out contexts. BatchTopK and
     Matryoshka are reported with their calibrated threshold and with batch top-k, Matryoshka also
-    with each inner prefix alone. Prints a table; the last line is the path of eval.json.
+    with each inner prefix alone. Beside eval.json, saebench_core.json holds the exported
+    encoding's figures in SAEBench's core-eval layout and definitions. Prints a table; the last
+    line is the path of eval.json.
     """
     from train.evaluation import evaluate_checkpoint, format_table
 
+    from train.saebench import SAEBENCH_FILENAME
+
     results, dest = run_user_errors(evaluate_checkpoint, checkpoint, **options)
     click.echo(format_table(results), err=True)
+    click.echo(f"  SAEBench core layout: {dest.parent / SAEBENCH_FILENAME}", err=True)
     click.echo(str(dest))
 
 
@@ -242,18 +247,76 @@ def calibrate(checkpoint, **options) -> None:
 @click.option("--model-name", help="metadata.model_name [default: the cache's model id].")
 @click.option("--store", "store_path", help="The run's cache, if it moved (needed for the scaling factor and provenance).")
 @click.option("--force", is_flag=True, help="Overwrite an existing export in --out.")
-def export(checkpoint, fmt, out_dir, model_name, store_path, force) -> None:
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO",
+              help="Then upload the folder to this hub model repository (needs the network and a login).")
+def export(checkpoint, fmt, out_dir, model_name, store_path, force, push_to_hub) -> None:
     """Export a run folder's newest checkpoint (or one checkpoint folder) for SAELens 6.
 
     The dataset scaling is folded into the weights (the export takes raw activations); BatchTopK
     and Matryoshka are written as JumpReLU with their calibrated threshold, Gated as SAELens'
-    gated. The last line printed is the folder.
+    gated. Beside cfg.json and the weights: a model card README.md (recipe, provenance hashes,
+    training tokens, eval figures when the checkpoint has an eval.json) and its
+    saebench_core.json. The last line printed is the folder.
     """
     from train.export import export_checkpoint
 
     out = run_user_errors(export_checkpoint, checkpoint, out_dir, fmt=fmt, model_name=model_name,
-                       store_path=store_path, force=force)
+                          store_path=store_path, force=force, push_to_hub=push_to_hub)
     click.echo(str(out))
+
+
+@main.command("inspect")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the site (index.html opens from disk); refused if it exists and is not empty, unless --force.")
+@click.option("--shards", help="Cache shards to stream, e.g. 3,5-7 [default: the run's held-out shards].")
+@click.option("--tokens", type=COUNT, help="Stop after this many encoded rows (e.g. 200k) [default: every row of the shards].")
+@click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Top-activating examples kept per latent.")
+@click.option("--bands", type=click.IntRange(1), default=8, show_default=True,
+              help="Activation bands (equal slices of each latent's histogram range, a power of two) sampled for examples.")
+@click.option("--per-band", type=click.IntRange(0), default=3, show_default=True,
+              help="Uniformly sampled examples kept per band (0: none).")
+@click.option("--bins", type=click.IntRange(1), default=64, show_default=True, help="Histogram bins per latent (a power of two).")
+@click.option("--before", type=click.IntRange(0), default=16, show_default=True, help="Context tokens shown before each example.")
+@click.option("--after", type=click.IntRange(0), default=4, show_default=True, help="Context tokens shown after each example.")
+@click.option("--batch-rows", type=click.IntRange(1), default=1024, show_default=True,
+              help="Rows per encoder batch (whole contexts); its latents take batch_rows x dict size x 4 bytes.")
+@click.option("--logit-tokens", type=click.IntRange(1), default=10, show_default=True,
+              help="Most promoted and most suppressed output tokens kept per latent.")
+@click.option("--neighbours", type=click.IntRange(1), default=5, show_default=True, help="Nearest latents (decoder cosine) kept per latent.")
+@click.option("--device", default="cpu", show_default=True, help="Where the encoder runs: cpu, cuda, cuda:N or auto.")
+@click.option("--store", help="The run's cache, if it moved.")
+@click.option("--model", help="LM for the logit effect and tokenizer, instead of the one the cache records (hub id, HF folder or .gguf).")
+@click.option("--tokenizer", help="Tokenizer for the contexts, instead of the model's (hub id, HF folder or .gguf).")
+@click.option("--no-logits", is_flag=True, help="Do not load the LM: no logit effect.")
+@click.option("--token-ids", is_flag=True, help="Show token ids instead of loading a tokenizer.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out (only once the new site is complete).")
+@click.option("--serve", is_flag=True, help="Then serve the site on 127.0.0.1 until Ctrl-C (prints the URL).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port for --serve (0: a free port).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def inspect_cmd(checkpoint, out_dir, tokens, serve, port, quiet, **options) -> None:
+    """Build a feature browser of a run folder's newest checkpoint (or one checkpoint folder).
+
+    One pass of the SAE's encoder (in the run's normalised space; BatchTopK with its calibrated
+    threshold) over cache shards keeps, per latent, its top activations, samples across its
+    activation range, a histogram, its frequency and mean activation. Contexts come from the
+    cache's tokens (no LM pass); the logit effect needs the LM. The site opens from disk
+    (DIR/index.html). The last line printed is the site folder.
+    """
+    from train.inspector.build import Settings, inspect_checkpoint
+    from train.inspector.site import serve as serve_site
+
+    settings = Settings(tokens=tokens, progress=not quiet, **options)
+    site, meta = run_user_errors(inspect_checkpoint, checkpoint, out_dir, settings)
+    p = meta["pass"]
+    click.echo(f"inspected {p['rows']:,} rows of shards {meta['shards_text']} in {p['seconds']:.1f} s "
+               f"({p['tokens_per_second'] or 0:,.0f} tokens/s); {meta['d_sae']:,} latents", err=True)
+    for note in meta["notes"]:
+        click.echo(f"  note: {note}", err=True)
+    click.echo(f"  open {site / 'index.html'}", err=True)
+    click.echo(str(site))
+    if serve:
+        run_user_errors(serve_site, site, port, announce=lambda line: click.echo(line, err=True))
 
 
 def _print_results(run_dir) -> None:

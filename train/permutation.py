@@ -13,8 +13,9 @@ F_i(R) = splitmix64(R ^ K_i) truncated to the width of L, and the two widths swa
 round (an unbalanced Feistel, still a bijection each round). K_i = derive_key(key, i).
 
 Keys are derived from tuples of integers with `derive_key(*parts)` (splitmix64 chaining), e.g.
-the activation store uses derive_key(seed, epoch, 0) for the shard order of an epoch and
-derive_key(seed, epoch, 1, window) for the row order inside a window.
+the store's row order (`train.row_order`) uses derive_key(seed, epoch, 0) for the shard order of
+an epoch and derive_key(seed, epoch, 1, window) for the row order inside a window. Pure
+functions of their arguments: safe from any thread.
 """
 
 from __future__ import annotations

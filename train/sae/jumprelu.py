@@ -46,6 +46,7 @@ class JumpReLU:
                    "threshold_init": "threshold_init"}
     late_config_keys = {"target_l0": ("target_l0", None), "pre_act_coeff": ("jumprelu_pre_act_coeff", 0.0),
                         "freq_coeff": ("jumprelu_freq_coeff", 0.0), "freq_max": ("jumprelu_freq_max", 0.1),
+                        "init_l0": ("jumprelu_init_l0", 0.0),  # resolved by config_args
                         "threshold_lr_scale": ("jumprelu_threshold_lr_scale", 1.0)}
     saelens_arch = "jumprelu"  # with threshold = exp(log_threshold)
 
@@ -74,6 +75,7 @@ class JumpReLU:
         set to another value than its default, DEFAULT_INIT_L0 capped at 1/16 of the dictionary;
         0: off), passed only when on, so that records made before it rebuild."""
         args = super().config_args(cfg)
+        args.pop("init_l0", None)
         init = cfg.jumprelu_init_l0
         if init is None and cfg.target_l0 is not None:
             init = cfg.target_l0
