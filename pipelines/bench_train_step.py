@@ -53,7 +53,8 @@ use each side's fastest step (timeit's convention on a shared machine).
 
 Defaults (finish in about 10 minutes on the 2-core development machine, without other load):
 variants topk,batchtopk,vanilla,jumprelu; d_in 576,768; expansion 8; steps 4; warm-up 3; a
-12-step data-wait run. The 32x widths take about 4x longer per step: add them with
+12-step data-wait run. matryoshka (prefixes m/16, m/4, m; SAELens' MatryoshkaBatchTopKTrainingSAE
+with the same widths) and gated (SAELens' GatedTrainingSAE) are measured with --variants. The 32x widths take about 4x longer per step: add them with
 --expansions 8,32 (or run them alone with fewer steps).
 """
 
@@ -80,7 +81,8 @@ from pipelines.measure import PeakRSS, rss_bytes  # noqa: E402
 from pipelines.step_floor import CopyProbe, floor_seconds, step_cost  # noqa: E402
 
 SAELENS_WORKER = Path(__file__).resolve().with_name("saelens_step_worker.py")
-VARIANTS = ("topk", "batchtopk", "vanilla", "jumprelu")
+VARIANTS = ("topk", "batchtopk", "vanilla", "jumprelu", "matryoshka", "gated")
+DEFAULT_VARIANTS = ("topk", "batchtopk", "vanilla", "jumprelu")  # the grid's default; add the others with --variants
 TARGET_SPEEDUP = {"topk": 2.0, "batchtopk": 2.0, "vanilla": 1.2, "jumprelu": 1.2}
 TARGET_FLOOR = {"topk": 1.3, "batchtopk": 1.3}  # step / one dense forward product (issue 15, CPU)
 TARGET_WAIT = 0.05
@@ -439,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of topk, batchtopk, vanilla, jumprelu")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--d-in", default="576,768", help="comma list of input widths")
     p.add_argument("--expansions", default="8", help="comma list of width / d_in (e.g. 8,32)")
     p.add_argument("--batch-size", type=int, default=4096)

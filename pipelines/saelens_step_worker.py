@@ -18,8 +18,9 @@ is handed over (so outside any step's time), one dense torch.mm([batch, d] x [d,
 timed: the floor paired with that step.
 
 Architectures and SAELens defaults: vanilla = StandardTrainingSAE, topk = TopKTrainingSAE,
-batchtopk = BatchTopKTrainingSAE, jumprelu = JumpReLUTrainingSAE ("step" L0 loss); everything
-not set here is SAELens' default (wandb off, no checkpoints, no autocast).
+batchtopk = BatchTopKTrainingSAE, jumprelu = JumpReLUTrainingSAE ("step" L0 loss), matryoshka =
+MatryoshkaBatchTopKTrainingSAE (widths d_sae/16, d_sae/4, d_sae), gated = GatedTrainingSAE;
+everything not set here is SAELens' default (wandb off, no checkpoints, no autocast).
 
 --dead-fraction f makes the first f * d_sae latents dead: their encoder bias is set to -1e4 (they
 never fire) and SAELens' counter n_forward_passes_since_fired is set past dead_feature_window
@@ -66,7 +67,16 @@ def build(arch: str, d: int, d_sae: int, k: int, device: str, sparse_topk: bool)
     if arch == "jumprelu":
         from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
         return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common))
-    raise SystemExit(f"unknown arch {arch!r}; use vanilla, topk, batchtopk or jumprelu")
+    if arch == "matryoshka":
+        from sae_lens.saes.matryoshka_batchtopk_sae import (MatryoshkaBatchTopKTrainingSAE,
+                                                            MatryoshkaBatchTopKTrainingSAEConfig)
+        widths = [d_sae // 16, d_sae // 4, d_sae]  # as our default matryoshka_widths = 1/16,1/4
+        return MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(k=k, matryoshka_widths=widths,
+                                                                                   **common))
+    if arch == "gated":
+        from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
+        return GatedTrainingSAE(GatedTrainingSAEConfig(**common))
+    raise SystemExit(f"unknown arch {arch!r}; use vanilla, topk, batchtopk, jumprelu, matryoshka or gated")
 
 
 def main() -> None:
@@ -112,7 +122,7 @@ def main() -> None:
     sampler = PeakRSS()
     n_dead = int(round(args.dead_fraction * d_sae))
     with torch.no_grad():  # latents that can never fire (the same ones bench_train_step.py kills in ours)
-        sae.b_enc[:n_dead] = -1e4
+        getattr(sae, "b_gate", sae.b_enc)[:n_dead] = -1e4  # gated: the gate's bias
     trainer: SAETrainer | None = None
 
     def sync() -> None:

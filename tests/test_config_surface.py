@@ -46,11 +46,19 @@ def test_run_names_are_the_ones_computed_before(changes, name):
     assert named(**changes).run_name == name
 
 
+# Keys added after legacy_config_hash was written (issue 13's variants), at their defaults: they did not
+# exist then, so the hash it computed did not see them.
+ADDED_LATER = ("k_anneal_tokens", "k_anneal_start", "matryoshka_widths", "target_l0", "jumprelu_init_l0",
+               "jumprelu_pre_act_coeff", "jumprelu_freq_coeff", "jumprelu_freq_max", "jumprelu_threshold_lr_scale")
+
+
 def legacy_config_hash(cfg: TrainConfig) -> str:
     """config_hash as it was written before (the hand-kept list of keys left out), kept here to
     compare the declared facts against."""
     skip = {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device", "eval_every",
             "eval_batches", "compile", "deterministic", "sparse_kernels", "store_threads", "store_io"}
+    defaults = get_default_cfg().to_dict()
+    skip |= {k for k in ADDED_LATER if getattr(cfg, k) == defaults[k]}
     data = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     if data.pop("autocast") != "none":
         data["autocast"] = cfg.autocast
@@ -82,6 +90,8 @@ def random_config(rng: random.Random) -> TrainConfig:
         "checkpoint_every": lambda: rng.choice([10**6, 5 * 10**6]), "l1_coeff": lambda: rng.choice([1.0, 5.0]),
         "l0_coeff": lambda: rng.choice([0.5, 1.0]), "lr_warmup_tokens": lambda: rng.choice([0, 1000]),
         "density_every": lambda: rng.choice([100, 500]), "beta1": lambda: rng.choice([0.9, 0.8]),
+        "k_anneal_tokens": lambda: rng.choice([0, 1000]), "matryoshka_widths": lambda: rng.choice(["1/16,1/4", "0.5"]),
+        "jumprelu_pre_act_coeff": lambda: rng.choice([0.0, 3e-6]),
     }
     keys = rng.sample(sorted(pick), rng.randrange(len(pick)))
     return named(**{k: pick[k]() for k in keys})
@@ -103,7 +113,8 @@ def test_the_declared_facts_are_the_lists_they_replaced():
     assert not_identity == {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device",
                             "eval_every", "eval_batches", "compile", "deterministic", "sparse_kernels", "store_threads",
                             "store_io"}
-    assert {k for k in field_names() if key_facts(k).identity == "when_set"} == {"autocast", "allow_unsealed"}
+    assert {k for k in field_names() if key_facts(k).identity == "when_set"} == {"autocast", "allow_unsealed",
+                                                                              *ADDED_LATER}
 
 
 def test_every_key_has_help():
@@ -209,7 +220,7 @@ def test_calibrate_and_resume_choices_come_from_the_config():
 
 def test_run_help_shows_the_derived_defaults():
     out = CliRunner().invoke(train_cli, ["run", "--help"], terminal_width=400).output
-    for needle in ["--arch [vanilla|topk|batchtopk|jumprelu]", "[default: topk]", "[default: 10M]", "[default: 4096]",
+    for needle in ["--arch [vanilla|topk|batchtopk|jumprelu|gated|matryoshka]", "[default: topk]", "[default: 10M]", "[default: 4096]",
                    "--wandb-mode [online|offline|disabled]", "--tokens COUNT", "--checkpoint-every COUNT"]:
         assert needle in out, needle
     assert re.search(r"--allow-unsealed\s+Train on the shards", out), out

@@ -449,3 +449,28 @@ def test_eval_records_what_its_autocast_chose(topk_run, tmp_path, choice, want):
     assert json.loads((tmp_path / "e.json").read_text())["settings"]["lm_compute_dtype"] == want
     res, _ = evaluate_checkpoint(topk_run, batches=1, skip_lm=True, out=tmp_path / "s.json")
     assert res["settings"]["lm_compute_dtype"] is None
+
+
+@pytest.mark.parametrize("arch,over", [("matryoshka", {"matryoshka_widths": "1/8,1/2"}), ("gated", {"l1_coeff": 0.5}),
+                                       ("jumprelu", {"target_l0": 6, "l0_coeff": 0.05})])
+def test_eval_knows_the_newer_variants(cache_dir, tmp_path, arch, over):
+    """train eval on Matryoshka (calibrated threshold, batch top-k, each inner prefix alone), Gated
+    and JumpReLU with a target: reconstruction and LM figures for every encoding, SAEBench's core file."""
+    run = train_sae(None, _cfg(cache_dir, tmp_path / "runs", arch=arch, **over), progress=False)[1]
+    out = tmp_path / "e.json"
+    res, _ = evaluate_checkpoint(run, max_contexts=4, lm_batch_size=4, batches=4, out=out)
+    names = list(res["encodings"])
+    if arch == "matryoshka":
+        assert names[:2] == ["threshold", "batch_topk"] and res["primary"] == "threshold"
+        prefixes = [n for n in names if n.startswith("prefix_")]
+        assert len(prefixes) == 2, names
+        evs = [res["encodings"][n]["explained_variance"] for n in prefixes] + [res["encodings"]["threshold"]["explained_variance"]]
+        assert evs == sorted(evs), evs  # a longer prefix reconstructs at least as well
+        assert all(res["encodings"][n]["l0"] <= res["encodings"]["threshold"]["l0"] for n in prefixes)
+    for name in names:
+        figures = res["encodings"][name]
+        assert 0 < figures["explained_variance"] <= 1 and figures["l0"] > 0 and "ce_loss_score" in figures, (name, figures)
+    table = format_table(res)
+    assert all(name in table for name in names), table
+    core = json.loads((out.parent / "saebench_core.json").read_text())
+    assert core["sae_cfg_dict"]["architecture"] == ("gated" if arch == "gated" else "jumprelu")

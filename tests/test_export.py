@@ -1,11 +1,12 @@
 """`train export --format saelens` and `train calibrate`: files, fold-in of the scaling, refusal.
 
 The exported SAE is checked against an independent re-implementation of SAELens 6's inference
-equations (below, from SAELens' StandardSAE / TopKSAE / JumpReLUSAE):
+equations (below, from SAELens' StandardSAE / TopKSAE / JumpReLUSAE / GatedSAE):
 
     sae_in = x - b_dec * apply_b_dec_to_input
     h      = sae_in @ W_enc + b_enc
     standard: f = relu(h); topk: relu of the k largest h per token; jumprelu: relu(h) * (h > threshold)
+    gated:    f = (sae_in @ W_enc + b_gate > 0) * relu(sae_in @ (W_enc * exp(r_mag)) + b_mag)
     x_hat  = f @ W_dec + b_dec
 
 and, where SAELens is installed, against `SAE.load_from_disk` itself.
@@ -54,7 +55,15 @@ RUNS = {
     "batchtopk": {"arch": "batchtopk"},
     "batchtopk_pf": {"arch": "batchtopk", "threshold_kind": "per_feature"},
     "jumprelu": {"arch": "jumprelu", "l0_coeff": 0.05, "threshold_init": 0.05},
+    "jumprelu_target": {"arch": "jumprelu", "l0_coeff": 0.05, "target_l0": 5, "jumprelu_pre_act_coeff": 1e-3,
+                        "jumprelu_freq_coeff": 0.1},
+    "gated": {"arch": "gated", "l1_coeff": 0.5},
+    "matryoshka": {"arch": "matryoshka", "matryoshka_widths": "1/8,1/2"},
+    "matryoshka_pf": {"arch": "matryoshka", "threshold_kind": "per_feature"},
 }
+EXPORTED_AS = {"vanilla": "standard", "topk": "topk", "batchtopk": "jumprelu", "batchtopk_pf": "jumprelu",
+               "jumprelu": "jumprelu", "jumprelu_target": "jumprelu", "gated": "gated", "matryoshka": "jumprelu",
+               "matryoshka_pf": "jumprelu"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +81,12 @@ def runs(cache_dir, tmp_path_factory):
 
 def saelens_reference(cfg: dict, w: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SAELens 6 inference, written from its equations (not from our code)."""
-    h = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]
+    sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    if cfg["architecture"] == "gated":
+        gate = (sae_in @ w["W_enc"] + w["b_gate"] > 0).to(x.dtype)
+        f = gate * torch.relu(sae_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
+        return f, f @ w["W_dec"] + w["b_dec"]
+    h = sae_in @ w["W_enc"] + w["b_enc"]
     if cfg["architecture"] == "standard":
         f = torch.relu(h)
     elif cfg["architecture"] == "topk":
@@ -117,17 +131,17 @@ def raw_activations(cache_dir, d: int, n_random: int = 256) -> torch.Tensor:
 
 
 def ours(run_dir, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Our model on raw x: f = encode(x * s) (BatchTopK with its threshold), x_hat = decode(f) / s."""
+    """Our model on raw x: f = encode(x * s) with its inference encoding (the exported one:
+    BatchTopK's and Matryoshka's calibrated threshold), x_hat = decode(f) / s."""
     run = load_sae_checkpoint(run_dir)
     cfg = run.cfg
     s = float(Cache.open(cfg.store).stats(cfg.site)["norm_scaling_factor"])
     with torch.no_grad():
-        f = run.sae.encode(x * s, use_threshold=True) if cfg.arch == "batchtopk" else run.sae.encode(x * s)
+        f = run.sae.encodings()[0].encode(run.sae, x * s)
         return f, run.sae.decode(f) / s, s
 
 
-@pytest.mark.parametrize("name,arch", [("vanilla", "standard"), ("topk", "topk"), ("batchtopk", "jumprelu"),
-                                       ("batchtopk_pf", "jumprelu"), ("jumprelu", "jumprelu")])
+@pytest.mark.parametrize("name,arch", list(EXPORTED_AS.items()))
 def test_export_matches_saelens_equations(runs, cache_dir, tmp_path, name, arch):
     out = export_checkpoint(runs[name], tmp_path / "sae")
     cfg = json.loads((out / "cfg.json").read_text())
@@ -135,7 +149,9 @@ def test_export_matches_saelens_equations(runs, cache_dir, tmp_path, name, arch)
     d, m = 32, 64
     # the exact tensor set of the SAELens class (its load_state_dict is strict), with SAELens shapes
     assert tuple(sorted(w)) == tuple(sorted(SAELENS_KEYS[arch]))
-    assert w["W_enc"].shape == (d, m) and w["W_dec"].shape == (m, d) and w["b_enc"].shape == (m,) and w["b_dec"].shape == (d,)
+    assert w["W_enc"].shape == (d, m) and w["W_dec"].shape == (m, d) and w["b_dec"].shape == (d,)
+    assert all(w[key].shape == (m,) for key in SAELENS_KEYS[arch] if key.startswith(("b_enc", "b_gate", "r_mag",
+                                                                                      "b_mag", "threshold")))
     assert all(t.dtype == torch.float32 for t in w.values())
     if arch == "jumprelu":
         assert w["threshold"].shape == (m,) and bool((w["threshold"] >= 0).all())
@@ -160,29 +176,33 @@ def test_export_matches_saelens_equations(runs, cache_dir, tmp_path, name, arch)
     assert float((f > 0).float().sum(-1).mean()) > 0  # something fires
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["vanilla", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"])
 def test_fold_is_bit_exact_for_power_of_two_scale(arch):
     """With s = 4 every multiplication by s is exact, so the folded SAE on x equals ours on s x bit for bit."""
     torch.manual_seed(0)
-    extra = {"k": 4} if arch in ("topk", "batchtopk") else {}
+    extra = {"k": 4} if arch in ("topk", "batchtopk", "matryoshka") else {}
     sae = build_sae(arch, d_in=8, d_sae=24, **extra)
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     sae.make_decoder_unit_norm()
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         sae.set_threshold(torch.rand(24) * 0.2)
     s = 4.0
     folded = saelens_state_dict(sae, s)
     twin = build_sae(arch, d_in=8, d_sae=24, **extra)
-    twin.load_state_dict({**sae.state_dict(), **{k: v for k, v in folded.items() if k != "threshold"}})
+    ours_names = {"b_gate": "b_enc"}  # SAELens gated's name for the gate's bias
+    twin.load_state_dict({**sae.state_dict(), **{ours_names.get(k, k): v for k, v in folded.items() if k != "threshold"}})
     x = torch.randn(50, 8) * 3
     with torch.no_grad():
         f = sae.encode(x * s)
         assert torch.equal(twin.encode(x), f) and bool((f > 0).any())
         assert torch.equal(twin.decode(f), sae.decode(f) / s)
-    if arch in ("batchtopk", "jumprelu"):
+    if arch in ("batchtopk", "jumprelu", "matryoshka"):
         assert torch.equal(folded["threshold"], sae.inference_threshold())  # thresholds are not rescaled
+    if arch == "gated":  # the gate's and the magnitude's biases and r_mag are not rescaled either
+        assert all(torch.equal(folded[k], getattr(sae, n).detach()) for k, n in
+                   (("b_gate", "b_enc"), ("r_mag", "r_mag"), ("b_mag", "b_mag")))
     torch.testing.assert_close(folded["W_dec"].norm(dim=1), torch.full((24,), 1 / s))
 
 
@@ -220,6 +240,16 @@ def test_uncalibrated_batchtopk_is_refused_until_calibrated(runs, tmp_path):
     assert Path(r.stdout.strip().splitlines()[-1]) == tmp_path / "a"
     thr = load_file(str(tmp_path / "a" / "sae_weights.safetensors"))["threshold"]
     torch.testing.assert_close(thr, torch.full_like(thr, want))
+
+
+def test_uncalibrated_matryoshka_is_refused(runs, tmp_path):
+    mid = list_checkpoints(runs["matryoshka"])[0]
+    with pytest.raises(ExportError, match=r"Matryoshka BatchTopK SAE without a calibrated inference threshold.*"
+                                          "train calibrate"):
+        export_checkpoint(mid, tmp_path / "m")
+    r = CliRunner().invoke(train_cli, ["calibrate", str(mid)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((export_checkpoint(mid, tmp_path / "m") / "cfg.json").read_text())["architecture"] == "jumprelu"
 
 
 def test_export_refusals(runs, tmp_path):
@@ -291,8 +321,8 @@ def test_sae_lens_venv_loads_the_exports(runs, cache_dir, tmp_path):
                         *map(str, exports.values())], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
-    want_class = {"vanilla": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE",
-                  "batchtopk_pf": "JumpReLUSAE", "jumprelu": "JumpReLUSAE"}
+    titles = {"standard": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE", "gated": "GatedSAE"}
+    want_class = {name: titles[arch] for name, arch in EXPORTED_AS.items()}
     for name in RUNS:
         assert report[name]["class"] == want_class[name] and report[name]["hook_name"] == SITE
         assert Version(report[name]["version"]) >= Version("6.0.0")

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from train.sae import (SAE_REGISTRY, BaseAutoencoder, BatchTopKSAE, JumpReLUFn, JumpReLUSAE, StepFn, TopKSAE,
-                       VanillaSAE, build_sae, explained_variance, geometric_median, register)
+from train.sae import (SAE_REGISTRY, BaseAutoencoder, BatchTopKSAE, GatedSAE, JumpReLUFn, JumpReLUSAE, MatryoshkaSAE,
+                       StepFn, TopKSAE, VanillaSAE, build_sae, explained_variance, geometric_median, register)
 
 D, M = 16, 64
 
@@ -28,13 +28,15 @@ def one_thread():
 # ----- registry and construction -----
 
 def test_registry_builds_each_variant_and_rejects_unknown():
-    assert {"vanilla", "topk", "batchtopk", "jumprelu"} <= set(SAE_REGISTRY)
-    expected = {"vanilla": VanillaSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE}
+    assert {"vanilla", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"} <= set(SAE_REGISTRY)
+    expected = {"vanilla": VanillaSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE,
+                "gated": GatedSAE, "matryoshka": MatryoshkaSAE}
     for name, cls in expected.items():
-        sae = build_sae(name, d_in=D, d_sae=M, **({"k": 4} if "topk" in name else {}))
+        sae = build_sae(name, d_in=D, d_sae=M, **({"k": 4} if "topk" in name or name == "matryoshka" else {}))
         assert type(sae) is cls and sae.arch == name and sae.W_enc.shape == (D, M)
-    with pytest.raises(ValueError, match="unknown SAE architecture 'gated'.*batchtopk, jumprelu, topk, vanilla"):
-        build_sae("gated", d_in=D, d_sae=M)
+    with pytest.raises(ValueError, match="unknown SAE architecture 'crosscoder'.*batchtopk, gated, jumprelu, "
+                                         "matryoshka, topk, vanilla"):
+        build_sae("crosscoder", d_in=D, d_sae=M)
     with pytest.raises(ValueError, match="already registered"):
         register("topk")(VanillaSAE)
 
@@ -393,3 +395,25 @@ def test_training_reduces_mse_and_reaches_sparsity(case, one_thread):
         sae.set_threshold(torch.stack([f[f > 0].min() for f in mins]).mean())
         f = sae.encode(held_out)
         assert 2 <= (f != 0).sum(1).float().mean() <= 4.5
+
+
+# ----- k annealing -----
+
+@pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE, MatryoshkaSAE])
+def test_k_annealing_decays_linearly_with_tokens_and_leaves_inference_at_k(cls):
+    sae = cls(D, M, k=4, k_anneal_tokens=1000, k_anneal_start=20, generator=gen())
+    assert sae.k_train == 20  # before any step
+    for tokens, want in [(0, 20), (250, 16), (500, 12), (999, 4), (1000, 4), (10**6, 4)]:
+        sae.set_training_tokens(tokens)
+        assert sae.k_train == want, tokens
+    x = torch.randn(32, D, generator=gen(1))
+    sae.set_training_tokens(500)
+    assert float(sae(x).losses["l0"]) == 12  # training uses the annealed k (per token, or on average)
+    sae.eval()
+    assert float(sae(x).losses["l0"]) == 4  # inference and evaluation use k
+    assert cls(D, M, k=4, k_anneal_tokens=10).k_anneal_start == min(M, 10 * D)  # sparsify's start
+    plain = cls(D, M, k=4, generator=gen())
+    plain.set_training_tokens(0)
+    assert plain.k_train == 4
+    with pytest.raises(ValueError, match="k_anneal_start must be in k=4..d_sae=64"):
+        cls(D, M, k=4, k_anneal_tokens=10, k_anneal_start=2)

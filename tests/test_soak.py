@@ -333,14 +333,26 @@ def test_training_survives_random_kills(sparse_cache, tmp_path):
 # --------------------------------------------------------------------------- sweep
 
 
-def sweep_spec(path: Path, store: Path, out: Path) -> Path:
-    return write_sweep_spec(path, store, out, 'arch = ["topk", "batchtopk"]\nk = [4]', name="soak",
-                            tokens=256 * STEPS, checkpoint_every=256 * 25)
+# The sweeps to soak: the first variants, and the newer ones (Matryoshka with k annealing over the
+# first half, Gated, JumpReLU with a target L0 and thresholds set from the first batch) in one sweep.
+SWEEP_GRIDS = {
+    "topk_batchtopk": ('arch = ["topk", "batchtopk"]\nk = [4]', {}),
+    "newer": ('arch = ["matryoshka", "gated", "jumprelu"]\nk = [4]',
+              {"k": 4, "k_anneal_tokens": 256 * STEPS // 2, "k_anneal_start": 12, "l1_coeff": 0.5, "l0_coeff": 0.05,
+               "target_l0": 4}),
+}
 
 
-def test_sweep_survives_random_kills(sparse_cache, tmp_path):
+def sweep_spec(path: Path, store: Path, out: Path, grid: str = "topk_batchtopk") -> Path:
+    text, extra = SWEEP_GRIDS[grid]
+    return write_sweep_spec(path, store, out, text, name="soak", tokens=256 * STEPS, checkpoint_every=256 * 25,
+                            **extra)
+
+
+@pytest.mark.parametrize("grid", list(SWEEP_GRIDS))
+def test_sweep_survives_random_kills(sparse_cache, tmp_path, grid):
     t0 = time.monotonic()
-    ref = run_sweep(sweep_spec(tmp_path / "ref.toml", sparse_cache, tmp_path / "ref"), progress=False)
+    ref = run_sweep(sweep_spec(tmp_path / "ref.toml", sparse_cache, tmp_path / "ref", grid), progress=False)
     unit = (time.monotonic() - t0) / (STEPS // 5)
 
     def members(sweep: Path) -> list[Path]:
@@ -348,7 +360,7 @@ def test_sweep_survives_random_kills(sparse_cache, tmp_path):
 
     def make_job(out: Path) -> Job:
         out.mkdir()
-        spec = sweep_spec(out.with_suffix(".toml"), sparse_cache, out)
+        spec = sweep_spec(out.with_suffix(".toml"), sparse_cache, out, grid)
 
         def sweeps() -> list[Path]:
             return [d for d in sorted(out.iterdir()) if (d / "sweep.json").exists()]
@@ -381,6 +393,6 @@ def test_sweep_survives_random_kills(sparse_cache, tmp_path):
         return Job(started=wrote_under(out), units=STEPS // 5, progress=progress, next_command=next_command,
                    after_kill=after_kill, check_result=check_result)
 
-    soak = Soak("sweep", tmp_path, unit, make_job)
+    soak = Soak("sweep" if grid == "topk_batchtopk" else f"sweep-{grid}", tmp_path, unit, make_job)
     soak.run()
     print(soak.context())

@@ -96,3 +96,28 @@ def test_report_for_sweep_and_run(reference_sweep, tmp_path):
     assert "explained_variance" in run_md
     r = CliRunner().invoke(train_cli, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "no metrics.jsonl" in r.output
+
+
+NEWER = {"l1_coeff": 0.5, "l0_coeff": 0.05, "target_l0": 4, "k": 4, "matryoshka_widths": "1/8,1/2"}
+
+
+def test_a_sweep_mixes_the_newer_architectures(sparse_cache, tmp_path):
+    """Matryoshka, Gated and JumpReLU (with a target L0) in one sweep: each member equals its
+    separate run bit for bit, and the report knows Matryoshka's prefixes."""
+    from click.testing import CliRunner
+
+    from train.cli import main as train_cli
+
+    spec = write_sweep_spec(tmp_path / "spec.toml", sparse_cache, tmp_path / "runs",
+                            'arch = ["matryoshka", "gated", "jumprelu"]', name="mixed", **NEWER)
+    sweep = run_sweep(spec, progress=False)
+    record = json.loads((sweep / "sweep.json").read_text())["runs"]
+    assert [r["config"]["arch"] for r in record] == ["matryoshka", "gated", "jumprelu"]
+    for r in record:
+        _, alone = train_sae(None, cfg_for(sparse_cache, tmp_path / r["config"]["arch"], arch=r["config"]["arch"],
+                                           **NEWER), progress=False)
+        a, b = final_weights(sweep / r["run_dir"]), final_weights(alone)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), r["run_dir"]
+    assert CliRunner().invoke(train_cli, ["report", str(sweep)]).exit_code == 0
+    md = (sweep / record[0]["run_dir"] / "report.md").read_text()
+    assert "explained_variance_prefix_8" in md and "explained_variance_prefix_32" in md

@@ -1,4 +1,4 @@
-"""Training loop: config errors, the four variants, exact resume after kill -9, accumulation,
+"""Training loop: config errors, the variants, exact resume after kill -9, accumulation,
 NaN handling, thresholds, run folders, logs."""
 
 import json
@@ -70,13 +70,14 @@ def test_run_dirs_are_never_reused(tmp_path):
 
 
 @pytest.mark.parametrize("arch,extra", [("vanilla", {"l1_coeff": 0.5}), ("topk", {}), ("batchtopk", {}),
-                                        ("jumprelu", {"l0_coeff": 0.05, "threshold_init": 0.05})])
+                                        ("jumprelu", {"l0_coeff": 0.05, "threshold_init": 0.05}),
+                                        ("gated", {"l1_coeff": 0.5}), ("matryoshka", {})])
 def test_each_variant_learns(sparse_cache, tmp_path, arch, extra):
     sae, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path, arch=arch, **extra), progress=False)
     done = json.loads((run_dir / "done.json").read_text())
     held = done["results"]["heldout"]
     assert held["explained_variance"] > 0.5, held
-    assert 0 < held["l0"] < (sae.d_sae / 2 if arch == "vanilla" else 4 * 6), held
+    assert 0 < held["l0"] < (sae.d_sae / 2 if arch in ("vanilla", "gated") else 4 * 6), held
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 5 and metrics[-1]["step"] == 40
     first = next(m for m in metrics if "loss" in m)
@@ -84,10 +85,18 @@ def test_each_variant_learns(sparse_cache, tmp_path, arch, extra):
             "grad_norm/W_enc"} <= set(first)
     hist = next(m for m in metrics if "density_hist" in m)["density_hist"]
     assert sum(hist["counts"]) == sae.d_sae
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         assert done["results"]["threshold_kind"] == "global"
         assert abs(done["results"]["inference_l0"] - 4) < 2.5
         assert sae.threshold_kind == "global"
+    if arch == "matryoshka":  # each inner prefix alone, nested: the wider, the better
+        prefix = done["results"]["heldout_prefix"]
+        assert list(prefix) == ["4", "16"]
+        evs = [prefix["4"]["explained_variance"], prefix["16"]["explained_variance"], held["explained_variance"]]
+        assert evs == sorted(evs) and evs[0] > 0, evs
+        assert {"mse_prefix/4", "mse_prefix/16"} <= set(first)
+    if arch == "gated":
+        assert "mse_gate" in first
 
 
 def test_per_feature_threshold(sparse_cache, tmp_path):
@@ -146,6 +155,32 @@ def test_damaged_newest_checkpoint_falls_back(sparse_cache, reference_run, tmp_p
     with pytest.warns(UserWarning):
         resume_training(None, None, run_dir, progress=False)
     _assert_same(final_weights(run_dir), final_weights(reference_run))
+
+
+# The variants and options added with Matryoshka (issue 13), each with the state a resume must restore:
+# k annealing mid-way at the kill, the quadratic L0 target with thresholds set from the first batch.
+NEWER = {"matryoshka": {"k_anneal_tokens": 6000, "k_anneal_start": 12}, "gated": {"l1_coeff": 0.5},
+         "jumprelu": {"target_l0": 4, "l0_coeff": 0.05, "jumprelu_pre_act_coeff": 1e-3, "jumprelu_freq_coeff": 0.1}}
+
+
+@pytest.mark.parametrize("arch", list(NEWER))
+def test_newer_variants_resume_bit_identically_after_kill9(sparse_cache, tmp_path, arch):
+    over = NEWER[arch]
+    _, ref = train_sae(None, cfg_for(sparse_cache, tmp_path / "ref", arch=arch, **over), progress=False)
+    extra = [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
+    first = train_cli_run(sparse_cache, tmp_path / "cli", "after_optimizer_step@17", arch=arch, extra=extra)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    run_dir = next((tmp_path / "cli").iterdir())
+    r = subprocess.run([sys.executable, "-m", "train", "resume", str(run_dir), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _assert_same(final_weights(run_dir), final_weights(ref))
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [m["step"] for m in want]
+    assert [m.get("l0") for m in steps] == [m.get("l0") for m in want]
+    if "k_anneal_tokens" in over:  # the logged L0 follows the annealed k down to k
+        l0 = [m["l0"] for m in want if "l0" in m]
+        assert l0[0] > 6 and l0[-1] == pytest.approx(4, abs=0.01), l0
 
 
 # --------------------------------------------------------------------------- step mechanics
@@ -231,7 +266,8 @@ def test_eval_during_training_is_logged_and_changes_nothing(sparse_cache, refere
 
 
 @pytest.mark.parametrize("arch,extra", [("vanilla", {"l1_coeff": 0.5}), ("topk", {}), ("batchtopk", {}),
-                                        ("jumprelu", {"l0_coeff": 0.05, "threshold_init": 0.05})])
+                                        ("jumprelu", {"l0_coeff": 0.05, "threshold_init": 0.05}),
+                                        ("gated", {"l1_coeff": 0.5}), ("matryoshka", {})])
 def test_bf16_autocast_trains_with_float32_master_weights(sparse_cache, tmp_path, arch, extra):
     """autocast=bf16: the matrix products run in bfloat16, everything kept is float32, and the run
     learns about as well as in float32 (same data, same init)."""

@@ -111,7 +111,7 @@ def test_it_is_evaluated_and_refused_where_it_has_no_form(toy_run, tmp_path):
     assert figures["label"] == f"{TOY} encoder (per token)" and 0 < figures["explained_variance"] <= 1
     assert json.loads(dest.read_text())["arch"] == TOY
     with pytest.raises(ExportError, match=f"architecture '{TOY}' has no SAELens equivalent "
-                                          r"\(exportable: vanilla, topk, batchtopk, jumprelu\)"):
+                                          r"\(exportable: vanilla, topk, batchtopk, jumprelu, gated, matryoshka\)"):
         export_checkpoint(run_dir, tmp_path / "export")
-    with pytest.raises(EvalError, match=f"is a {TOY} SAE; only batchtopk needs a threshold calibration"):
+    with pytest.raises(EvalError, match=f"is a {TOY} SAE; only batchtopk, matryoshka need a threshold calibration"):
         calibrate_checkpoint(run_dir)

@@ -238,10 +238,11 @@ def eval_cmd(checkpoint, **options) -> None:
 
     Reconstruction (MSE, explained variance, cosine, L0, L1, dead and dense latents, density
     histogram) on held-out cache rows, and the LM's CE loss clean / with the SAE spliced in /
-    zero- and mean-ablated, CE-loss score and KL on the held-out contexts. BatchTopK is reported
-    with its calibrated threshold and with batch top-k. Beside eval.json, saebench_core.json
-    holds the exported encoding's figures in SAEBench's core-eval layout and definitions. Prints
-    a table; the last line is the path of eval.json.
+    zero- and mean-ablated, CE-loss score and KL on the held-out contexts. BatchTopK and
+    Matryoshka are reported with their calibrated threshold and with batch top-k, Matryoshka also
+    with each inner prefix alone. Beside eval.json, saebench_core.json holds the exported
+    encoding's figures in SAEBench's core-eval layout and definitions. Prints a table; the last
+    line is the path of eval.json.
     """
     from train.evaluation import evaluate_checkpoint, format_table
 
@@ -262,7 +263,7 @@ def eval_cmd(checkpoint, **options) -> None:
 @click.option("--store", "store_path", help="The run's cache, if it moved.")
 @click.option("--heldout-shards", type=click.IntRange(1), help="Calibrate on the cache's last N shards instead of the run's held-out shards.")
 def calibrate(checkpoint, **options) -> None:
-    """Calibrate a BatchTopK checkpoint's inference threshold on held-out rows.
+    """Calibrate a BatchTopK or Matryoshka checkpoint's inference threshold on held-out rows.
 
     Rewrites that checkpoint (atomically, same step) with the threshold, so that it can be
     evaluated per token and exported. Intermediate checkpoints are not calibrated by training.
@@ -288,9 +289,10 @@ def export(checkpoint, fmt, out_dir, model_name, store_path, force, push_to_hub)
     """Export a run folder's newest checkpoint (or one checkpoint folder) for SAELens 6.
 
     The dataset scaling is folded into the weights (the export takes raw activations); BatchTopK
-    is written as JumpReLU with its calibrated threshold. Beside cfg.json and the weights: a model
-    card README.md (recipe, provenance hashes, training tokens, eval figures when the checkpoint
-    has an eval.json) and its saebench_core.json. The last line printed is the folder.
+    and Matryoshka are written as JumpReLU with their calibrated threshold, Gated as SAELens'
+    gated. Beside cfg.json and the weights: a model card README.md (recipe, provenance hashes,
+    training tokens, eval figures when the checkpoint has an eval.json) and its
+    saebench_core.json. The last line printed is the folder.
     """
     from train.export import export_checkpoint
 

@@ -21,6 +21,10 @@ of `train run`'s options) and its facts, kept as field metadata (`_key(...)`, re
     count         a number of tokens: it takes the spellings of shared.counts (20k, 50M, 1e6)
                   wherever it is given (a `train run` option, --set, a TOML file, a sweep spec)
     aliases       older spellings of a value, accepted and stored as the value
+    sequence      a comma-separated list held as one string (a TOML list is joined into it)
+    legacy        for a key added after runs were made whose default computes something new: the
+                  value that computes what runs made before computed; a saved config without the
+                  key (`cfg_from_saved`, used to resume) takes it, so old runs resume unchanged
 
 What depends on the architecture is declared by its class (train.sae): the variant checks its own
 keys (`config_error`, e.g. k <= dict_size) and names its part of the default run name
@@ -54,12 +58,15 @@ class ConfigError(UserError, ValueError):
 
 def _key(default: Any, *, identity: bool | Literal["when_set"] = True, resumable: bool = False,
          sweep_shared: bool = False, choices: Callable[[], tuple[str, ...]] | None = None,
-         aliases: dict[str, str] | None = None, count: bool = False) -> Any:
+         aliases: dict[str, str] | None = None, count: bool = False, sequence: bool = False,
+         **legacy: Any) -> Any:
     """A TrainConfig field declared with its facts (module docstring) where they differ from the
     usual ones: part of the run identity, fixed on resume, free to vary in a sweep, any value of
-    its type."""
+    its type. `legacy=VALUE` declares the value older runs computed with."""
+    extra = {"legacy": legacy["legacy"]} if "legacy" in legacy else {}
     return field(default=default, metadata={"identity": identity, "resumable": resumable, "sweep_shared": sweep_shared,
-                                            "choices": choices, "aliases": aliases or {}, "count": count})
+                                            "choices": choices, "aliases": aliases or {}, "count": count,
+                                            "sequence": sequence, **extra})
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,16 @@ class TrainConfig:
     expansion: int = 8
     """dict_size = expansion * d_in when dict_size is not set."""
     k: int = 32
-    """Active latents per token (topk, batchtopk)."""
+    """Active latents per token (topk, batchtopk, matryoshka)."""
+    k_anneal_tokens: int = _key(0, identity="when_set")
+    """k annealing (topk, batchtopk, matryoshka; 0: off): training starts at k_anneal_start and k
+    decays linearly to k over this many training tokens (sparsify's k decay)."""
+    k_anneal_start: int | None = _key(None, identity="when_set")
+    """k at the start of k annealing; default min(dict_size, 10 * d_in), as sparsify."""
+    matryoshka_widths: str = _key("1/16,1/4", identity="when_set", sequence=True)
+    """matryoshka: the nested prefix widths, comma-separated (a TOML list is accepted), each a
+    fraction of dict_size (1/16, 0.25) or a number of latents (288); increasing; the whole
+    dictionary is always the last prefix."""
     l1_coeff: float = 5.0
     """L1 coefficient (vanilla), on decoder-norm-weighted activations."""
     l0_coeff: float = 1.0
@@ -117,7 +133,28 @@ class TrainConfig:
     jumprelu_bandwidth: float = 0.05
     """Rectangle-kernel width of JumpReLU's pseudo-derivatives."""
     threshold_init: float = 0.001
-    """Initial JumpReLU threshold."""
+    """Initial JumpReLU threshold (every latent's, unless jumprelu_init_l0 sets them from data)."""
+    target_l0: float | None = _key(None, identity="when_set")
+    """jumprelu: the L0 to reach, with the quadratic penalty l0_coeff * mean_B (2 / T) (L0_b - T)^2
+    (Gemma Scope 2) instead of l0_coeff * L0; also the default of jumprelu_init_l0."""
+    jumprelu_init_l0: float | None = _key(None, identity="when_set", legacy=0.0)
+    """jumprelu: start at about this many active latents per token: each latent's threshold is set
+    from the first training batch so that it fires on init_l0 / dict_size of it. Default (None):
+    target_l0 when set, else min(32, dict_size / 16) unless threshold_init is set to another value
+    than its default; 0: off, every threshold is threshold_init (what runs made before this key
+    computed)."""
+    jumprelu_pre_act_coeff: float = _key(0.0, identity="when_set")
+    """jumprelu: Anthropic's pre-activation loss, coeff * mean_B sum_i relu(theta_i - z_i) ||W_dec,i||
+    (pulls below-threshold pre-activations up, so that latents which never fire still learn)."""
+    jumprelu_freq_coeff: float = _key(0.0, identity="when_set")
+    """jumprelu: frequency penalty, coeff * sum_i relu(p_i - jumprelu_freq_max), p_i = the batch's
+    firing rate of latent i (0: off)."""
+    jumprelu_freq_max: float = _key(0.1, identity="when_set")
+    """jumprelu: the firing rate above which the frequency penalty applies."""
+    jumprelu_threshold_lr_scale: float = _key(10.0, identity="when_set", legacy=1.0)
+    """jumprelu: the thresholds' learning rate is lr times this (Adam moves log_threshold by about
+    lr per step: at 4e-4 too slowly for the L0 penalty to steer L0 in a short run); runs made
+    before this key used 1."""
     aux_k: int | None = None
     """Dead latents used by the AuxK loss; default d_in // 2."""
     aux_coeff: float = 1 / 32
@@ -322,6 +359,8 @@ def update_cfg(cfg: TrainConfig, **changes: Any) -> TrainConfig:
     for key, value in changes.items():
         if key not in _TYPES:
             raise _unknown_key(key)
+        if _FIELDS[key].metadata.get("sequence") and isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
         value = _coerce(key, value, _TYPES[key])
         clean[key] = key_facts(key).aliases.get(value, value) if isinstance(value, str) else value
     new = dataclasses.replace(cfg, **clean)
@@ -444,3 +483,10 @@ def default_run_name(cfg: TrainConfig) -> str:
 def cfg_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Validated config from a dict (e.g. a saved config.json)."""
     return update_cfg(get_default_cfg(), **data)
+
+
+def cfg_from_saved(data: dict[str, Any]) -> TrainConfig:
+    """A run's saved config (config.json): keys it lacks that declare a `legacy` value take that
+    value (what the run computed when it was made), the others their default."""
+    legacy = {f.name: f.metadata["legacy"] for f in fields(TrainConfig) if "legacy" in f.metadata}
+    return cfg_from_dict({**{k: v for k, v in legacy.items() if k not in data}, **data})

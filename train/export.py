@@ -13,14 +13,16 @@ when the checkpoint has been evaluated, `train eval`'s saebench_core.json:
                               spec, training config, folded scaling factor).
     sae_weights.safetensors   exactly the tensors of the SAELens class (its load is strict):
                               standard / topk: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in],
-                              b_dec [d_in]; jumprelu: the same plus threshold [d_sae].
+                              b_dec [d_in]; jumprelu: the same plus threshold [d_sae]; gated:
+                              W_enc, b_gate, r_mag, b_mag [d_sae], W_dec, b_dec.
 
 Each variant declares its exported form (train.sae: `saelens_arch`, `export_tensors`,
 `export_config`): vanilla -> "standard", topk -> "topk", jumprelu -> "jumprelu" (threshold =
-exp(log_threshold)), batchtopk -> "jumprelu" with its calibrated inference threshold (global or
-per-feature, written per feature). A checkpoint whose variant needs a calibration and has none
-(BatchTopK's intermediate checkpoints are never calibrated) is refused: `train calibrate
-CHECKPOINT` writes one.
+exp(log_threshold)), batchtopk and matryoshka -> "jumprelu" with the calibrated inference
+threshold (global or per-feature, written per feature; a Matryoshka prefix is the export's first
+m_i latents), gated -> "gated". A checkpoint whose variant needs a calibration and has none
+(BatchTopK's and Matryoshka's intermediate checkpoints are never calibrated) is refused: `train
+calibrate CHECKPOINT` writes one.
 
 The dataset-level scaling s (the SAE was trained on x' = s x, s = sqrt(d / E||x||^2) from the
 cache statistics; train.scaling, read from the checkpoint) is folded into the weights so the
@@ -32,6 +34,7 @@ SAELens' inference equations (the ones the export targets; see also tests/test_e
     standard: f = relu((x - b_dec) W_enc + b_enc)
     topk:     h = (x - b_dec) W_enc + b_enc; f = relu of the k largest h per token, 0 elsewhere
     jumprelu: h = (x - b_dec) W_enc + b_enc; f = relu(h) * (h > relu(threshold))
+    gated:    f = ((x - b_dec) W_enc + b_gate > 0) * relu((x - b_dec) (W_enc * exp(r_mag)) + b_mag)
     decode:   x_hat = f W_dec + b_dec
 """
 
@@ -60,11 +63,12 @@ from train.sae import BaseAutoencoder
 from train.sae.registry import SAE_REGISTRY
 
 SAELENS_SCHEMA_VERSION = "6.0.0"  # cfg.json layout written here (SAELens >= 6.0 reads it as-is)
-SAELENS_TITLES = {"standard": "standard", "topk": "TopK", "jumprelu": "JumpReLU"}  # SAELens' architectures
+SAELENS_TITLES = {"standard": "standard", "topk": "TopK", "jumprelu": "JumpReLU", "gated": "Gated"}  # SAELens'
 SAELENS_KEYS = {  # the exact tensor set of each SAELens class (its load_state_dict is strict)
     "standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+    "gated": ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),
 }
 FORMATS = ("saelens",)
 CFG_FILENAME, WEIGHTS_FILENAME = "cfg.json", "sae_weights.safetensors"
@@ -148,6 +152,7 @@ def saelens_config(sae: BaseAutoencoder, cfg, spec, *, scale: float, checkpoint:
             "trained_arch": sae.arch,
             "threshold_kind": sae.describe()["threshold_kind"],
             "k": sae.describe()["k"],
+            "variant": sae.describe(),
             "folded_scaling_factor": scale,
             "normalize": cfg.normalize,
             "drop_bos": cfg.drop_bos,

@@ -35,6 +35,16 @@ EVAL_ROWS = (  # (title, key in eval.json's primary encoding or "lm.<key>", form
 )
 
 
+def recipe_keys(arch: str) -> list[str]:
+    """RECIPE_KEYS, then the keys the variant `arch` reads beyond them (train.sae: config_keys,
+    late_config_keys), e.g. matryoshka_widths, target_l0."""
+    from train.sae.registry import sae_class
+
+    cls = sae_class(arch)
+    own = [*cls.config_keys.values(), *(key for key, _ in cls.late_config_keys.values())]
+    return [*RECIPE_KEYS, *(k for k in dict.fromkeys(own) if k not in RECIPE_KEYS)]
+
+
 class HubError(UserError):
     """The export folder could not be uploaded; the message says why and how to upload it later."""
 
@@ -129,7 +139,7 @@ def model_card(config: dict[str, Any], cfg, spec, *, cache_id: str, found: tuple
              "## Architecture and recipe", ""]
     calibrated = [("calibrated threshold", ours["threshold_kind"])] if ours.get("threshold_kind") else []
     lines += _table([("architecture (SAELens)", arch), ("trained as", trained)] + calibrated
-                    + [(k, recipe[k]) for k in RECIPE_KEYS if k in recipe])
+                    + [(k, recipe[k]) for k in recipe_keys(cfg.arch) if k in recipe])
     lines += ["", "The full training config is `metadata.saeforge.train_config` in cfg.json.", "",
               "## Model, hook and data", ""]
     lines += _table([("model", model.get("id")), ("model source", model.get("source")),

@@ -11,7 +11,8 @@ training). The figures are drawn by train.report_plots:
     SWEEP/curves.png      the same curves, one line per SAE, labelled by what the grid varies (k=16)
     SWEEP/frontier.png    held-out L0 against explained variance, and against the CE-loss score once
                           `train eval` has scored the SAEs; points joined along the varied sparsity
-    RUN/report.md, SWEEP/report.md   the figures and a table of the held-out results
+    RUN/report.md, SWEEP/report.md   the figures and a table of the held-out results (a Matryoshka
+                          SAE's also for each inner prefix alone)
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def read_run(run_dir: str | Path) -> RunData:
     held = done.get("results", {}).get("heldout", {})
     if held:
         data.final = {**held, "tokens": done.get("tokens")}
+        for width, prefix in done["results"].get("heldout_prefix", {}).items():  # Matryoshka: each inner prefix alone
+            data.final[f"explained_variance_prefix_{width}"] = prefix.get("explained_variance")
         for key in ("explained_variance", "l0", "mse"):
             if key in held and done.get("tokens") is not None:
                 data.heldout[key].append((done["tokens"], held[key]))
@@ -100,7 +103,8 @@ def read_run(run_dir: str | Path) -> RunData:
 
 def figures(data: RunData) -> dict[str, Any]:
     """The held-out results of a run for the tables: `train eval`'s when it has run, else done.json's."""
-    out = {k: data.final.get(k) for k in ("explained_variance", "l0", "never_fired_fraction")}
+    out = {k: v for k, v in data.final.items()
+           if k in ("explained_variance", "l0", "never_fired_fraction") or k.startswith("explained_variance_prefix_")}
     ev = data.evaluation
     if ev:
         out.update({k: ev[k] for k in ("explained_variance", "l0", "dead_fraction", "ce_loss_score", "kl_div_score")
@@ -149,6 +153,8 @@ def report_run(run_dir: Path) -> Path:
     lines = [f"# {run_dir.name}", "", f"![{', '.join(drawn)}]({layout.report_png.name})", "",
              "| figure | value | meaning |", "| --- | --- | --- |"]
     lines += [f"| `{k}` | {_fmt(figs[k])} | {meaning} |" for k, meaning in TABLE if k in figs]
+    lines += [f"| `{k}` | {_fmt(v)} | held-out explained variance of the first {k.rsplit('_', 1)[1]} latents alone "
+              f"(a Matryoshka prefix; higher is better) |" for k, v in figs.items() if k.startswith("explained_variance_prefix_")]
     if not data.evaluation:
         lines += ["", EVAL_HINT.format(run_dir)]
     layout.report_md.write_text("\n".join(lines) + "\n")

@@ -27,7 +27,7 @@ from shared.counts import format_count
 from shared.devices import DeviceError, resolve_device as resolve_any_device
 from train.activation_store import ActivationStore
 from train.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
-from train.config import TrainConfig, cfg_from_dict
+from train.config import TrainConfig, cfg_from_saved
 from train.distributed import World
 from train.errors import TrainingError
 from train.layout import STATE, RunLayout, is_checkpoint_dir
@@ -68,7 +68,8 @@ def warn_many_epochs(cfg: TrainConfig, store: ActivationStore) -> None:
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
-    return cfg_from_dict(json.loads(RunLayout(run_dir).config.read_text()))
+    """The run's config.json; keys added since it was written take the value it computed with."""
+    return cfg_from_saved(json.loads(RunLayout(run_dir).config.read_text()))
 
 
 @dataclass

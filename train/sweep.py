@@ -46,7 +46,7 @@ import torch
 
 from shared.durable import write_atomic
 from train.checkpoints import CheckpointError, create_run_dir, list_checkpoints, read_checkpoint
-from train.config import (ConfigError, TrainConfig, cfg_from_dict, get_default_cfg, post_init_cfg,
+from train.config import (ConfigError, TrainConfig, cfg_from_saved, get_default_cfg, post_init_cfg,
                           sweep_shared_keys, update_cfg)
 from train.distributed import SoloWorld, World
 from train.layout import RunLayout, SweepLayout, step_of
@@ -175,7 +175,7 @@ def _read_runs(sweep_dir: Path, world: World) -> list[tuple[Path, TrainConfig]]:
         raise ConfigError(f"{layout.spec} is not valid JSON ({e}); it is written once when the sweep starts: "
                           f"restore it, or start the sweep again with `train sweep SPEC`") from None
     try:
-        return [(layout.run(r["run_dir"]).root, cfg_from_dict(r["config"])) for r in record["runs"]]
+        return [(layout.run(r["run_dir"]).root, cfg_from_saved(r["config"])) for r in record["runs"]]
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{layout.spec} does not describe a sweep (missing {e}); restore it, or start the sweep "
                           f"again with `train sweep SPEC`") from None

@@ -4,7 +4,8 @@
 the seed's names. Everything a step depends on (weights, Adam moments, step, store position,
 dead-latent counters, RNG states) is in each checkpoint, and the learning-rate and sparsity
 schedules are pure functions of the tokens seen, so a resumed run ends bit-identical (on CPU) to
-an uninterrupted one.
+an uninterrupted one; so is a variant's own schedule (TopK's k annealing: the SAE's
+`set_training_tokens`, called before every step).
 
 Here: the Trainer (one step, logging, checkpoints), train_loop (several trainers on one stream of
 batches, as a sweep does), build_trainer (the one way to make a Trainer: new, or restored from a
@@ -133,8 +134,9 @@ class Trainer:
         counters_before = sae.tokens_since_fired.clone() if self.world.size > 1 else None
         self._refresh_auxk()
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_multiplier(cfg, self.tokens)
+            group["lr"] = cfg.lr * lr_multiplier(cfg, self.tokens) * group.get("lr_scale", 1.0)
         scale = sparsity_multiplier(cfg, self.tokens)
+        sae.set_training_tokens(self.tokens)  # the variant's own schedule (k annealing), a function of tokens
         self.optimizer.zero_grad(set_to_none=True)
         parts: dict[str, torch.Tensor] = {}
         n = x.shape[0]
@@ -304,18 +306,25 @@ def generate_checkpoint_dir(cfg: TrainConfig) -> Path:
 
 
 def make_optimizer(cfg: TrainConfig, sae: BaseAutoencoder) -> torch.optim.Optimizer:
+    """Adam over the SAE's parameter groups (sae.param_groups: one, unless a variant gives some
+    parameters their own learning-rate factor "lr_scale", e.g. JumpReLU's thresholds)."""
     # fused: one pass over each parameter instead of about ten (CPU and CUDA kernels; same update rule)
     fused = sae.W_dec.device.type in ("cpu", "cuda")
-    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    groups = [{**g, "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in sae.param_groups()]
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def _init_b_dec(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, world: World = World()) -> None:
-    """b_dec from the first global training batch (the store is rewound afterwards)."""
-    if cfg.b_dec_init == "zeros":
+def _init_from_data(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, world: World = World()) -> None:
+    """b_dec (cfg.b_dec_init), then the variant's own data-dependent init (sae.init_from_sample),
+    from the first global training batch (the store is rewound afterwards)."""
+    if cfg.b_dec_init == "zeros" and not sae.wants_init_sample:
         return
     sample = world.gather_rows(store.next_batch())
     store.seek(0)
-    sae.init_b_dec(sample[:4096].float(), method=cfg.b_dec_init)
+    sample = sample[:4096].float()
+    if cfg.b_dec_init != "zeros":
+        sae.init_b_dec(sample, method=cfg.b_dec_init)
+    sae.init_from_sample(sample)
 
 
 class Restore(NamedTuple):
@@ -334,13 +343,13 @@ def build_trainer(cfg: TrainConfig, store: ActivationStore, run_dir: Path, devic
 
     The SAE `cfg` describes, on `device`, with its optimiser and (rank 0) its logger; then either
     restored from `restore` (weights, optimiser, RNG states, counters, store position) or new: b_dec
-    from the store's first global batch, which must be at position 0 (it is rewound there).
+    (and a variant's data-dependent init) from the store's first global batch, which must be at position 0 (it is rewound there).
     restart: a new start of an existing run folder (a sweep resumed without a common checkpoint),
     whose old metrics are dropped.
     """
     sae = build_from_cfg(cfg, device)
     if restore is None:
-        _init_b_dec(cfg, sae, store, world)
+        _init_from_data(cfg, sae, store, world)
     resume_step = restore.state["step"] if restore is not None else (0 if restart else None)
     logger = (RunLogger(run_dir, cfg.to_dict(), cfg.wandb_mode, cfg.wandb_project, cfg.wandb_group,
                         resume_step=resume_step) if world.is_main else None)

@@ -191,7 +191,7 @@ def inspect_checkpoint(path: str | os.PathLike, out: str | os.PathLike, settings
     cfg = target.cfg
     meta = {
         "run_name": cfg.run_name, "run_dir": str(target.run_dir), "checkpoint": str(target.checkpoint),
-        "step": target.state.get("step"), "arch": cfg.arch, "k": cfg.k if cfg.arch in ("topk", "batchtopk") else None,
+        "step": target.state.get("step"), "arch": cfg.arch, "k": sae.describe()["k"],
         "d_in": sae.d_in, "d_sae": sae.d_sae, "site": cfg.site, "model": lang.model_id, "encoding": label,
         "cache": target.cache.where, "shards": shards, "shards_text": _shards_text(shards), "rows": stats.rows_seen,
         "token_cap": s.tokens, "drop_bos": target.drop_bos, "scaling_factor": target.scale,

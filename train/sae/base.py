@@ -7,17 +7,22 @@ Loss conventions (the same for every variant):
 - mse = mean over tokens of sum over d of (x_hat - x)^2: the per-token squared error, as in
   Anthropic's and SAELens's standard/JumpReLU losses. With the dataset scaled so E||x||^2 = d,
   predicting zero costs about d; the sparsity coefficients are on that scale.
-- loss = mse + sparsity + aux. `losses` holds those three terms (they sum to `loss`) and the
-  detached metrics "l0" (mean active latents per token), "l1" (mean sum_i |f_i|) and
-  "explained_variance". AuxK: train.sae.losses.
+- loss = mse + sparsity + aux (+ any further reconstruction terms a rule adds through
+  `reconstruction_losses`, e.g. Matryoshka's per-prefix errors, Gated's gate-path error).
+  `losses` holds those terms (they sum to `loss`) and the detached metrics "l0" (mean active
+  latents per token), "l1" (mean sum_i |f_i|) and "explained_variance". "mse" is always the
+  whole SAE's error. AuxK: train.sae.losses.
 
 Dead latents: `tokens_since_fired` counts tokens (not batches) since each latent was last
 non-zero. forward() updates it in training mode; a latent is dead once the count exceeds
 `dead_tokens_threshold`.
 
 What a sparsity rule (a mixin placed before this class, e.g. train.sae.topk.TopK) provides:
-`activation(pre) -> f`, optionally `sparsity_loss(f, pre)`, and with `fast = True` a
-`sparse_encode(centered)` that selects the active latents through train.kernels. Cost of such a
+`activation(pre) -> f`, optionally `sparsity_loss(f, pre)` and `reconstruction_losses(x, x_hat,
+f, pre, active)`, with `fast = True` a `sparse_encode(centered)` that selects the active latents
+through train.kernels, and with a schedule `set_training_tokens(tokens)` (the trainer calls it
+before every step with the tokens seen so far; what it sets must be a pure function of them, so
+that a resumed run repeats it). Cost of such a
 training forward: the batch's active latents stay a sparse list (`Active`), and the metrics, the
 dead-latent update and `SAEOutput.fired` are taken from it, so beyond the encoder matmul and the
 selection only `latents` (a zero fill and a scatter) touches [B, m] memory. The declarations the
@@ -39,7 +44,7 @@ class SAEOutput(NamedTuple):
     x_hat: Tensor  # [B, d] reconstruction
     latents: Tensor  # [B, m] post-activation f
     pre_acts: Tensor  # [B, m] pre-activations z (without grad on the fast TopK/BatchTopK paths)
-    loss: Tensor  # scalar: losses["mse"] + losses["sparsity"] + losses["aux"]
+    loss: Tensor  # scalar: losses["mse"] + losses["sparsity"] + losses["aux"] (+ a rule's reconstruction terms)
     losses: dict[str, Tensor]  # scalars: mse, sparsity, aux; detached l0, l1, explained_variance
     l0: Tensor  # [B] float, number of non-zero latents per token (detached)
     fired: Tensor  # [m] int64, tokens of the batch on which each latent was non-zero (detached)
@@ -65,10 +70,14 @@ class Encoding:
     label: str
     use_threshold: bool | None
     per_batch: bool = False
+    width: int | None = None  # keep only the first `width` latents (a nested prefix, train.sae.matryoshka)
 
     def encode(self, sae: "BaseAutoencoder", x: Tensor) -> Tensor:
-        """sae's latents of x [..., d] under this encoding -> [..., m]."""
-        return sae.encode(x) if self.use_threshold is None else sae.encode(x, use_threshold=self.use_threshold)
+        """sae's latents of x [..., d] under this encoding -> [..., m] (zero beyond `width` when set)."""
+        f = sae.encode(x) if self.use_threshold is None else sae.encode(x, use_threshold=self.use_threshold)
+        if self.width is not None:
+            f[..., self.width:] = 0
+        return f
 
 
 def geometric_median(points: Tensor, n_iter: int = 50, eps: float = 1e-8) -> Tensor:
@@ -84,8 +93,9 @@ def geometric_median(points: Tensor, n_iter: int = 50, eps: float = 1e-8) -> Ten
 class BaseAutoencoder(nn.Module):
     """Parameters, init, decoder constraints, dead-latent counters and the loss assembly.
 
-    Variants define `activation(pre) -> f` and may override `sparsity_loss(f, pre)` and, with
-    fast = True, `sparse_encode(centered)` (the sparse-kernel training path).
+    Variants define `activation(pre) -> f` and may override `sparsity_loss(f, pre)`,
+    `reconstruction_losses(...)`, `set_training_tokens(tokens)` and, with fast = True,
+    `sparse_encode(centered)` (the sparse-kernel training path).
     Keyword args shared by every variant:
       aux_k: latents used by AuxK (default d_in // 2); aux_coeff: AuxK weight (0 disables);
       dead_tokens_threshold: tokens without firing before a latent counts as dead;
@@ -97,6 +107,10 @@ class BaseAutoencoder(nn.Module):
     fast = False  # True: train through sparse_encode (the sparse kernels of train.kernels)
     # Constructor keyword -> TrainConfig key, for the keys this variant reads beyond the shared ones.
     config_keys: dict[str, str] = {}
+    # Keys added after checkpoints recorded their SAE's arguments: keyword -> (TrainConfig key, the
+    # value that computes what the variant computed before). Passed (and so recorded) only when the
+    # config's value differs from it, so that older records rebuild the SAE they describe.
+    late_config_keys: dict[str, tuple[str, Any]] = {}
 
     # ----- what the variant declares about a training config (train.config, train.sae.registry)
     @classmethod
@@ -106,6 +120,8 @@ class BaseAutoencoder(nn.Module):
         args = {"d_in": cfg.d_in, "d_sae": cfg.dict_size, "aux_k": cfg.aux_k,
                 "dead_tokens_threshold": cfg.dead_tokens_threshold}
         args.update({kw: getattr(cfg, key) for kw, key in cls.config_keys.items()})
+        args.update({kw: getattr(cfg, key) for kw, (key, legacy) in cls.late_config_keys.items()
+                     if getattr(cfg, key) != legacy})
         return args
 
     @classmethod
@@ -184,10 +200,33 @@ class BaseAutoencoder(nn.Module):
         fired = torch.zeros(self.d_sae, dtype=torch.long, device=f.device).index_add_(0, active.cols, on.long())
         return l0, active.vals.detach().abs().sum() / B, fired
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups: one with every parameter, unless a variant gives some
+        their own learning-rate factor ({"params": [...], "lr_scale": s}; train.training.make_optimizer)."""
+        return [{"params": list(self.parameters())}]
+
+    wants_init_sample = False  # True: init_from_sample needs the trainer's first batch (JumpReLU's init_l0)
+
+    @torch.no_grad()
+    def init_from_sample(self, sample: Tensor) -> None:
+        """A variant's data-dependent init from a sample [N, d] of training rows (the trainer's first
+        batch, after b_dec's init); the default has none."""
+
+    def set_training_tokens(self, tokens: int) -> None:
+        """Before each training step: the training tokens seen so far. Variants with a schedule
+        (TopK's k annealing) set it from them here; the default has none."""
+
     # ----- losses -----
     def sparsity_loss(self, f: Tensor, pre: Tensor) -> Tensor:
         """Unscaled sparsity penalty (scalar); zero for variants whose sparsity is structural."""
         return f.new_zeros(())
+
+    def reconstruction_losses(self, x: Tensor, x_hat: Tensor, f: Tensor, pre: Tensor,
+                              active: Active | None) -> dict[str, Tensor]:
+        """The loss's reconstruction terms, name -> scalar, all summed into the loss: "mse" (the
+        per-token squared error of x_hat, always first) and any a rule adds. x, x_hat [B, d];
+        f, pre [B, m]; active: the batch's sparse active set on the fast path, else None."""
+        return {"mse": (x_hat - x).pow(2).sum(-1).mean()}
 
     def auxk_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
         """aux_coeff * normalised error of reconstructing x - x_hat.detach() from dead latents (train.sae.losses)."""
@@ -202,13 +241,18 @@ class BaseAutoencoder(nn.Module):
         l0, l1, fired = self._batch_stats(f, active)
         if self.training:
             self._mark_fired(x.shape[0], fired)
-        mse = (x_hat - x).pow(2).sum(-1).mean()
+        recon = self.reconstruction_losses(x, x_hat, f, pre, active)
         sparsity = sparsity_coeff_scale * self.sparsity_loss(f, pre)
         aux = self.auxk_loss(x, x_hat, pre)
         with torch.no_grad():
             metrics = {"l0": l0.mean(), "l1": l1, "explained_variance": explained_variance(x, x_hat)}
-        losses = {"mse": mse, "sparsity": sparsity, "aux": aux, **metrics}
-        return SAEOutput(x_hat, f, pre, mse + sparsity + aux, losses, l0, fired)
+        loss = recon["mse"]
+        for name, term in recon.items():
+            if name != "mse":
+                loss = loss + term
+        loss = loss + sparsity + aux
+        losses = {"mse": recon["mse"], "sparsity": sparsity, "aux": aux, **recon, **metrics}
+        return SAEOutput(x_hat, f, pre, loss, losses, l0, fired)
 
     # ----- dead latents -----
     @torch.no_grad()

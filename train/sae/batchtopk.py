@@ -50,7 +50,7 @@ class BatchTopK(TopK):
 
     def activation(self, pre: Tensor) -> Tensor:
         z = pre.relu().flatten()
-        top, idx = z.topk(self.k * pre.shape[0], sorted=False)
+        top, idx = z.topk(self.k_now * pre.shape[0], sorted=False)
         return torch.zeros_like(z).scatter_(0, idx, top).view_as(pre)
 
     def encode(self, x: Tensor, use_threshold: bool | None = None) -> Tensor:
@@ -65,7 +65,7 @@ class BatchTopK(TopK):
         return (z * (z > self.threshold)).reshape(*x.shape[:-1], self.d_sae)
 
     def sparse_encode(self, centered: Tensor) -> tuple[Tensor, Tensor, Active, tuple]:
-        vals, rows, cols, offsets, pre = BatchTopKEncode.apply(centered, self.W_enc, self.b_enc, self.k)
+        vals, rows, cols, offsets, pre = BatchTopKEncode.apply(centered, self.W_enc, self.b_enc, self.k_now)
         f = torch.zeros_like(pre).index_put_((rows, cols), vals)
         return f, pre, Active(vals, rows, cols), (vals, cols, offsets)
 
@@ -96,9 +96,9 @@ class BatchTopK(TopK):
 
     def final_results(self, evaluate) -> dict:
         """Both encodings' figures; "heldout" is the threshold's, and inference L0 is reported against k."""
-        threshold, batch_topk = self.encodings()
-        batch_figures = evaluate(batch_topk)
-        figures = evaluate(threshold)
+        encodings = {e.name: e for e in self.encodings()}
+        batch_figures = evaluate(encodings["batch_topk"])
+        figures = evaluate(encodings["threshold"])
         return {"threshold_kind": self.threshold_kind, "heldout_batchtopk": batch_figures, "heldout": figures,
                 "inference_l0": figures["l0"], "k": self.k}
 
