@@ -72,7 +72,8 @@ PAIRS = {"site": ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"), "micro_
          "d_in": (256, 512), "dict_size": (2048, 4096), "aux_k": (4, 8), "wandb_group": ("a", "b"),
          "run_name": ("a", "b"), "store": ("/spec/acts", "/cli/acts"), "out": ("spec_runs", "cli_runs"),
          "device": ("auto", "cpu"), "k": (32, 16), "lr_decay_start": (0.8, 0.5), "beta1": (0.9, 0.8),
-         "beta2": (0.999, 0.99)}
+         "beta2": (0.999, 0.99), "k_anneal_start": (128, 64), "target_l0": (32.0, 16.0),
+         "jumprelu_init_l0": (32.0, 16.0)}
 
 
 def spec_and_cli_values(key: str):
