@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.synthetic import SITE, build_synthetic_cache, indexed_normal, sparse_codes, synthetic_spec, zero_tokens
+from shared.synthetic import (SITE, build_synthetic_cache, indexed_normal, shared_codes, sparse_codes, synthetic_spec,
+                              zero_tokens)
 
 REPO = Path(__file__).resolve().parents[1]
 SITE2 = "blocks.1.hook_resid_pre"  # the second site of two-site synthetic caches (SITE: blocks.0.hook_resid_pre)
@@ -98,6 +99,22 @@ def build_sparse_cache(root):
                           planned_rows=SPARSE_ROWS_PER_SHARD * SPARSE_SHARDS, context_length=SPARSE_CTX,
                           dataset={"kind": "synthetic"})
     return build_synthetic_cache(root, spec, sparse_codes(SPARSE_D, SPARSE_ATOMS, seed=0), tokens=zero_tokens)
+
+
+def transcoder_sites(n_layers: int = 2) -> list[str]:
+    """mlp_in and mlp_out of layers 0..n_layers-1 (TransformerLens names), in layer order."""
+    return [s for layer in range(n_layers) for s in (f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out")]
+
+
+def build_transcoder_cache(root, n_layers: int = 2):
+    """The `transcoder_cache` fixture's cache at root: build_sparse_cache's layout (6 x 512 rows,
+    d 16, contexts of 8) with sites mlp_in and mlp_out at layers 0..n_layers-1, all driven by the
+    same sparse codes (shared.synthetic.shared_codes): every site predicts every other."""
+    sites = transcoder_sites(n_layers)
+    spec = synthetic_spec(d_model=SPARSE_D, rows_per_shard=SPARSE_ROWS_PER_SHARD,
+                          planned_rows=SPARSE_ROWS_PER_SHARD * SPARSE_SHARDS, context_length=SPARSE_CTX, sites=sites,
+                          dataset={"kind": "synthetic"})
+    return build_synthetic_cache(root, spec, shared_codes(SPARSE_D, SPARSE_ATOMS, sites, seed=1), tokens=zero_tokens)
 
 
 def cfg_for(store, out, **over):

@@ -41,6 +41,9 @@ def main() -> None:
 @config_option("store")
 @config_option("site")
 @config_option("arch")
+@config_option("in_site")
+@config_option("out_site")
+@config_option("sparsity")
 @config_option("k")
 @config_option("dict_size")
 @config_option("expansion")
@@ -56,7 +59,10 @@ def main() -> None:
 @config_option("wandb_mode")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(config_file, sets, quiet, **options) -> None:
-    """Train one SAE. Precedence: defaults < --config file < options < --set.
+    """Train one SAE or transcoder. Precedence: defaults < --config file < options < --set.
+
+    A transcoder: --arch transcoder (or skip_transcoder, clt) --in-site ... --out-site ...
+    --sparsity topk|batchtopk|jumprelu|vanilla (its keys apply: --k, --set l0_coeff=...).
 
     The last line printed is the run's checkpoint folder.
     """

@@ -30,12 +30,16 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1 - resid / total.clamp_min(torch.finfo(total.dtype).tiny)
 
 
-def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
-    """aux_coeff * normalised error of reconstructing x - x_hat.detach() from sae's dead latents.
+def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor, target: Tensor | None = None,
+              center: Tensor | None = None) -> Tensor:
+    """aux_coeff * normalised error of reconstructing target - x_hat.detach() from sae's dead latents.
 
-    x, x_hat [B, d]; pre [B, m] the pre-activations of x. A scalar."""
+    x [B, d_in] what the encoder reads, centred by `center` (default b_dec); x_hat [B, d_out];
+    target [B, d_out] (default x: an SAE); pre [B, m] the pre-activations of x. A scalar."""
     if sae.aux_coeff == 0:
         return x.new_zeros(())
+    y = x if target is None else target
+    c = sae.b_dec if center is None else center
     dead = sae.dead_mask()
     k_aux = min(sae.aux_k, sae.d_sae)
     if dead.device.type == "cpu":  # a host read costs nothing here: skip, or work on the dead block only
@@ -43,24 +47,24 @@ def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor) -> Te
         if dead_idx.numel() == 0:
             return x.new_zeros(())  # what the masked path computes, exactly, without computing it
         if sae.fast:  # the dead latents as a dense [B, n_dead] block: small matmuls instead of gathers
-            z = CenteredEncode.apply(x, sae.b_dec, sae.W_enc.index_select(1, dead_idx),
+            z = CenteredEncode.apply(x, c, sae.W_enc.index_select(1, dead_idx),
                                      sae.b_enc.index_select(0, dead_idx))
             acts = z.relu()
             if k_aux < dead_idx.numel():  # keep each token's k_aux largest
                 top = z.detach().topk(k_aux, dim=1, sorted=False).indices
                 acts = acts * torch.zeros_like(acts).scatter_(1, top, 1.0)
-            e = (x - x_hat).detach()
+            e = (y - x_hat).detach()
             e_hat = acts @ sae.W_dec.index_select(0, dead_idx)
             aux = (e_hat - e).pow(2).sum() / e.pow(2).sum().clamp_min(torch.finfo(e.dtype).tiny)
             return sae.aux_coeff * aux
     masked = torch.where(dead, pre, -torch.inf)  # live latents can never be chosen (relu(-inf) = 0)
     if sae.fast:
         idx = masked.detach().topk(k_aux, dim=1, sorted=False).indices
-        vals = GatherEncode.apply(x - sae.b_dec, sae.W_enc, sae.b_enc, masked.detach(), idx)
+        vals = GatherEncode.apply(x - c, sae.W_enc, sae.b_enc, masked.detach(), idx)
         e_hat = sparse_decode(vals, idx, sae.W_dec)
     else:
         top, idx = masked.topk(k_aux, dim=1, sorted=False)
         e_hat = torch.zeros_like(pre).scatter_(1, idx, top.relu()) @ sae.W_dec
-    e = (x - x_hat).detach()
+    e = (y - x_hat).detach()
     aux = (e_hat - e).pow(2).sum() / e.pow(2).sum().clamp_min(torch.finfo(e.dtype).tiny)
     return sae.aux_coeff * aux * dead.any()
