@@ -102,7 +102,8 @@ class EncoderInputs:
 def resolve_run_sites(cfg, spec) -> Any:
     """cfg with its sites named as the cache `spec` has them (SiteError naming the cache's sites):
     an SAE's site defaults to the cache's first; a transcoder's and a clt's in_site / out_site
-    become site names, and site its first input (module docstring)."""
+    become site names, and site its first input (module docstring; a transcoder given `site` and no
+    in_site reads that site)."""
     layout = site_layout(cfg.arch)
     names = {r.name: r for r in spec.sites}
     if layout == "single":  # a site the cache lacks is the store's to name (CacheError), as it always was
@@ -129,7 +130,7 @@ def resolve_run_sites(cfg, spec) -> Any:
             raise SiteError(f"{key}={kind!r}: the cache has no {kind} site at layer {layer} (its sites: {have})")
         return at[(kind, layer)]
 
-    k_in, n_in = parse(cfg.in_site or DEFAULT_KINDS[0], "in_site")
+    k_in, n_in = parse(cfg.in_site or cfg.site or DEFAULT_KINDS[0], "in_site")  # site: the one the latents read
     k_out, n_out = parse(cfg.out_site or DEFAULT_KINDS[1], "out_site")
     if n_in is None and n_out is None:
         layers = sorted({r.layer for r in spec.sites if (k_in, r.layer) in at and (k_out, r.layer) in at})

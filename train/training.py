@@ -424,6 +424,7 @@ def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -
     try:
         cfg = post_init_cfg(cfg, store.d_model, cfg.site)
         store.check_compatible(cfg.site, cfg.d_in)
+        check_training_memory(cfg, device)  # before the run folder is made
         run_dir = world.broadcast(generate_checkpoint_dir(cfg) if world.is_main else None)
         if world.is_main:
             write_atomic(RunLayout(run_dir).config, json.dumps(cfg.to_dict(), indent=1).encode())
