@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import click
 
+from harvest.selection import LAYERS, layer_selection
 from shared.cache import COMPRESSIONS, STORAGE_DTYPES, Cache
 from shared.cli_common import AUTOCAST_TYPE, COUNT, run_user_errors
 from shared.hook_sites import SITE_KINDS
@@ -24,8 +25,13 @@ def main() -> None:
 @click.option("--model", required=True, help="Hub id, local Hugging Face folder, or local .gguf file.")
 @click.option("--dataset", required=True, help="Hub id, or a local .txt / .jsonl / .parquet file (one document per line/row).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder or URL (s3://bucket/path, gs://...); created, or resumed if it exists.")
-@click.option("--layer", "layers", type=int, multiple=True, required=True, help="Layer index; repeat for several layers in one pass.")
-@click.option("--site", type=click.Choice(SITE_KINDS), default="resid_pre", show_default=True, help="Hook site in each layer.")
+@click.option("--layer", "layers", type=LAYERS, multiple=True, required=True,
+              help="Layers to hook: an index (8), a range (2-5), a list (1,3) or all; repeatable. "
+                   "Every --site at every layer, all in one forward pass.")
+@click.option("--site", "site", type=click.Choice(SITE_KINDS), multiple=True, default=("resid_pre",), show_default=True,
+              help="Hook site kind in each layer, repeatable (--site mlp_in --site mlp_out): resid_pre / resid_post "
+                   "(block input / output), attn_out / mlp_out (what attention / the MLP adds), resid_mid (the residual "
+                   "after attention; not in parallel blocks), mlp_in (what the MLP reads: its pre-MLP norm's output).")
 @click.option("--tokens", type=COUNT, default="1M", show_default=True, help="Token budget (e.g. 200k, 50M), rounded up to whole contexts.")
 @click.option("--context-length", type=click.IntRange(2), default=128, show_default=True, help="Tokens per packed context.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
@@ -39,8 +45,11 @@ def main() -> None:
 @click.option("--bos", type=click.Choice(BOS_POLICIES), default="context", show_default=True, help="context: each context starts with BOS.")
 @click.option("--autocast", type=AUTOCAST_TYPE, default="auto", show_default=True, help="Compute dtype; auto = bf16 on CUDA, fp32 on CPU (bfloat16: same as bf16).")
 @click.option("--staging", type=click.Path(file_okay=False), help="Local staging folder when --out is a URL [default: $SAEFORGE_STAGING or ~/.cache/saeforge/staging, one per URL].")
+@click.option("--space-check/--no-space-check", "space_check", default=True, show_default=True,
+              help="Refuse to start (exit 2, nothing written) when the file system of --out lacks the size still to "
+                   "write plus a margin; the size is printed first either way (not checked for a URL).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(quiet: bool, layers, **options) -> None:
+def run(quiet: bool, layers, site, **options) -> None:
     """Harvest activations (resumes an unfinished cache at --out).
 
     Under torchrun (RANK/WORLD_SIZE set), shard k goes to rank k mod WORLD_SIZE and the result
@@ -49,13 +58,13 @@ def run(quiet: bool, layers, **options) -> None:
     from harvest.runner import HarvestConfig, run_harvest
 
     rank, world, barrier = _distributed()
-    cfg = HarvestConfig(layers=sorted(set(layers)), rank=rank, world_size=world, **options)
+    cfg = HarvestConfig(layers=layer_selection(layers), site=list(site), rank=rank, world_size=world, **options)
     if cfg.device == "auto" and world > 1 and "LOCAL_RANK" in os.environ:
         import torch
 
         if torch.cuda.is_available():
             cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    path = run_user_errors(run_harvest, cfg, progress=not quiet, barrier=barrier)
+    path = run_user_errors(run_harvest, cfg, progress=not quiet, barrier=barrier, log=lambda m: click.echo(m, err=True))
     if rank == 0:
         click.echo(str(path))
 

@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Iterator
 
 from harvest.runner import writer_lock
+from harvest.selection import format_layers, site_kinds
 from shared.cache import CacheError, CacheSpec, Layout
 from shared.cache_records import Seal, ShardRecord
 from shared.cache_layout import set_array_rows
 from shared.cache_spec import read_group_spec
 from shared.durable import file_problem
+from shared.hook_sites import SITE_KINDS
 
 QUARANTINE = "quarantine"
 
@@ -141,16 +143,20 @@ def repair_cache(path: str | os.PathLike) -> RepairReport:
 
 def harvest_command(root: str | os.PathLike, spec: CacheSpec) -> str | None:
     """The `harvest run` command whose cache identity equals `spec` (so it resumes `root`); None if
-    the provenance does not name a model and dataset (or mixes site kinds, which one command cannot)."""
+    the provenance does not name a model and dataset, or its sites are not every kind at every
+    layer in the order the command makes them (sorted layers, block order of kinds)."""
     model = spec.model.get("id")
     dataset = spec.dataset.get("path") if spec.dataset.get("kind") == "file" else spec.dataset.get("id")
-    kinds = {s.kind for s in spec.sites}
-    if not model or not dataset or len(kinds) != 1:
+    kinds = list(dict.fromkeys(s.kind for s in spec.sites))
+    if not model or not dataset or not set(kinds) <= set(SITE_KINDS):
         return None
-    args = ["harvest", "run", "--model", model, "--dataset", dataset, "--out", str(root)]
-    for layer in sorted({s.layer for s in spec.sites}):
-        args += ["--layer", str(layer)]
-    args += ["--site", kinds.pop(), "--tokens", str(spec.planned_rows), "--context-length", str(spec.context_length),
+    kinds, layers = site_kinds(kinds), sorted({s.layer for s in spec.sites})
+    if [(s.layer, s.kind) for s in spec.sites] != [(L, k) for L in layers for k in kinds]:
+        return None
+    args = ["harvest", "run", "--model", model, "--dataset", dataset, "--out", str(root), "--layer", format_layers(layers)]
+    for kind in kinds:
+        args += ["--site", kind]
+    args += ["--tokens", str(spec.planned_rows), "--context-length", str(spec.context_length),
              "--dtype", spec.dtype, "--shard-tokens", str(spec.rows_per_shard), "--compression", spec.compression]
     bos = spec.bos_policy.get("bos_policy")
     if bos:

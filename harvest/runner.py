@@ -16,11 +16,12 @@ import fcntl
 import math
 import os
 import queue
+import sys
 import threading
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +30,10 @@ from tqdm.auto import tqdm
 from shared.autocast import autocast_dtype as resolve_autocast
 from shared.devices import resolve_device as resolve_any_device
 from harvest.pipeline import ShardAssembler, background
+from harvest.selection import select_sites
+from harvest.space import plan_space
 from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, ShardWriter, SiteRecord
-from shared.hook_sites import capture, resolve_sites
+from shared.hook_sites import MLP_IO_KINDS, capture
 from shared.models import load_model
 from shared.remote import RemoteCacheWriter, is_remote
 from shared.tokens import DatasetError, load_documents, pack_contexts, policy_record
@@ -43,8 +46,8 @@ class HarvestConfig:
     model: str  # hub id, local HF folder or .gguf file (identity)
     dataset: str  # hub id or local .txt/.jsonl/.parquet (identity)
     out: str  # a folder, or a URL (s3://bucket/path, gs://..., any fsspec URL)
-    layers: list[int] = field(default_factory=lambda: [8])  # (identity)
-    site: str = "resid_pre"  # (identity)
+    layers: list[int] | str = field(default_factory=lambda: [8])  # indices, or "all" (identity)
+    site: str | Sequence[str] = "resid_pre"  # one site kind, or several: each at every layer (identity)
     tokens: int = 1_000_000  # budget, rounded up to whole contexts (identity)
     context_length: int = 128  # (identity)
     batch_size: int | None = None  # contexts per forward pass; None: default_batch_size(device)
@@ -59,6 +62,7 @@ class HarvestConfig:
     rank: int = 0
     world_size: int = 1
     staging: str | None = None  # local staging folder when out is a URL (default: one per URL under ~/.cache)
+    space_check: bool = True  # refuse to start when the file system of `out` cannot hold what is left to write
 
 
 def resolve_device(device: str) -> torch.device:
@@ -89,7 +93,7 @@ def build_spec(cfg: HarvestConfig, info, sites, documents, tokenizer, compute: t
         dataset=documents.identity,
         context_length=ctx,
         bos_policy=policy_record(tokenizer, cfg.bos),
-        sites=[SiteRecord(s.name, s.layer, s.kind, s.hf_module) for s in sites],
+        sites=[SiteRecord(s.name, s.layer, s.kind, s.hf_module, s.io if s.kind in MLP_IO_KINDS else None) for s in sites],
         d_model=info.d_model,
         dtype=cfg.dtype,
         rows_per_shard=rows_per_shard,
@@ -163,16 +167,28 @@ def _batches(contexts: Iterator[tuple[int, np.ndarray]], size: int) -> Iterator[
         yield batch
 
 
-def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None) -> Path | str:
-    """Harvest (or resume) a cache; returns its path (or URL). `barrier` synchronises ranks when distributed."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_harvest(cfg: HarvestConfig, progress: bool = True, barrier=None,
+                log: Callable[[str], None] | None = None) -> Path | str:
+    """Harvest (or resume) a cache; returns its path (or URL). `barrier` synchronises ranks when
+    distributed. Before writing, rank 0 reports the size still to write through `log` (default:
+    stderr when `progress`, else nothing); CacheError if the disk cannot hold it (cfg.space_check)."""
+    if log is None:
+        log = _stderr if progress else lambda message: None
     device = resolve_device(cfg.device)
     compute = autocast_dtype(cfg, device)
     loaded = load_model(cfg.model, device=str(device))
     model, tokenizer, info = loaded.model, loaded.tokenizer, loaded.info
-    sites = resolve_sites(model, cfg.layers, cfg.site)
+    sites = select_sites(model, cfg.layers, cfg.site)
     documents = load_documents(cfg.dataset, split=cfg.split, text_column=cfg.text_column)
     spec = build_spec(cfg, info, sites, documents, tokenizer, compute)
     _check_corpus_fills_a_context(cfg, documents, tokenizer)
+    space = plan_space(cfg.out, spec, check=cfg.space_check)  # before anything is created
+    if space and cfg.rank == 0:
+        log(space)
 
     open_writer: Callable[[], ShardWriter]  # CacheWriter for a folder, RemoteCacheWriter for a URL
     if is_remote(cfg.out):

@@ -38,12 +38,21 @@
    threads, user + system) per shard are printed for both: on a machine whose cores are taken by
    other work, wall time follows CPU time.
 
+3. With --sites (e.g. `--sites mlp_in,mlp_out --layers all --models smollm2-random,tiny-llama`):
+   harvest throughput of every --sites kind at every --layers layer in one pass (what transcoder
+   training harvests) over the throughput of one --site at one --layer (clamped to the model's
+   depth), per model, on the CPU, rounds interleaved in one run; plus that multi-site forward with
+   nothing stored, so the storage share shows. Models from `pipelines.bench_models` (the real
+   SmolLM2 when installed, else a random-weights model of its configuration, and the tests' tiny
+   shapes); the machine (CPU model, cores, bf16/AMX flags) is printed first.
+
 Timings on shared machines are noisy: compare the ratios from one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shutil
@@ -70,7 +79,8 @@ from shared.cache_stats import shard_statistics  # noqa: E402
 from shared.cache_storage import numpy_storage_dtype  # noqa: E402
 from shared.durable import fsync_path  # noqa: E402
 from shared.synthetic import synthetic_spec  # noqa: E402
-from shared.hook_sites import capture, resolve_sites  # noqa: E402
+from harvest.selection import layer_selection, parse_layer_value, select_sites, site_kinds  # noqa: E402
+from shared.hook_sites import capture  # noqa: E402
 from shared.models import load_model  # noqa: E402
 from shared.tokens import load_documents, pack_contexts  # noqa: E402
 
@@ -142,7 +152,7 @@ def time_forward(cfg: HarvestConfig, batches: list[np.ndarray], device: torch.de
     own), storing nothing. Loading is not timed; on CUDA the token ids are pinned beforehand and
     copied without blocking (as harvest does), so the device queue never drains between batches."""
     model = load_model(cfg.model, device=str(device)).model
-    sites = resolve_sites(model, cfg.layers, cfg.site)
+    sites = select_sites(model, cfg.layers, cfg.site)
     autocast = torch.autocast(device.type, dtype=compute) if compute else nullcontext()
     host = [torch.from_numpy(b.astype(np.int64)) for b in batches]
     if device.type == "cuda":
@@ -158,9 +168,8 @@ def time_forward(cfg: HarvestConfig, batches: list[np.ndarray], device: torch.de
     return time.perf_counter() - t0
 
 
-def bench_harvest(device: torch.device, cfg: HarvestConfig, repeats: int, work: Path) -> tuple[float, float]:
-    """Print harvest vs forward-only for one device; returns (ratio of the best rounds, median in-run ratio)."""
-    compute = autocast_dtype(cfg, device)
+def packed_batches(cfg: HarvestConfig) -> tuple[list[np.ndarray], int]:
+    """The first cfg.tokens of the stream (whole contexts) as batches [batch_size, T]; and their token count."""
     tokenizer = load_model(cfg.model, device="cpu").tokenizer
     ctx = cfg.context_length
     n_contexts = -(-cfg.tokens // ctx)
@@ -171,8 +180,14 @@ def bench_harvest(device: torch.device, cfg: HarvestConfig, repeats: int, work: 
             break
     if len(contexts) < n_contexts:
         raise SystemExit(f"error: {cfg.dataset} holds only {len(contexts) * ctx} tokens; ask for fewer with --tokens")
-    batches = [np.stack(contexts[i : i + cfg.batch_size]) for i in range(0, n_contexts, cfg.batch_size)]
-    n_tokens = n_contexts * ctx
+    return [np.stack(contexts[i : i + cfg.batch_size]) for i in range(0, n_contexts, cfg.batch_size)], n_contexts * ctx
+
+
+def bench_harvest(device: torch.device, cfg: HarvestConfig, repeats: int, work: Path) -> tuple[float, float]:
+    """Print harvest vs forward-only for one device; returns (ratio of the best rounds, median in-run ratio)."""
+    compute = autocast_dtype(cfg, device)
+    batches, n_tokens = packed_batches(cfg)
+    ctx, n_contexts = cfg.context_length, n_tokens // cfg.context_length
     time_forward(cfg, batches[:1], device, compute)  # process warm-up (kernels, allocator), shared by both
     print(f"\n== {device.type}: SmolLM2-135M {cfg.site} layer {cfg.layers[0]}, {n_tokens} tokens "
           f"({n_contexts} contexts of {ctx}), batch {cfg.batch_size}, autocast "
@@ -212,6 +227,58 @@ def best_of_rounds(base_name: str, base: list[float], name: str, rates: list[flo
     print(f"best: {base_name} {unit.format(max(base))}, {name} {unit.format(max(rates))} -> ratio {ratio:.3f} "
           f"(median per-round ratio {statistics.median(ratios):.3f}); {verdict} the target {target}")
     return ratio
+
+
+# --------------------------------------------------------------------------- many sites vs one site
+
+
+def bench_sites(args: argparse.Namespace, work: Path) -> dict[str, tuple[float, float | None, str]]:
+    """Mode 3 (module docstring): per model, multi-site harvest tok/s over one-site harvest tok/s."""
+    from transformers import AutoConfig
+
+    from pipelines.bench_models import bench_corpus, bench_model, cpu_description, smollm2_available
+
+    print(f"\n== machine: {cpu_description()}; torch threads {torch.get_num_threads()}")
+    corpus = bench_corpus(args.assets)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    names = [("smollm2" if smollm2_available() else "smollm2-random") if m == "auto" else m for m in names]
+    kinds, layers = site_kinds(args.sites.split(",")), layer_selection([parse_layer_value(args.layers)])
+    results = {}
+    for name in names:
+        model_dir = bench_model(name, args.assets, corpus)
+        n_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+        one = HarvestConfig(model=str(model_dir), dataset=str(corpus), out="", layers=[min(args.layer, n_layers - 1)],
+                            site=args.site, tokens=args.tokens, context_length=args.context_length,
+                            batch_size=args.batch_size, dtype=args.dtype, device="cpu", shard_tokens=args.shard_tokens,
+                            autocast=args.autocast)
+        multi = dataclasses.replace(one, layers=layers, site=kinds)
+        n_sites = len(kinds) * (n_layers if layers == "all" else len(layers))
+        batches, n_tokens = packed_batches(one)
+        compute = autocast_dtype(one, torch.device("cpu"))
+        time_forward(multi, batches[:1], torch.device("cpu"), compute)  # warm-up
+        print(f"\n== {name} ({n_layers} layers): {n_sites} sites ({','.join(kinds)} at layers {args.layers}) vs 1 site "
+              f"({args.site} at layer {one.layers[0]}), {n_tokens} tokens, batch {one.batch_size}, storage {one.dtype}, "
+              f"shards of {min(-(-one.shard_tokens // one.context_length) * one.context_length, n_tokens)} rows, "
+              f"autocast {str(compute).replace('torch.', '') if compute else 'none (fp32)'}")
+        print(f"{'round':>5s} {'1-site tok/s':>13s} {'multi tok/s':>12s} {'ratio':>6s} {'multi fwd-only tok/s':>21s} "
+              f"{'harvest/fwd':>11s}")
+        rates: dict[str, list[float]] = {"one": [], "multi": [], "forward": []}
+        for r in range(args.repeats):
+            for what in ("one", "multi", "forward") if r % 2 == 0 else ("forward", "multi", "one"):
+                if what == "forward":
+                    rates[what].append(n_tokens / time_forward(multi, batches, torch.device("cpu"), compute))
+                else:
+                    rates[what].append(n_tokens / time_harvest(one if what == "one" else multi, work)["window"])
+            print(f"{r + 1:5d} {rates['one'][-1]:13,.0f} {rates['multi'][-1]:12,.0f} "
+                  f"{rates['multi'][-1] / rates['one'][-1]:6.3f} {rates['forward'][-1]:21,.0f} "
+                  f"{rates['multi'][-1] / rates['forward'][-1]:11.3f}")
+        ratio = max(rates["multi"]) / max(rates["one"])
+        storage = max(rates["multi"]) / max(rates["forward"])
+        print(f"best: 1 site {max(rates['one']):,.0f} tok/s, {n_sites} sites {max(rates['multi']):,.0f} tok/s "
+              f"({max(rates['multi']) * n_sites:,.0f} site-rows/s) -> ratio {ratio:.3f}; multi-site harvest / its "
+              f"forward alone {storage:.3f}")
+        results[f"{n_sites} sites / 1 site ({name})"] = (ratio, None, f"harvest/forward {storage:.3f}")
+    return results
 
 
 # --------------------------------------------------------------------------- cache vs raw writes
@@ -291,11 +358,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds per measurement (best is reported)")
     g = ap.add_argument_group("harvest vs forward-only")
     g.add_argument("--devices", default="auto", help="comma list of cpu,cuda; auto = cpu, plus cuda when available")
-    g.add_argument("--layer", type=int, default=8)
-    g.add_argument("--site", default="resid_pre")
-    g.add_argument("--tokens", type=int, default=65536, help="tokens per CPU run")
+    g.add_argument("--layer", type=int, default=8, help="the one layer (also the one-site baseline of --sites)")
+    g.add_argument("--site", default="resid_pre", help="the one site kind (also the one-site baseline of --sites)")
+    g.add_argument("--tokens", type=int, default=None, help="tokens per CPU run (default 65536; 8192 with --sites)")
     g.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (CPU)")
-    g.add_argument("--shard-tokens", type=int, default=16384, help="rows per shard (CPU)")
+    g.add_argument("--shard-tokens", type=int, default=None, help="rows per shard, CPU (default 16384; 4096 with --sites)")
     g.add_argument("--cuda-tokens", type=int, default=983_040,
                    help="tokens per CUDA run (the KJV corpus holds about 1.0M at context 128)")
     g.add_argument("--cuda-batch-size", type=int, default=None,
@@ -305,6 +372,12 @@ def main() -> None:
     g.add_argument("--autocast", default="auto", choices=[*AUTOCAST, *AUTOCAST_ALIASES],
                    help="auto = bf16 on CUDA, fp32 on CPU (the harvest default); bfloat16 = bf16")
     g.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="storage dtype")
+    m = ap.add_argument_group("many sites vs one site (mode 3: runs instead of the other two)")
+    m.add_argument("--sites", default=None, help="comma list of site kinds harvested at every --layers layer, e.g. mlp_in,mlp_out")
+    m.add_argument("--layers", default="all", help="layers of --sites: all, a range (2-5) or a list (1,3)")
+    m.add_argument("--models", default="auto,tiny-llama",
+                   help="comma list of smollm2, smollm2-random, tiny-llama, tiny-gpt2; auto = smollm2 when installed, "
+                        "else smollm2-random")
     w = ap.add_argument_group("cache writes vs raw writes")
     w.add_argument("--write-shards", type=int, default=8)
     w.add_argument("--rows-per-shard", type=int, default=65536)
@@ -312,6 +385,10 @@ def main() -> None:
     ap.add_argument("--skip-harvest", action="store_true")
     ap.add_argument("--skip-write", action="store_true")
     args = ap.parse_args()
+    if args.tokens is None:
+        args.tokens = 8192 if args.sites else 65536
+    if args.shard_tokens is None:
+        args.shard_tokens = 4096 if args.sites else 16384
 
     if args.devices == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -320,7 +397,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-harvest-", dir=args.dir) as tmp:
         work = Path(tmp)
         results = {}
-        if not args.skip_harvest:
+        if args.sites:
+            results.update(bench_sites(args, work))
+        elif not args.skip_harvest:
             model_dir = smollm2_hf_folder(args.assets / "smollm2")
             corpus = kjv_jsonl(args.assets / "kjv.jsonl")
             for dev in devices:
@@ -334,11 +413,12 @@ def main() -> None:
                 )
                 ratio, in_run = bench_harvest(torch.device(dev), cfg, args.repeats, work)
                 results[f"harvest / forward-only ({dev})"] = (ratio, HARVEST_TARGET, f"in-run ratio {in_run:.3f}")
-        if not args.skip_write:
+        if not args.skip_write and not args.sites:
             results["cache write / raw write"] = (bench_writes(args, work), WRITE_TARGET, "")
     print("\nsummary (ratio of best rounds):")
     for k, (v, target, note) in results.items():
-        print(f"  {k:36s} {v:6.3f}  target >= {target}  {'ok' if v >= target else 'MISSED':6s}  {note}")
+        verdict = "" if target is None else f"target >= {target}  {'ok' if v >= target else 'MISSED':6s}"
+        print(f"  {k:36s} {v:6.3f}  {verdict}  {note}")
 
 
 if __name__ == "__main__":

@@ -31,12 +31,32 @@ def software_version() -> str:
 
 @dataclass(frozen=True)
 class SiteRecord:
-    """One hooked site: TransformerLens name, layer, kind and the HF module it hooks."""
+    """One hooked site: TransformerLens name, layer, kind and the HF module it hooks.
+
+    hf_io: "input" or "output": which of `hf_module`'s tensors the site is. Recorded for the kinds
+    read inside a block (mlp_in: the pre-MLP norm's output; resid_mid: that norm's input); None,
+    and left out of the JSON, for the four original kinds, whose records stay byte-identical to
+    those of caches written before it existed (resid_pre is the block's input, the others a
+    module's output: see `io`).
+    """
 
     name: str
     layer: int
     kind: str
     hf_module: str
+    hf_io: str | None = None
+
+    @property
+    def io(self) -> str:
+        """"input" or "output" of `hf_module`, for every kind."""
+        return self.hf_io or ("input" if self.kind == "resid_pre" else "output")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the record (hf_io only when set)."""
+        d = dataclasses.asdict(self)
+        if d["hf_io"] is None:
+            del d["hf_io"]
+        return d
 
 
 @dataclass
@@ -84,7 +104,9 @@ class CacheSpec:
         return [s.name for s in self.sites]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["sites"] = [s.to_dict() for s in self.sites]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CacheSpec":

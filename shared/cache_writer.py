@@ -9,7 +9,6 @@ shards 0..n-1 are all committed. docs/CACHE_FORMAT.md describes the files.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import uuid
@@ -126,7 +125,7 @@ class CacheWriter(ShardWriter):
                 dtype=zarr_dtype(spec.dtype),
                 compressors=compressors(spec.compression),
                 fill_value=0,
-                attributes={"storage_dtype": spec.dtype, "hook": dataclasses.asdict(site)},
+                attributes={"storage_dtype": spec.dtype, "hook": site.to_dict()},
                 config=cfg,
             )
         for name in ("tokens", "positions"):
@@ -202,6 +201,7 @@ class CacheWriter(ShardWriter):
                 for site, a in acts.items():
                     data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
                     chunks[f"acts/{site}"] = self._write_chunk(f"acts/{site}", files, start, stop, data)
+                    fault_point("site_write")  # some of a multi-site shard's chunk files written
                 fault_point("shard_mid_write")
                 chunks["tokens"] = self._write_chunk("tokens", files, start, stop, np.asarray(tokens, np.int32))
                 chunks["positions"] = self._write_chunk("positions", files, start, stop,

@@ -132,8 +132,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_llama_dir, tiny_corpus):
         assert len(r.output.strip().splitlines()) == 1, r.output
         assert not list(tmp_path.glob("*/ledger/*.json"))
     r = runner.invoke(harvest_cli, harvest_cli_args(tiny_llama_dir, tiny_corpus["txt"], tmp_path / "f",
-                                                    "--site", "resid_mid"))
-    assert r.exit_code == 2 and "resid_mid" in r.output
+                                                    "--site", "resid_middle"))
+    assert r.exit_code == 2 and "resid_middle" in r.output
 
 
 def test_float16_overflow_is_reported_with_layer(tmp_path, tiny_llama_dir, tiny_corpus):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from shared.hook_sites import SITE_KINDS, HookSiteError, capture, find_block_list, resolve_sites, splice
+from shared.hook_sites import SITE_KINDS, STREAM_KINDS, HookSiteError, capture, find_block_list, resolve_sites, splice
 from tests.helpers import ARCH_FIXTURES, N_LAYERS
 
 ARCHS = list(ARCH_FIXTURES)
@@ -60,7 +60,7 @@ def test_branch_outputs_sum_to_resid_post(arch, loaded_models, input_ids):
     model = loaded_models(arch).model
     layers = list(range(N_LAYERS))
     acts = {}
-    for kind in SITE_KINDS:
+    for kind in STREAM_KINDS:
         acts.update(capture(model, resolve_sites(model, layers, kind), input_ids))
     for L in layers:
         total = acts[f"blocks.{L}.hook_resid_pre"] + acts[f"blocks.{L}.hook_attn_out"] + acts[f"blocks.{L}.hook_mlp_out"]
@@ -127,7 +127,7 @@ def test_capture_removes_hooks_even_on_error(loaded_models, input_ids):
 )
 def test_site_names_and_modules(arch, expected, loaded_models):
     model = loaded_models(arch).model
-    for kind in SITE_KINDS:
+    for kind in STREAM_KINDS:
         (site,) = resolve_sites(model, [2], kind)
         assert site.layer == 2 and site.kind == kind
         assert site.name == f"blocks.2.hook_{kind}"
@@ -144,14 +144,14 @@ def test_resolve_errors(loaded_models):
     with pytest.raises(HookSiteError, match="layer -1 is out of range"):
         resolve_sites(model, [-1], "resid_post")
     with pytest.raises(HookSiteError) as e:
-        resolve_sites(model, [0], "resid_mid")
-    assert "resid_mid" in str(e.value) and all(k in str(e.value) for k in SITE_KINDS)
+        resolve_sites(model, [0], "resid_middle")
+    assert "resid_middle" in str(e.value) and all(k in str(e.value) for k in SITE_KINDS)
     with pytest.raises(HookSiteError, match="decoder blocks of architecture 'Sequential'"):
         resolve_sites(nn.Sequential(nn.Linear(2, 2)), [0], "resid_pre")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kind", SITE_KINDS)
+@pytest.mark.parametrize("kind", STREAM_KINDS)
 def test_splice_identity_and_zeros(arch, kind, loaded_models, input_ids):
     model = loaded_models(arch).model
     (site,) = resolve_sites(model, [1], kind)

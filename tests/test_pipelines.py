@@ -47,3 +47,12 @@ def test_bench_store_prints_ratios_for_mapped_copied_and_cold_windows(tmp_path):
                 "store / random gather, RAM", "windows mapped", "growth while serving"]:
         assert row in out, row
     assert not list(tmp_path.glob("tmp*"))  # the synthetic cache is removed
+
+
+def test_bench_harvest_sites_mode_prints_the_ratio_to_one_site(tmp_path):
+    out = _run(["pipelines/bench_harvest.py", "--sites", "mlp_in,mlp_out", "--layers", "all", "--models", "tiny-llama",
+                "--repeats", "1", "--tokens", "512", "--shard-tokens", "256", "--context-length", "64",
+                "--assets", str(tmp_path / "assets"), "--dir", str(tmp_path)], tmp_path)
+    assert "== machine: " in out and "avx512_bf16" in out
+    assert "8 sites (mlp_in,mlp_out at layers all) vs 1 site (resid_pre at layer 3), 512 tokens" in out
+    assert "8 sites / 1 site (tiny-llama)" in out and "harvest/forward" in out
