@@ -187,7 +187,7 @@ CASES = [
     pytest.param(T, lambda c: c.train("--batch-size", "100", "--set", "micro_batch_size=30"),
                  ["batch_size=100 is not divisible by micro_batch_size=30"], id="train-micro-batch"),
     pytest.param(T, lambda c: c.train("--set", "arch=topkk"),
-                 ["arch='topkk' is not one of vanilla, topk, batchtopk, jumprelu; did you mean 'topk'?"],
+                 ["arch='topkk' is not one of vanilla, topk, batchtopk, jumprelu, transcoder, skip_transcoder, clt; did you mean 'topk'?"],
                  id="train-arch-typo"),
     pytest.param(T, lambda c: c.train("--lr", "-1"), ["lr=-1.0 must be positive"], id="train-negative-lr"),
     pytest.param(T, lambda c: c.train("--set", "lr_decay_start=2"), ["lr_decay_start=2.0 must be a fraction in [0, 1]"],
