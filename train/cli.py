@@ -242,14 +242,16 @@ def calibrate(checkpoint, **options) -> None:
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["saelens"]), default="saelens", show_default=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for cfg.json and sae_weights.safetensors.")
+@click.argument("checkpoint", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["saelens", "circuit-tracer"]), default="saelens", show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for cfg.json and sae_weights.safetensors (circuit-tracer: config.yaml and the layers' files).")
 @click.option("--model-name", help="metadata.model_name [default: the cache's model id].")
 @click.option("--store", "store_path", help="The run's cache, if it moved (needed for the scaling factor and provenance).")
 @click.option("--force", is_flag=True, help="Overwrite an existing export in --out.")
 def export(checkpoint, fmt, out_dir, model_name, store_path, force) -> None:
-    """Export a run folder's newest checkpoint (or one checkpoint folder) for SAELens 6.
+    """Export a run folder's newest checkpoint (or one checkpoint folder) for SAELens 6, or for
+    circuit-tracer 0.5 a clt or a set of per-layer transcoders (one CHECKPOINT per layer, layers 0..n-1).
 
     The dataset scaling is folded into the weights (the export takes raw activations); BatchTopK
     is written as JumpReLU with its calibrated threshold. The last line printed is the folder.
