@@ -240,6 +240,11 @@ CASES = [
                  ["export_in_use already holds cfg.json; choose another --out or pass --force"], id="export-out-in-use"),
     pytest.param(T, lambda c: ["export", str(c.topk_run), "--out", str(c.out("e")), "--store", str(c.tmp / "nowhere")],
                  ["the run's activation cache", "nowhere' does not exist; pass --store PATH"], id="export-store-missing"),
+    pytest.param(T, lambda c: ["export", str(c.topk_run), "--out", str(c.out("hub")), "--push-to-hub", "someone/an-sae"],
+                 ["--push-to-hub someone/an-sae: the hub is offline (HF_HUB_OFFLINE is set); the export is complete in",
+                  "upload it later with `hf upload someone/an-sae"], id="export-push-to-hub-offline"),
+    pytest.param(T, lambda c: ["export", str(c.topk_run), "--out", str(c.out("hub_bad")), "--push-to-hub", "not a/repo"],
+                 ["--push-to-hub 'not a/repo' is not a hub repository id"], id="export-push-to-hub-bad-repo-id"),
     pytest.param(T, lambda c: ["calibrate", str(c.topk_run)],
                  ["is a topk SAE; only batchtopk needs a threshold calibration"], id="calibrate-topk"),
 ]
@@ -277,8 +282,12 @@ def test_allow_unsealed_trains_on_the_committed_shards(ctx):
 
 
 def test_nothing_was_written_by_the_failed_commands(ctx):
-    """The failed harvests left no cache behind, and the existing cache is untouched and sealed."""
+    """The failed harvests left no cache behind, and the existing cache is untouched and sealed.
+    The export whose upload failed offline is complete; the one with a bad repo id wrote nothing."""
     outs = ctx.tmp / "outs"
     assert not outs.exists() or not list(outs.glob("*/ledger/*.json"))
+    if (outs / "hub").exists():
+        assert {p.name for p in (outs / "hub").iterdir()} >= {"cfg.json", "sae_weights.safetensors", "README.md"}
+    assert not (outs / "hub_bad").exists()
     r = CliRunner().invoke(harvest_cli, ["verify", str(ctx.cache)])
     assert r.exit_code == 0 and "ok: 1 shards verified" in r.output, r.output

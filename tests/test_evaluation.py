@@ -297,3 +297,143 @@ def test_wandb_gets_the_figures(topk_run, monkeypatch, tmp_path):
     assert log["eval/lm/ce_clean"] == res["lm"]["ce_clean"] and log["eval/inference/density_hist"][0] == "hist"
     calls.clear()
     assert log_to_wandb(topk_run, load_run_config(topk_run), res, "disabled") is False and not calls
+
+
+# --------------------------------------------------------------------------- SAEBench's core layout
+
+SAEBENCH_GROUPS = {  # SAEBench sae_bench/evals/core/eval_output.py: the metric categories and their fields
+    "model_behavior_preservation": {"kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"},
+    "model_performance_preservation": {"ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae"},
+    "reconstruction_quality": {"explained_variance", "mse", "cossim"},
+    "shrinkage": {"l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"},
+    "sparsity": {"l0", "l1"},
+    "token_stats": {"total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"},
+    "misc_metrics": {"freq_over_1_percent", "freq_over_10_percent", "normalized_freq_over_1_percent",
+                     "normalized_freq_over_10_percent", "average_max_encoder_cosine_sim",
+                     "average_max_decoder_cosine_sim", "frac_alive"},
+}
+SAEBENCH_TOP = {"eval_type_id", "eval_config", "eval_id", "datetime_epoch_millis", "eval_result_metrics",
+                "eval_result_details", "sae_bench_commit_hash", "sae_lens_id", "sae_lens_release_id",
+                "sae_lens_version", "sae_cfg_dict", "eval_result_unstructured"}
+SAEBENCH_CONFIG = {"model_name", "llm_dtype", "batch_size_prompts", "n_eval_reconstruction_batches",
+                   "n_eval_sparsity_variance_batches", "dataset", "context_size", "compute_kl", "compute_ce_loss",
+                   "compute_l2_norms", "compute_sparsity_metrics", "compute_variance_metrics",
+                   "compute_featurewise_density_statistics", "compute_featurewise_weight_based_metrics",
+                   "exclude_special_tokens_from_reconstruction", "verbose"}
+SAEBENCH_DETAIL = {"index", "feature_density", "consistent_activation_heuristic", "encoder_bias", "encoder_norm",
+                   "encoder_decoder_cosine_sim", "max_decoder_cosine_sim", "max_encoder_cosine_sim"}
+
+
+def _max_other_cos(v):
+    v = torch.nn.functional.normalize(v.double(), dim=-1)
+    sims = v @ v.T
+    sims.fill_diagonal_(-2.0)
+    return sims.max(1).values
+
+
+def test_saebench_core_layout_and_figures(topk_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from train.export import export_checkpoint
+
+    res, dest = evaluate_checkpoint(topk_run, max_contexts=6, lm_batch_size=4, batches=4, out=tmp_path / "e.json")
+    bench = json.loads((tmp_path / "saebench_core.json").read_text())
+    assert set(bench) == SAEBENCH_TOP and bench["eval_type_id"] == "core"
+    assert set(bench["eval_config"]) == SAEBENCH_CONFIG
+    m = bench["eval_result_metrics"]
+    assert {k: set(v) for k, v in m.items()} == SAEBENCH_GROUPS
+    assert bench["sae_lens_id"] is None and "not run by SAEBench" in bench["sae_bench_commit_hash"]
+    assert 0 < bench["datetime_epoch_millis"] <= 9999999999999
+    # LM figures are eval.json's, under SAEBench's names
+    r0, lm = res["encodings"]["inference"], res["lm"]
+    assert m["model_performance_preservation"] == {
+        "ce_loss_score": r0["ce_loss_score"], "ce_loss_with_ablation": lm["ce_zero_ablation"],
+        "ce_loss_with_sae": r0["ce_spliced"], "ce_loss_without_sae": lm["ce_clean"]}
+    assert m["model_behavior_preservation"] == {"kl_div_score": r0["kl_div_score"],
+                                                "kl_div_with_ablation": lm["kl_zero_ablation"],
+                                                "kl_div_with_sae": r0["kl_spliced"]}
+    assert m["token_stats"] == {"total_tokens_eval_reconstruction": 6 * CTX,
+                                "total_tokens_eval_sparsity_variance": r0["rows"]}
+    assert bench["eval_config"]["context_size"] == CTX and bench["eval_config"]["batch_size_prompts"] == 4
+    assert bench["eval_config"]["n_eval_reconstruction_batches"] == 2
+    # the reconstruction figures, independently: the exported (raw-activation) SAE with SAELens' topk
+    # equations on the held-out rows in raw units, batch by batch as the store serves them
+    export_checkpoint(topk_run, tmp_path / "x")
+    w = {k: v.double() for k, v in load_file(str(tmp_path / "x" / "sae_weights.safetensors")).items()}
+    assert bench["sae_cfg_dict"] == json.loads((tmp_path / "x" / "cfg.json").read_text())
+    cfg = load_run_config(topk_run)
+    store = open_store(cfg, torch.device("cpu"))
+    try:
+        s = store.scaling_factors[SITE]
+        batches = [b.double() / s for b in store.eval_batches()][:4]
+    finally:
+        store.close()
+    per_tok = {k: [] for k in ("n_in", "n_out", "ratio", "cos", "ev", "err", "l0", "l1")}
+    rrb, fired = [], torch.zeros(res["d_sae"], dtype=torch.float64)
+    for x in batches:
+        h = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+        top = h.topk(6, dim=-1)
+        f = torch.zeros_like(h).scatter(-1, top.indices, top.values.relu())
+        y = f @ w["W_dec"] + w["b_dec"]
+        per_tok["n_in"].append(x.norm(dim=-1))
+        per_tok["n_out"].append(y.norm(dim=-1))
+        per_tok["ratio"].append(y.norm(dim=-1) / x.norm(dim=-1))
+        per_tok["cos"].append((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)))
+        err = ((x - y) ** 2).sum(-1)
+        per_tok["err"].append(err)
+        per_tok["ev"].append(1 - err / ((x - x.mean(0)) ** 2).sum(-1))
+        per_tok["l0"].append((f != 0).sum(-1).double())
+        per_tok["l1"].append(f.sum(-1))
+        rrb.append(float((y.norm(dim=-1) ** 2).mean() / (x * y).sum(-1).mean()))
+        fired += (f > 0).sum(0)
+    mean = {k: float(torch.cat(v).mean()) for k, v in per_tok.items()}
+    approx = lambda v: pytest.approx(v, rel=1e-4, abs=1e-6)  # noqa: E731 (float32 SAE vs float64 here)
+    assert m["shrinkage"] == {"l2_norm_in": approx(mean["n_in"]), "l2_norm_out": approx(mean["n_out"]),
+                              "l2_ratio": approx(mean["ratio"]),
+                              "relative_reconstruction_bias": approx(sum(rrb) / len(rrb))}
+    assert m["reconstruction_quality"] == {"explained_variance": approx(mean["ev"]), "mse": approx(mean["err"]),
+                                           "cossim": approx(mean["cos"])}
+    assert m["sparsity"] == {"l0": approx(mean["l0"]), "l1": approx(mean["l1"])}
+    assert m["reconstruction_quality"]["mse"] == pytest.approx(r0["mse_raw"], rel=1e-5)
+    density = fired / sum(len(b) for b in batches)
+    misc = m["misc_metrics"]
+    assert misc["freq_over_1_percent"] == approx(float((density > 0.01).double().mean()))
+    assert misc["freq_over_10_percent"] == approx(float((density > 0.1).double().mean()))
+    assert misc["normalized_freq_over_10_percent"] == approx(float(density[density > 0.1].sum() / density.sum()))
+    assert misc["frac_alive"] == approx(float((density > 0).double().mean()))
+    enc, dec = w["W_enc"].T, w["W_dec"]
+    assert misc["average_max_encoder_cosine_sim"] == approx(float(_max_other_cos(enc).mean()))
+    assert misc["average_max_decoder_cosine_sim"] == approx(float(_max_other_cos(dec).mean()))
+    details = bench["eval_result_details"]
+    assert len(details) == res["d_sae"] and all(set(d) == SAEBENCH_DETAIL for d in details)
+    i = 3
+    assert details[i]["index"] == i and details[i]["feature_density"] == approx(float(density[i]))
+    assert details[i]["encoder_norm"] == approx(float(enc[i].norm()))
+    assert details[i]["encoder_bias"] == approx(float(w["b_enc"][i]))
+    assert details[i]["encoder_decoder_cosine_sim"] == approx(float(torch.nn.functional.cosine_similarity(enc[i], dec[i], 0)))
+    assert details[i]["consistent_activation_heuristic"] is None
+    assert "consistent_activation_heuristic" in " ".join(bench["eval_result_unstructured"]["null_reasons"])
+
+
+def test_saebench_core_without_lm_has_nulls_with_reasons(topk_run, tmp_path):
+    evaluate_checkpoint(topk_run, skip_lm=True, batches=1, out=tmp_path / "e.json")
+    bench = json.loads((tmp_path / "saebench_core.json").read_text())
+    m = bench["eval_result_metrics"]
+    assert set(m["model_performance_preservation"].values()) == {None}
+    assert set(m["model_behavior_preservation"].values()) == {None}
+    assert bench["eval_config"]["compute_kl"] is False and bench["eval_config"]["compute_ce_loss"] is False
+    reasons = bench["eval_result_unstructured"]["null_reasons"]
+    assert "--skip-lm" in reasons["model_performance_preservation"]
+    assert m["sparsity"]["l0"] > 0 and m["shrinkage"]["l2_norm_in"] > 0
+
+
+def test_saebench_core_of_an_uncalibrated_checkpoint_says_why_it_has_no_cfg(batchtopk_run, tmp_path):
+    from train.checkpoints import list_checkpoints
+
+    first = list_checkpoints(batchtopk_run)[0]  # intermediate BatchTopK checkpoints are never calibrated
+    res, _ = evaluate_checkpoint(first, skip_lm=True, batches=1, out=tmp_path / "e.json")
+    bench = json.loads((tmp_path / "saebench_core.json").read_text())
+    assert res["primary"] == "batch_topk" and bench["eval_result_unstructured"]["encoding"] == "batch_topk"
+    assert bench["sae_cfg_dict"] is None
+    assert "train calibrate" in bench["eval_result_unstructured"]["null_reasons"]["sae_cfg_dict"]
+    assert bench["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(res["encodings"]["batch_topk"]["l0"])

@@ -300,3 +300,74 @@ def test_sae_lens_venv_loads_the_exports(runs, cache_dir, tmp_path):
         f_ours, xh_ours, _ = ours(runs[name], x)
         w = load_file(str(exports[name] / "sae_weights.safetensors"))
         assert_same_outputs(w, x, (got["f"], got["x_hat"]), (f_ours, xh_ours))
+
+
+# --------------------------------------------------------------------------- the model card
+
+
+def _card(folder):
+    from huggingface_hub import ModelCard
+
+    text = (folder / "README.md").read_text()
+    return text, ModelCard(text).data.to_dict()  # the hub's own parser of the YAML front matter
+
+
+def test_export_writes_a_model_card(runs, cache_dir, tmp_path):
+    import shutil
+
+    from train.evaluation import evaluate_checkpoint
+    from train.row_order import cache_identity
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["topk"], run)
+    out = export_checkpoint(run, tmp_path / "e")
+    assert {p.name for p in out.iterdir()} == {"cfg.json", "sae_weights.safetensors", "README.md"}
+    text, meta = _card(out)
+    assert meta["library_name"] == "saelens" and {"saelens", "sparse-autoencoder", "topk"} <= set(meta["tags"])
+    assert "base_model" not in meta and "datasets" not in meta  # a local model folder and file: no hub ids
+    spec = Cache.open(cache_dir).spec
+    state = latest_checkpoint(run)[4]
+    for needle in (spec.model["config_hash"], spec.model["tokenizer_hash"], spec.dataset["sha256"],
+                   cache_identity(Cache.open(cache_dir)), "blocks.1.hook_resid_pre", spec.sites[0].hf_module,
+                   f"{state['tokens']:,} training tokens", "| lr | `0.003` |", "| k | `5` |"):
+        assert needle in text, needle
+    ckpt = list_checkpoints(run)[-1]
+    assert f"has not been evaluated. `train eval {ckpt}`" in text
+    # evaluated: the card carries eval.json's figures and the folder gets saebench_core.json
+    res, _ = evaluate_checkpoint(run, max_contexts=4, lm_batch_size=4, batches=2)
+    with pytest.raises(ExportError, match="already holds cfg.json, sae_weights.safetensors, README.md"):
+        export_checkpoint(run, out)
+    export_checkpoint(run, out, force=True)
+    text, _ = _card(out)
+    figs = res["encodings"]["inference"]
+    assert f"| explained variance | {figs['explained_variance']:.4f} |" in text
+    assert f"| CE-loss score | {figs['ce_loss_score']:.4f} |" in text and "not been evaluated" not in text
+    assert (out / "saebench_core.json").read_bytes() == (run / "saebench_core.json").read_bytes()
+    # an eval.json of another checkpoint is not this checkpoint's
+    older = list_checkpoints(run)[0]
+    assert older != ckpt
+    out2 = export_checkpoint(older, tmp_path / "old")
+    assert "has not been evaluated" in _card(out2)[0] and not (out2 / "saebench_core.json").exists()
+
+
+def test_export_card_front_matter_names_hub_ids():
+    import types
+
+    from huggingface_hub import ModelCard
+
+    from train.model_card import front_matter
+
+    spec = types.SimpleNamespace(model={"id": "HuggingFaceTB/SmolLM2-135M", "source": "hub"},
+                                 dataset={"kind": "hub", "id": "roneneldan/TinyStories"})
+    meta = ModelCard(front_matter("jumprelu", "batchtopk", spec) + "\n# x\n").data.to_dict()
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M" and meta["datasets"] == ["roneneldan/TinyStories"]
+    assert {"batchtopk", "jumprelu"} <= set(meta["tags"])
+
+
+def test_push_to_hub_offline_keeps_the_export(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = CliRunner().invoke(train_cli, ["export", str(runs["topk"]), "--out", str(tmp_path / "h"),
+                                       "--push-to-hub", "me/my-sae"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and "the hub is offline" in r.stderr
+    assert {p.name for p in (tmp_path / "h").iterdir()} >= {"cfg.json", "sae_weights.safetensors", "README.md"}

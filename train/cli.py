@@ -201,7 +201,7 @@ def _facts_note(key: str) -> str:
 @click.option("--heldout-shards", type=click.IntRange(1), help="Evaluate on the cache's last N shards instead of the run's held-out shards.")
 @click.option("--autocast", type=AUTOCAST_TYPE, default="auto", show_default=True,
               help="LM compute dtype; auto = the harvest's (bf16 on CUDA when the cache was harvested so); bfloat16 = bf16.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Where to write eval.json [default: into CHECKPOINT].")
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write eval.json [default: into CHECKPOINT]; saebench_core.json goes beside it.")
 @click.option("--wandb-mode", type=click.Choice(key_facts("wandb_mode").choices), help="[default: the run's]")
 def eval_cmd(checkpoint, **options) -> None:
     """Evaluate a run folder's newest checkpoint (or one checkpoint folder) on held-out data.
@@ -209,13 +209,17 @@ def eval_cmd(checkpoint, **options) -> None:
     Reconstruction (MSE, explained variance, cosine, L0, L1, dead and dense latents, density
     histogram) on held-out cache rows, and the LM's CE loss clean / with the SAE spliced in /
     zero- and mean-ablated, CE-loss score and KL on the held-out contexts. BatchTopK is reported
-    with its calibrated threshold and with batch top-k. Prints a table; the last line is the
-    path of eval.json.
+    with its calibrated threshold and with batch top-k. Beside eval.json, saebench_core.json
+    holds the exported encoding's figures in SAEBench's core-eval layout and definitions. Prints
+    a table; the last line is the path of eval.json.
     """
     from train.evaluation import evaluate_checkpoint, format_table
 
+    from train.saebench import SAEBENCH_FILENAME
+
     results, dest = run_user_errors(evaluate_checkpoint, checkpoint, **options)
     click.echo(format_table(results), err=True)
+    click.echo(f"  SAEBench core layout: {dest.parent / SAEBENCH_FILENAME}", err=True)
     click.echo(str(dest))
 
 
@@ -249,17 +253,21 @@ def calibrate(checkpoint, **options) -> None:
 @click.option("--model-name", help="metadata.model_name [default: the cache's model id].")
 @click.option("--store", "store_path", help="The run's cache, if it moved (needed for the scaling factor and provenance).")
 @click.option("--force", is_flag=True, help="Overwrite an existing export in --out.")
-def export(checkpoint, fmt, out_dir, model_name, store_path, force) -> None:
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO",
+              help="Then upload the folder to this hub model repository (needs the network and a login).")
+def export(checkpoint, fmt, out_dir, model_name, store_path, force, push_to_hub) -> None:
     """Export a run folder's newest checkpoint (or one checkpoint folder) for SAELens 6, or for
     circuit-tracer 0.5 a clt or a set of per-layer transcoders (one CHECKPOINT per layer, layers 0..n-1).
 
     The dataset scaling is folded into the weights (the export takes raw activations); BatchTopK
-    is written as JumpReLU with its calibrated threshold. The last line printed is the folder.
+    is written as JumpReLU with its calibrated threshold. Beside cfg.json and the weights: a model
+    card README.md (recipe, provenance hashes, training tokens, eval figures when the checkpoint
+    has an eval.json) and its saebench_core.json. The last line printed is the folder.
     """
     from train.export import export_checkpoint
 
     out = run_user_errors(export_checkpoint, checkpoint, out_dir, fmt=fmt, model_name=model_name,
-                       store_path=store_path, force=force)
+                          store_path=store_path, force=force, push_to_hub=push_to_hub)
     click.echo(str(out))
 
 

@@ -19,6 +19,10 @@ Model performance (train.lm_figures): the LM's next-token CE and KL on the held-
 clean, with the SAE's reconstruction spliced in at the site, and zero- / mean-ablated;
 ce_loss_score, ce_degradation, kl_spliced, kl_div_score per encoding.
 
+Beside eval.json, saebench_core.json holds the primary encoding's figures in SAEBench's core
+layout and definitions (train.saebench: raw units, its per-token explained variance, shrinkage,
+feature densities, weight-based figures of the exported form).
+
 Encodings (each variant's `encodings()`, train.sae): TopK, vanilla and JumpReLU have one
 ("inference"). BatchTopK has two, labelled:
 "threshold" (JumpReLU-style with the calibrated threshold: what `train export` writes and what
@@ -61,6 +65,7 @@ from train.runs import LoadedCheckpoint, load_sae_checkpoint, open_store, resolv
 from train.sae import BaseAutoencoder
 from train.sae.base import Encoding
 from train.sae.registry import SAE_REGISTRY
+from train.saebench import SAEBENCH_FILENAME, CoreSums, saebench_core
 from train.scaling import Scaling
 from train.site_pairs import EncoderInputs, plan_of
 
@@ -121,17 +126,21 @@ def reconstruct_raw(sae: BaseAutoencoder, x: Tensor, scale: float, enc: Encoding
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: BaseAutoencoder, store: ActivationStore, enc: Encoding, scale: float,
-                           max_batches: int = DEFAULT_BATCHES) -> dict[str, Any]:
-    """evaluate_heldout's figures plus cosine similarity, L1, dead/dense latents and the density histogram."""
+def reconstruction_pass(sae: BaseAutoencoder, store: ActivationStore, enc: Encoding, scale: float,
+                        max_batches: int = DEFAULT_BATCHES) -> tuple[dict[str, Any], Tensor, dict[str, float]]:
+    """One pass over held-out rows: (figures, per-latent firing fractions [m] float64, the CoreSums
+    figures). figures: evaluate_heldout's plus cosine similarity, L1, dead/dense latents, the
+    density histogram and SAEBench's shrinkage figures (train.saebench.CoreSums, raw units)."""
     sums = _LatentSums(sae.d_sae, sae.W_dec.device)
-    base = evaluate_heldout(sae, store, max_batches=max_batches, encoding=enc, accumulators=[sums])
+    core = CoreSums(scale)
+    base = evaluate_heldout(sae, store, max_batches=max_batches, encoding=enc, accumulators=[sums, core])
     n = base["rows"]
+    core_figs = core.figures()
     fired = sums.fired
     density = fired.double() / n
     dead = int((fired == 0).sum())
     dense = int((density > DENSE_THRESHOLD).sum())
-    return {
+    figures = {
         "rows": n,
         "mse": base["mse"],
         "mse_raw": base["mse"] / scale**2,
@@ -144,7 +153,9 @@ def reconstruction_metrics(sae: BaseAutoencoder, store: ActivationStore, enc: En
         "dense": dense,
         "dense_fraction": dense / sae.d_sae,
         "density_hist": density_histogram(fired, n),
+        **{k: core_figs[k] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias")},
     }
+    return figures, density, core_figs
 
 
 class _LatentSums:
@@ -172,7 +183,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
                         wandb_mode: str | None = None) -> tuple[dict[str, Any], Path]:
     """Evaluate a run folder's newest checkpoint (or one checkpoint folder); returns (results, eval.json path).
 
-    eval.json goes to `out`, else into the folder given (run folder or checkpoint folder).
+    eval.json goes to `out`, else into the folder given (run folder or checkpoint folder);
+    saebench_core.json (train.saebench) beside it.
     """
     if batches < 1 or max_contexts < 1 or lm_batch_size < 1:
         raise EvalError("--batches, --max-contexts and --lm-batch-size must be positive")
@@ -200,9 +212,11 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
     try:
         modes = sae.encodings()
         per_mode: dict[str, Any] = {}
-        for enc in modes:
-            per_mode[enc.name] = {"label": enc.label,
-                                  **reconstruction_metrics(sae, store, enc, scale, max_batches=batches)}
+        for i, enc in enumerate(modes):
+            figs, density, core = reconstruction_pass(sae, store, enc, scale, max_batches=batches)
+            per_mode[enc.name] = {"label": enc.label, **figs}
+            if i == 0:
+                primary_density, primary_core = density, core
         held_shards = list(store.heldout_shards)
     finally:
         store.close()
@@ -223,11 +237,12 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         }
         for enc in modes:
             interventions[f"sae:{enc.name}"] = splice_fn(lambda x, enc=enc: reconstruct_raw(sae, x, scale, enc), start)
-        res = lm_losses(lm_model, site, contexts, interventions, batch_size=lm_batch_size,
-                        autocast_dtype=autocast_dtype(autocast, cache.spec.model.get("compute_dtype"), dev))
+        ac_dtype = autocast_dtype(autocast, cache.spec.model.get("compute_dtype"), dev)
+        res = lm_losses(lm_model, site, contexts, interventions, batch_size=lm_batch_size, autocast_dtype=ac_dtype)
         ce_clean, ce_zero = res["clean"]["ce"], res["zero"]["ce"]
         lm = {**check, "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
               "predictions": res["predictions"], "lm_batch_size": lm_batch_size,
+              "autocast_dtype": str(ac_dtype).removeprefix("torch.") if ac_dtype else "float32",
               "ce_clean": ce_clean, "ce_zero_ablation": ce_zero, "ce_mean_ablation": res["mean"]["ce"],
               "kl_zero_ablation": res["zero"]["kl"], "kl_mean_ablation": res["mean"]["kl"]}
         for enc in modes:
@@ -274,7 +289,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         results["note"] = (f"no calibrated threshold: run `train calibrate {run.checkpoint}` for the "
                            "inference (exported) encoding")
     dest = Path(out) if out else Path(path) / EVAL
+    bench = saebench_core(run, cache, checkpoint_scaling(run, cache).fold_factors(cfg.site), results,
+                          primary_density, primary_core, dev)
     write_atomic(dest, json.dumps(_jsonable(results), indent=1).encode())
+    write_atomic(dest.parent / SAEBENCH_FILENAME, json.dumps(_jsonable(bench), indent=1).encode())
     mode = wandb_mode or cfg.wandb_mode
     log_to_wandb(run.run_dir, cfg, results, mode)
     return results, dest

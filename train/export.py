@@ -1,6 +1,8 @@
 """Export a trained SAE for SAELens 6.x (`train export CHECKPOINT --format saelens --out DIR`).
 
-DIR gets the two files `SAE.load_from_disk(DIR)` reads:
+DIR gets the two files `SAE.load_from_disk(DIR)` reads, a model card README.md for the hub
+(train.model_card: architecture, recipe, provenance hashes, training tokens, eval figures) and,
+when the checkpoint has been evaluated, `train eval`'s saebench_core.json:
 
     cfg.json                  architecture, d_in, d_sae, dtype, device, apply_b_dec_to_input (true),
                               normalize_activations ("none"), reshape_activations ("none"),
@@ -58,7 +60,11 @@ from shared.errors import UserError
 from shared.durable import write_atomic
 from train.errors import EvalError
 from train.evaluation import checkpoint_scaling, open_cache_checked
+from train.model_card import CARD_FILENAME, check_repo_id, find_eval, model_card
+from train.model_card import push_to_hub as model_card_push
+from train.row_order import cache_identity
 from train.runs import load_sae_checkpoint
+from train.saebench import SAEBENCH_FILENAME
 from train.sae import BaseAutoencoder
 from train.sae.registry import SAE_REGISTRY
 from train.site_pairs import plan_of
@@ -195,16 +201,24 @@ def saelens_config(sae: BaseAutoencoder, cfg, spec, *, scale: float, checkpoint:
 
 def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *, fmt: str = "saelens",
                       model_name: str | None = None, store_path: str | None = None,
-                      force: bool = False) -> Path:
-    """Write `path`'s SAE (a run folder's newest checkpoint, or one checkpoint folder) to out_dir.
+                      force: bool = False, push_to_hub: str | None = None) -> Path:
+    """Write `path`'s SAE (a run folder's newest checkpoint, or one checkpoint folder) to out_dir:
+    cfg.json, sae_weights.safetensors, the model card README.md (train.model_card) and, when the
+    checkpoint's eval.json has one beside it, saebench_core.json. push_to_hub: then upload the
+    folder to that hub model repository (train.model_card.HubError when offline: the folder stays).
     fmt "circuit-tracer": train.export_circuit_tracer (path may then be a list of per-layer transcoders)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub)
     if fmt == "circuit-tracer":
         from train.export_circuit_tracer import export_circuit_tracer
 
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-        return export_circuit_tracer(paths, out_dir, model_name=model_name, store_path=store_path, force=force)
+        out = export_circuit_tracer(paths, out_dir, model_name=model_name, store_path=store_path, force=force)
+        if push_to_hub is not None:
+            model_card_push(out, push_to_hub)
+        return out
     if not isinstance(path, (str, os.PathLike)):
         if len(path) != 1:
             raise ExportError(f"--format saelens exports one checkpoint, got {len(path)}; export each on its own")
@@ -221,8 +235,13 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *, fm
     config = saelens_config(run.sae, run.cfg, cache.spec, scale=s_in, checkpoint=run.checkpoint,
                             run_dir=run.run_dir, step=run.state.get("step"), tokens=run.state.get("tokens"),
                             model_name=model_name, cache_path=str(cache.root), scale_out=s_out)
+    found = find_eval(run.checkpoint, run.run_dir)
+    card = model_card(config, run.cfg, cache.spec, cache_id=cache_identity(cache), found=found,
+                      checkpoint=run.checkpoint)
+    bench = found[1].parent / SAEBENCH_FILENAME if found else None
+    bench_bytes = bench.read_bytes() if bench is not None and bench.exists() else None
     out = Path(out_dir)
-    existing = [n for n in (CFG_FILENAME, WEIGHTS_FILENAME) if (out / n).exists()]
+    existing = [n for n in (CFG_FILENAME, WEIGHTS_FILENAME, CARD_FILENAME, SAEBENCH_FILENAME) if (out / n).exists()]
     if existing and not force:
         raise ExportError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --force")
     out.mkdir(parents=True, exist_ok=True)
@@ -230,4 +249,11 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *, fm
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / WEIGHTS_FILENAME)
     write_atomic(out / CFG_FILENAME, json.dumps(config, indent=1).encode())
+    write_atomic(out / CARD_FILENAME, card.encode())
+    if bench_bytes is not None:
+        write_atomic(out / SAEBENCH_FILENAME, bench_bytes)
+    elif (out / SAEBENCH_FILENAME).exists():  # --force over an older export: do not keep another SAE's figures
+        (out / SAEBENCH_FILENAME).unlink()
+    if push_to_hub is not None:
+        model_card_push(out, push_to_hub)
     return out

@@ -11,6 +11,7 @@
     RUN/checkpoints/.del-step-N/     a checkpoint being deleted
     RUN/done.json                    written when training (and calibration) finished
     RUN/eval.json                    `train eval`'s figures (in the folder evaluated: run or checkpoint)
+    RUN/saebench_core.json           the same evaluation in SAEBench's core layout (train.saebench)
     RUN/report.md, report.png        `train report`
     SWEEP/sweep.json                 a sweep's resolved configs, in order; then one RUN folder per SAE
     SWEEP/report.md, curves.png, frontier.png
