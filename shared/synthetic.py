@@ -40,12 +40,13 @@ VectorFn = Callable[[int, Rows], np.ndarray]
 
 
 def site_record(name: str) -> SiteRecord:
-    """The SiteRecord of a TransformerLens-style name 'blocks.<layer>.hook_<kind>' (HF module
+    """The SiteRecord of a TransformerLens-style name 'blocks.<layer>.hook_<kind>', or
+    'blocks.<layer>.ln2.hook_normalized' (kind mlp_in, what the MLP reads) (HF module
     model.layers.<layer>, as a Llama-style harvest records it)."""
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", name)
+    m = re.fullmatch(r"blocks\.(\d+)\.(?:hook_(\w+)|(ln2\.hook_normalized))", name)
     if m is None:
-        raise ValueError(f"site {name!r} is not of the form blocks.<layer>.hook_<kind>")
-    return SiteRecord(name, int(m[1]), m[2], f"model.layers.{m[1]}")
+        raise ValueError(f"site {name!r} is not of the form blocks.<layer>.hook_<kind> or blocks.<layer>.ln2.hook_normalized")
+    return SiteRecord(name, int(m[1]), m[2] or "mlp_in", f"model.layers.{m[1]}")
 
 
 def synthetic_spec(*, d_model: int, rows_per_shard: int, planned_rows: int, sites: Sequence[str | SiteRecord] = (SITE,),
@@ -183,5 +184,26 @@ def lognormal_norms(d: int, seed: int = 0) -> ActsFn:
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
         norms = rng.lognormal(mean=np.log(np.sqrt(d)), sigma=0.5, size=(len(rows), 1))
         return (directions * norms + mean).astype(np.float16)
+
+    return _in_order(make)
+
+
+def shared_codes(d: int, n_atoms: int, sites: Sequence[str], seed: int = 0, active: float = 4,
+                 noise: float = 0.01) -> ActsFn:
+    """Several sites driven by the same sparse codes, each through its own dictionary: site j's
+    rows are codes @ dictionary_j + noise * N(0, 1) (float32 [rows, d]), so any site predicts any
+    other through the codes (what a transcoder learns). The dictionaries (n_atoms unit rows each,
+    in the order of `sites`) are drawn first from default_rng(seed); codes as in sparse_codes.
+    Shards in order."""
+    rng = np.random.default_rng(seed)
+    dictionaries = []
+    for _ in sites:
+        D = rng.normal(size=(n_atoms, d)).astype(np.float32)
+        dictionaries.append(D / np.linalg.norm(D, axis=1, keepdims=True))
+
+    def make(k: int, rows: Rows) -> dict[str, np.ndarray]:
+        n = len(rows)
+        codes = rng.exponential(size=(n, n_atoms)) * (rng.random((n, n_atoms)) < active / n_atoms)
+        return {s: (codes @ D + noise * rng.normal(size=(n, d))).astype(np.float32) for s, D in zip(sites, dictionaries)}
 
     return _in_order(make)

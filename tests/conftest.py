@@ -23,6 +23,7 @@ from tests.helpers import (  # noqa: E402
     MAX_POS,
     N_LAYERS,
     build_sparse_cache,
+    build_transcoder_cache,
     cfg_for,
     harvest_config,
     make_lines,
@@ -156,6 +157,13 @@ def sparse_cache(tmp_path_factory) -> Path:
     """The synthetic sealed cache of tests.helpers.build_sparse_cache (6 x 512 rows, d_model 16):
     x = sparse codes @ a random dictionary (+ small noise), so SAEs can learn it."""
     return build_sparse_cache(tmp_path_factory.mktemp("sparse") / "cache")
+
+
+@pytest.fixture(scope="session")
+def transcoder_cache(tmp_path_factory) -> Path:
+    """The synthetic sealed cache of tests.helpers.build_transcoder_cache: mlp_in and mlp_out at
+    layers 0 and 1 (6 x 512 rows, d_model 16), every site driven by the same sparse codes."""
+    return build_transcoder_cache(tmp_path_factory.mktemp("transcoder") / "cache")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.synthetic import SITE, build_synthetic_cache, indexed_normal, sparse_codes, synthetic_spec, zero_tokens
+from shared.synthetic import (SITE, build_synthetic_cache, indexed_normal, shared_codes, sparse_codes, synthetic_spec,
+                              zero_tokens)
 
 REPO = Path(__file__).resolve().parents[1]
 SITE2 = "blocks.1.hook_resid_pre"  # the second site of two-site synthetic caches (SITE: blocks.0.hook_resid_pre)
@@ -77,6 +78,47 @@ def harvest_cli_args(model_dir, corpus, out, *extra):
             "--dtype", "float32", "--shard-tokens", str(HARVEST_CTX * 4), "--quiet", *extra]
 
 
+def multi_site_harvest() -> bool:
+    """Whether `harvest run` captures several site kinds in one pass (HarvestConfig.site a list)."""
+    import typing
+
+    from harvest.runner import HarvestConfig
+
+    return typing.get_type_hints(HarvestConfig)["site"] is not str
+
+
+def harvest_sites(model_dir, corpus, out, kinds, layers, **over) -> Path:
+    """One cache of several site kinds of a tiny model at `layers` (harvest_config's other settings):
+    one harvest of them all where harvest captures several kinds in one pass, else one harvest per
+    kind merged shard by shard into one cache (the harvests read the same contexts: their tokens are
+    checked equal), with the first harvest's provenance."""
+    import numpy as np
+
+    from harvest.runner import run_harvest
+    from shared.cache import Cache, CacheSpec, CacheWriter
+
+    out = Path(out)
+    if multi_site_harvest():
+        run_harvest(harvest_config(model_dir, corpus, out, layers=list(layers), site=list(kinds), **over), progress=False)
+        return out
+    parts = []
+    for kind in kinds:
+        run_harvest(harvest_config(model_dir, corpus, out.with_name(f"{out.name}-{kind}"), layers=list(layers), site=kind,
+                                   **over), progress=False)
+        parts.append(Cache.open(out.with_name(f"{out.name}-{kind}")))
+    first = parts[0].spec
+    spec = CacheSpec.from_dict({**first.to_dict(), "sites": [s for c in parts for s in c.spec.to_dict()["sites"]]})
+    writer = CacheWriter.create_or_open(out, spec)
+    for k in parts[0].shards:
+        tokens, positions = parts[0].read_vector("tokens", k), parts[0].read_vector("positions", k)
+        for c in parts[1:]:
+            assert np.array_equal(c.read_vector("tokens", k), tokens), "the harvests read different contexts"
+        acts = {s.name: np.array(c.read_acts(s.name, k)) for c in parts for s in c.spec.sites}
+        writer.write_shard(k, acts, tokens, positions)
+    writer.seal()
+    return out
+
+
 def cache_bytes(root: Path) -> dict[str, bytes]:
     """Every data and ledger file of a cache (locks and metadata timestamps aside)."""
     return {
@@ -98,6 +140,22 @@ def build_sparse_cache(root):
                           planned_rows=SPARSE_ROWS_PER_SHARD * SPARSE_SHARDS, context_length=SPARSE_CTX,
                           dataset={"kind": "synthetic"})
     return build_synthetic_cache(root, spec, sparse_codes(SPARSE_D, SPARSE_ATOMS, seed=0), tokens=zero_tokens)
+
+
+def transcoder_sites(n_layers: int = 2) -> list[str]:
+    """mlp_in and mlp_out of layers 0..n_layers-1 (TransformerLens names), in layer order."""
+    return [s for layer in range(n_layers) for s in (f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out")]
+
+
+def build_transcoder_cache(root, n_layers: int = 2):
+    """The `transcoder_cache` fixture's cache at root: build_sparse_cache's layout (6 x 512 rows,
+    d 16, contexts of 8) with sites mlp_in and mlp_out at layers 0..n_layers-1, all driven by the
+    same sparse codes (shared.synthetic.shared_codes): every site predicts every other."""
+    sites = transcoder_sites(n_layers)
+    spec = synthetic_spec(d_model=SPARSE_D, rows_per_shard=SPARSE_ROWS_PER_SHARD,
+                          planned_rows=SPARSE_ROWS_PER_SHARD * SPARSE_SHARDS, context_length=SPARSE_CTX, sites=sites,
+                          dataset={"kind": "synthetic"})
+    return build_synthetic_cache(root, spec, shared_codes(SPARSE_D, SPARSE_ATOMS, sites, seed=1), tokens=zero_tokens)
 
 
 def cfg_for(store, out, **over):

@@ -211,7 +211,7 @@ CASES = [
     pytest.param(T, lambda c: c.train("--batch-size", "100", "--set", "micro_batch_size=30"),
                  ["batch_size=100 is not divisible by micro_batch_size=30"], id="train-micro-batch"),
     pytest.param(T, lambda c: c.train("--set", "arch=topkk"),
-                 ["arch='topkk' is not one of vanilla, topk, batchtopk, jumprelu, gated, matryoshka; did you mean 'topk'?"],
+                 ["arch='topkk' is not one of vanilla, topk, batchtopk, jumprelu, gated, matryoshka, transcoder, skip_transcoder, clt; did you mean 'topk'?"],
                  id="train-arch-typo"),
     pytest.param(T, lambda c: c.train("--lr", "-1"), ["lr=-1.0 must be positive"], id="train-negative-lr"),
     pytest.param(T, lambda c: c.train("--lr", "nan"), ["lr=nan must be a finite number"], id="train-nan-lr"),

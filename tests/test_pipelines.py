@@ -56,3 +56,16 @@ def test_bench_harvest_sites_mode_prints_the_ratio_to_one_site(tmp_path):
     assert "== machine: " in out and "avx512_bf16" in out
     assert "8 sites (mlp_in,mlp_out at layers all) vs 1 site (resid_pre at layer 3), 512 tokens" in out
     assert "8 sites / 1 site (tiny-llama)" in out and "harvest/forward" in out
+
+
+def test_bench_transcoder_step_prints_ratios_against_the_sae(tmp_path):
+    report = tmp_path / "tc.json"
+    out = _run(["pipelines/bench_transcoder_step.py", "--shapes", "sae,skip_transcoder,clt", "--d-in", "16",
+                "--layers", "2", "--expansion", "2", "--k", "4", "--batch-size", "64", "--steps", "2", "--warmup", "1",
+                "--json", str(report)], tmp_path)
+    for shape in ("sae", "skip_transcoder", "clt"):
+        assert any(line.split()[:1] == [shape] for line in out.splitlines()), out
+    data = json.loads(report.read_text())["results"]
+    assert data["clt"]["layers_covered"] == 2 and data["clt"]["latents_per_layer"] == 32
+    assert data["clt"]["parameters"] == 2 * (16 * 32 + 32 + 16) + 3 * 32 * 16 + 2 * 16  # clt_memory's P
+    assert data["sae"]["tokens_per_s"] > 0 and data["clt"]["memory_estimate_bytes"] > 0

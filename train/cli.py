@@ -43,6 +43,9 @@ def main() -> None:
 @config_option("store")
 @config_option("site")
 @config_option("arch")
+@config_option("in_site")
+@config_option("out_site")
+@config_option("sparsity")
 @config_option("k")
 @config_option("dict_size")
 @config_option("expansion")
@@ -58,7 +61,10 @@ def main() -> None:
 @config_option("wandb_mode")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(config_file, sets, quiet, **options) -> None:
-    """Train one SAE. Precedence: defaults < --config file < options < --set.
+    """Train one SAE or transcoder. Precedence: defaults < --config file < options < --set.
+
+    A transcoder: --arch transcoder (or skip_transcoder, clt) --in-site ... --out-site ...
+    --sparsity topk|batchtopk|jumprelu|vanilla (its keys apply: --k, --set l0_coeff=...).
 
     The last line printed is the run's checkpoint folder.
     """
@@ -277,16 +283,18 @@ def calibrate(checkpoint, **options) -> None:
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["saelens"]), default="saelens", show_default=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for cfg.json and sae_weights.safetensors.")
+@click.argument("checkpoint", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["saelens", "circuit-tracer"]), default="saelens", show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for cfg.json and sae_weights.safetensors (circuit-tracer: config.yaml and the layers' files).")
 @click.option("--model-name", help="metadata.model_name [default: the cache's model id].")
 @click.option("--store", "store_path", help="The run's cache, if it moved (needed for the scaling factor and provenance).")
 @click.option("--force", is_flag=True, help="Overwrite an existing export in --out.")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO",
               help="Then upload the folder to this hub model repository (needs the network and a login).")
 def export(checkpoint, fmt, out_dir, model_name, store_path, force, push_to_hub) -> None:
-    """Export a run folder's newest checkpoint (or one checkpoint folder) for SAELens 6.
+    """Export a run folder's newest checkpoint (or one checkpoint folder) for SAELens 6, or for
+    circuit-tracer 0.5 a clt or a set of per-layer transcoders (one CHECKPOINT per layer, layers 0..n-1).
 
     The dataset scaling is folded into the weights (the export takes raw activations); BatchTopK
     and Matryoshka are written as JumpReLU with their calibrated threshold, Gated as SAELens'

@@ -50,6 +50,7 @@ from shared.counts import EXAMPLES as COUNT_EXAMPLES, parse_count
 from shared.devices import DeviceError, parse_device
 from shared.errors import UserError
 from train.sae.registry import arch_names, sae_class
+from train.sae.transcoder import sparsity_names
 
 
 class ConfigError(UserError, ValueError):
@@ -78,8 +79,17 @@ class TrainConfig:
     """Train on the shards an unfinished harvest has committed so far (their statistics; the last
     of them held out). A resume then needs the same committed shards: finish the harvest first and
     start a new run to use them all."""
-    site: str | None = _key(None, sweep_shared=True)
-    """Hook site to train on (TransformerLens name); default: the cache's first site."""
+    site: str | None = None
+    """Hook site to train on (TransformerLens name); default: the cache's first site. A
+    transcoder's is the (first) site its encoder reads, set from in_site."""
+    in_site: str | None = _key(None, identity="when_set")
+    """Transcoders (arch transcoder, skip_transcoder, clt): the site the encoder reads, a name
+    (blocks.3.ln2.hook_normalized) or a kind (mlp_in, resid_mid, resid_pre, ...) taken at the
+    target's layer; default mlp_in. A clt: a kind, taken at every layer the cache has both kinds
+    at, or its layers' site names, comma-separated."""
+    out_site: str | None = _key(None, identity="when_set")
+    """Transcoders: the site the decoder predicts, a name or a kind (default mlp_out); a clt: a kind
+    or its layers' site names, comma-separated (one per input site, in layer order)."""
     batch_size: int = _key(4096, sweep_shared=True, count=True)
     """Tokens per optimiser step (the global batch)."""
     micro_batch_size: int | None = _key(None, count=True)
@@ -162,7 +172,12 @@ class TrainConfig:
     dead_tokens_threshold: int = _key(1_000_000, count=True)
     """A latent is dead after this many tokens without firing."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
-    """Decoder bias init from a data sample: geometric_median, mean or zeros."""
+    """Decoder bias init from a data sample: geometric_median, mean or zeros (a transcoder's
+    input centre and output bias from its input and target sites)."""
+    sparsity: str | None = _key(None, identity="when_set", choices=sparsity_names)
+    """Sparsity rule of a transcoder or clt, one of the SAE variants whose rule composes with
+    another shape (its keys apply: k, l1_coeff, l0_coeff, ...); default topk. SAEs choose theirs
+    with arch."""
     # --- optimisation
     lr: float = 4e-4
     """Adam learning rate."""
@@ -199,6 +214,10 @@ class TrainConfig:
     the process after the run (torch.use_deterministic_algorithms(True, warn_only=True)). False
     trades that for speed (1.10-1.13x on an H100 at 32x); no effect on CPU, whose kernels are
     deterministic already."""
+    memory_limit_gib: float | None = _key(None, identity=False, resumable=True)
+    """Memory (GiB) a clt's training may take (parameters, gradients, Adam state, one batch's
+    activations; formula in train.sae.clt); default: what the device has available. A clt that
+    does not fit is refused before training, with the numbers."""
     compile: bool = _key(False, identity=False)
     """torch.compile the SAE's forward (and so its backward). Off by default: the first steps pay
     the compile time; measure with pipelines/bench_train_step.py --compile before switching it on."""
@@ -379,7 +398,7 @@ def validate(cfg: TrainConfig) -> None:
     """Raise ConfigError for impossible combinations, naming the keys."""
     for key in field_names():
         choices = key_facts(key).choices
-        if choices is not None:
+        if choices is not None and getattr(cfg, key) is not None:
             _choice(key, getattr(cfg, key), choices)
     try:
         parse_device(cfg.device)
@@ -415,7 +434,16 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.dict_size is not None:
         if cfg.dict_size <= 0:
             raise ConfigError(f"dict_size={cfg.dict_size} must be positive")
-    problem = sae_class(cfg.arch).config_error(cfg)
+    if cfg.memory_limit_gib is not None and cfg.memory_limit_gib <= 0:
+        raise ConfigError(f"memory_limit_gib={cfg.memory_limit_gib} must be positive")
+    cls = sae_class(cfg.arch)
+    if getattr(cls, "site_layout", "single") == "single":
+        given = [k for k in ("in_site", "out_site", "sparsity") if getattr(cfg, k) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for transcoders (arch "
+                              f"transcoder, skip_transcoder, clt); the {cfg.arch} SAE reads `site` and its "
+                              "sparsity is its arch")
+    problem = cls.config_error(cfg)
     if problem:
         raise ConfigError(problem)
 
@@ -476,8 +504,9 @@ def config_hash(cfg: TrainConfig) -> str:
 
 
 def default_run_name(cfg: TrainConfig) -> str:
-    """e.g. topk_blocks.8.hook_resid_pre_4608_k32_3fa9c1d2."""
-    return f"{cfg.arch}_{cfg.site}_{cfg.dict_size}_{sparsity_label(cfg)}_{config_hash(cfg)}"
+    """e.g. topk_blocks.8.hook_resid_pre_4608_k32_3fa9c1d2 (a transcoder names both its sites)."""
+    sites = sae_class(cfg.arch).site_label(cfg)
+    return f"{cfg.arch}_{sites}_{cfg.dict_size}_{sparsity_label(cfg)}_{config_hash(cfg)}"
 
 
 def cfg_from_dict(data: dict[str, Any]) -> TrainConfig:

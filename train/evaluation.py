@@ -30,6 +30,10 @@ per-token inference uses) and "batch_topk" (the training-time rule: the k*B larg
 of each batch of B tokens; B is the run's batch_size for the reconstruction figures and the
 spliced tokens of one LM batch for the CE figures). How a variant calibrates is its own
 (`needs_calibration`, `calibrate`); this module only drives it.
+
+Transcoders and CLTs (a run with in_site / out_site, train.site_pairs) are evaluated as
+replacements of the MLPs they cover: train.transcoder_eval (per-layer FVU, L0 and dead latents of
+the targets; CE with the covered MLP outputs replaced, and zero-ablated).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from train.sae.base import Encoding
 from train.sae.registry import SAE_REGISTRY
 from train.saebench import SAEBENCH_FILENAME, CoreSums, saebench_core
 from train.scaling import Scaling
+from train.site_pairs import EncoderInputs, plan_of
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than this fraction of tokens counts as dense
 DEFAULT_BATCHES = 50  # held-out store batches (of the run's batch_size) for reconstruction figures
@@ -89,8 +94,9 @@ def checkpoint_scaling(run: LoadedCheckpoint, cache: Cache) -> Scaling:
     """The dataset scaling the checkpoint's SAE was trained with: its state.json's record, else
     (a checkpoint older than the record) the cache statistics and the run's normalize setting."""
     scaling = Scaling.from_state(run.state, run.cfg.normalize)
-    if scaling is None or not scaling.has(run.cfg.site):
-        scaling = Scaling.from_cache(cache, [run.cfg.site], run.cfg.normalize)
+    sites = plan_of(run.cfg).sites or [run.cfg.site]  # a transcoder's input and target sites
+    if scaling is None or not all(scaling.has(s) for s in sites):
+        scaling = Scaling.from_cache(cache, sites, run.cfg.normalize)
     return scaling
 
 
@@ -192,6 +198,19 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
     dev = resolve_device(device or cfg.device)
     sae.to(dev)
     cache = open_cache_checked(cfg, run.state, store_path)
+    if plan_of(cfg).outputs is not None:  # a transcoder or CLT: evaluated as a replacement (train.transcoder_eval)
+        from train.transcoder_eval import evaluate_transcoder, write_results
+
+        store = _store_for(cfg, str(cache.root), heldout_shards, dev)
+        try:
+            results = evaluate_transcoder(run, cache, store, checkpoint_scaling(run, cache), batches=batches,
+                                          max_contexts=max_contexts, lm_batch_size=lm_batch_size, model=model,
+                                          skip_lm=skip_lm, device=dev, autocast=autocast)
+        finally:
+            store.close()
+        dest = write_results(results, Path(out) if out else Path(path) / EVAL)
+        log_to_wandb(run.run_dir, cfg, results, wandb_mode or cfg.wandb_mode)
+        return results, dest
     scale = checkpoint_scaling(run, cache).factor(cfg.site)
     store = _store_for(cfg, str(cache.root), heldout_shards, dev)
     try:
@@ -339,6 +358,10 @@ def log_to_wandb(run_dir: Path, cfg: TrainConfig, results: dict[str, Any], mode:
 
 def format_table(results: dict[str, Any]) -> str:
     """A readable console table of an evaluation's figures, one column per encoding."""
+    if results.get("kind") == "transcoder":
+        from train.transcoder_eval import format_table as transcoder_table
+
+        return transcoder_table(results)
     enc = results["encodings"]
     names = list(enc)
     k = f", k {results['k']}" if results.get("k") else ""
@@ -422,8 +445,9 @@ def calibrate_checkpoint(path: str | os.PathLike, *, kind: str | None = None, ba
     cache = open_cache_checked(cfg, run.state, store_path)
     store = _store_for(cfg, str(cache.root), heldout_shards, dev)
     try:
-        sae.calibrate(store.eval_batches(), kind, n_batches)
-        held = evaluate_heldout(sae, store, max_batches=n_batches, encoding=sae.encodings()[0])
+        plan = plan_of(cfg)
+        sae.calibrate(EncoderInputs(store, plan), kind, n_batches)
+        held = evaluate_heldout(sae, store, max_batches=n_batches, encoding=sae.encodings()[0], plan=plan)
         held_shards = list(store.heldout_shards)
     finally:
         store.close()

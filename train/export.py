@@ -29,6 +29,15 @@ cache statistics; train.scaling, read from the checkpoint) is folded into the we
 exported SAE takes raw activations (BaseAutoencoder.fold_scaling): W_enc' = s W_enc,
 b_dec' = b_dec / s, W_dec' = W_dec / s; b_enc and thresholds are unchanged (the pre-activations
 are the same numbers). The exported decoder rows then have norm 1/s.
+Transcoders (train.sae.transcoder) export as SAELens 6's transcoder forms: ReLU + L1 ->
+"transcoder", JumpReLU and calibrated BatchTopK -> "jumprelu_transcoder", and with the skip map
+"skip_transcoder" / "jumprelu_skip_transcoder" (TopK has none: refused). cfg.json then has d_out,
+apply_b_dec_to_input false (SAELens transcoders have no input centre: b_in is folded into b_enc),
+metadata.hook_name the input site and hook_name_out / hook_layer_out the target site; the input
+and target scalings fold separately (Transcoder.fold_scaling). A CLT has no SAELens form: `train
+export --format circuit-tracer` (train.export_circuit_tracer) writes it, and sets of per-layer
+transcoders, for circuit-tracer.
+
 SAELens' inference equations (the ones the export targets; see also tests/test_export.py):
 
     standard: f = relu((x - b_dec) W_enc + b_enc)
@@ -36,6 +45,7 @@ SAELens' inference equations (the ones the export targets; see also tests/test_e
     jumprelu: h = (x - b_dec) W_enc + b_enc; f = relu(h) * (h > relu(threshold))
     gated:    f = ((x - b_dec) W_enc + b_gate > 0) * relu((x - b_dec) (W_enc * exp(r_mag)) + b_mag)
     decode:   x_hat = f W_dec + b_dec
+    transcoders: h = x W_enc + b_enc; f as above; y_hat = f W_dec + b_dec (+ x W_skip^T)
 """
 
 from __future__ import annotations
@@ -61,16 +71,23 @@ from train.runs import load_sae_checkpoint
 from train.saebench import SAEBENCH_FILENAME
 from train.sae import BaseAutoencoder
 from train.sae.registry import SAE_REGISTRY
+from train.site_pairs import plan_of
 
 SAELENS_SCHEMA_VERSION = "6.0.0"  # cfg.json layout written here (SAELens >= 6.0 reads it as-is)
-SAELENS_TITLES = {"standard": "standard", "topk": "TopK", "jumprelu": "JumpReLU", "gated": "Gated"}  # SAELens'
+SAELENS_TITLES = {"standard": "standard", "topk": "TopK", "jumprelu": "JumpReLU", "gated": "Gated",  # SAELens' architectures
+                  "transcoder": "transcoder", "skip_transcoder": "skip transcoder",
+                  "jumprelu_transcoder": "JumpReLU transcoder", "jumprelu_skip_transcoder": "JumpReLU skip transcoder"}
 SAELENS_KEYS = {  # the exact tensor set of each SAELens class (its load_state_dict is strict)
     "standard": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
     "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
     "gated": ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"),
+    "transcoder": ("W_enc", "b_enc", "W_dec", "b_dec"),
+    "skip_transcoder": ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip"),
+    "jumprelu_transcoder": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+    "jumprelu_skip_transcoder": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip"),
 }
-FORMATS = ("saelens",)
+FORMATS = ("saelens", "circuit-tracer")
 CFG_FILENAME, WEIGHTS_FILENAME = "cfg.json", "sae_weights.safetensors"
 
 
@@ -82,6 +99,15 @@ def check_exportable(sae: BaseAutoencoder, checkpoint: Path | str = "CHECKPOINT"
     """The SAELens architecture name for `sae` (its variant's saelens_arch), or ExportError saying
     why it cannot be exported."""
     arch = getattr(sae, "saelens_arch", None)
+    if arch not in SAELENS_KEYS and hasattr(sae, "n_layers"):
+        raise ExportError(f"{checkpoint}: a clt has no SAELens form; export it with --format circuit-tracer")
+    if arch not in SAELENS_KEYS and getattr(sae, "rule", None):  # a transcoder whose sparsity has no transcoder form
+        from train.sae.transcoder import compose, sparsity_names
+
+        shape = type(sae).__bases__[-1]  # (rule, shape)
+        ok = [s for s in sparsity_names() if compose(shape, s).saelens_arch in SAELENS_KEYS]
+        raise ExportError(f"{checkpoint}: a {sae.rule} {sae.arch} has no SAELens or circuit-tracer form (their "
+                          f"transcoders are ReLU or JumpReLU); train it with --sparsity one of {', '.join(ok)}")
     if arch not in SAELENS_KEYS:
         exportable = [name for name, cls in SAE_REGISTRY.items() if cls.saelens_arch in SAELENS_KEYS]
         raise ExportError(f"{checkpoint}: architecture {getattr(sae, 'arch', None)!r} has no SAELens equivalent "
@@ -120,8 +146,8 @@ def saelens_state_dict(sae: BaseAutoencoder, scale_in: float,
 
 def saelens_config(sae: BaseAutoencoder, cfg, spec, *, scale: float, checkpoint: Path, run_dir: Path,
                    step: int | None, tokens: int | None, model_name: str | None = None,
-                   cache_path: str | None = None) -> dict[str, Any]:
-    """cfg.json contents (SAELens 6.x SAEConfig.to_dict layout)."""
+                   cache_path: str | None = None, scale_out: float | None = None) -> dict[str, Any]:
+    """cfg.json contents (SAELens 6.x SAEConfig.to_dict layout); scale_out: a transcoder's target scaling."""
     arch = check_exportable(sae, checkpoint)
     bos_policy = (spec.bos_policy or {}).get("bos_policy")
     site = next(s for s in spec.sites if s.name == cfg.site)
@@ -154,6 +180,7 @@ def saelens_config(sae: BaseAutoencoder, cfg, spec, *, scale: float, checkpoint:
             "k": sae.describe()["k"],
             "variant": sae.describe(),
             "folded_scaling_factor": scale,
+            "folded_scaling_factor_out": scale if scale_out is None else scale_out,
             "normalize": cfg.normalize,
             "drop_bos": cfg.drop_bos,
             "run_name": cfg.run_name,
@@ -169,6 +196,12 @@ def saelens_config(sae: BaseAutoencoder, cfg, spec, *, scale: float, checkpoint:
             "train_config": cfg.to_dict(),
         },
     }
+    out_site = getattr(cfg, "out_site", None)
+    if out_site and arch.endswith("transcoder"):  # what the decoder predicts (SAELens' transcoders name it so)
+        target = next(s for s in spec.sites if s.name == out_site)
+        out["metadata"].update(hook_name_out=out_site, hook_layer_out=target.layer, hook_head_index_out=None)
+        out["metadata"]["saeforge"]["site_out"] = {"name": target.name, "layer": target.layer, "kind": target.kind,
+                                                   "hf_module": target.hf_module}
     return out
 
 
@@ -178,11 +211,24 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *, fm
     """Write `path`'s SAE (a run folder's newest checkpoint, or one checkpoint folder) to out_dir:
     cfg.json, sae_weights.safetensors, the model card README.md (train.model_card) and, when the
     checkpoint's eval.json has one beside it, saebench_core.json. push_to_hub: then upload the
-    folder to that hub model repository (train.model_card.HubError when offline: the folder stays)."""
+    folder to that hub model repository (train.model_card.HubError when offline: the folder stays).
+    fmt "circuit-tracer": train.export_circuit_tracer (path may then be a list of per-layer transcoders)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
     if push_to_hub is not None:
         check_repo_id(push_to_hub)
+    if fmt == "circuit-tracer":
+        from train.export_circuit_tracer import export_circuit_tracer
+
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        out = export_circuit_tracer(paths, out_dir, model_name=model_name, store_path=store_path, force=force)
+        if push_to_hub is not None:
+            model_card_push(out, push_to_hub)
+        return out
+    if not isinstance(path, (str, os.PathLike)):
+        if len(path) != 1:
+            raise ExportError(f"--format saelens exports one checkpoint, got {len(path)}; export each on its own")
+        path = path[0]
     run = load_sae_checkpoint(path)
     check_exportable(run.sae, run.checkpoint)
     try:
@@ -193,11 +239,12 @@ def export_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *, fm
         warnings.warn(f"metadata.model_name will be the local path {cache.spec.model.get('id')!r} the cache was "
                       "harvested from, which SAELens and other tools cannot load by name; pass --model-name with the "
                       "model's hub id (e.g. --model-name HuggingFaceTB/SmolLM2-135M)")
-    s_in, s_out = checkpoint_scaling(run, cache).fold_factors(run.cfg.site)
+    plan = plan_of(run.cfg)
+    s_in, s_out = checkpoint_scaling(run, cache).fold_factors(plan.inputs[0], (plan.outputs or plan.inputs)[0])
     tensors = saelens_state_dict(run.sae, s_in, s_out)
     config = saelens_config(run.sae, run.cfg, cache.spec, scale=s_in, checkpoint=run.checkpoint,
                             run_dir=run.run_dir, step=run.state.get("step"), tokens=run.state.get("tokens"),
-                            model_name=model_name, cache_path=str(cache.root))
+                            model_name=model_name, cache_path=str(cache.root), scale_out=s_out)
     found = find_eval(run.checkpoint, run.run_dir)
     card = model_card(config, run.cfg, cache.spec, cache_id=cache_identity(cache), found=found,
                       checkpoint=run.checkpoint)

@@ -13,6 +13,9 @@ More figures come from accumulators: objects with update(x [B, d], f [B, m], x_h
 on every evaluated batch, which the caller reads afterwards (train.evaluation adds cosine
 similarity, L1 and densities this way).
 
+A transcoder (`plan`, train.site_pairs) is evaluated the same way on its target: x is then the
+target rows (a clt's [B, L, d] flattened to [B, L*d]) and x_hat the prediction from the input rows.
+
 Threshold statistics (`threshold_loop_collect` / `threshold_loop_compute`, the seed's names) are
 what a batch-level rule's inference threshold is calibrated from (BatchTopK: train.sae.batchtopk).
 """
@@ -62,22 +65,30 @@ class ReconstructionSums:
 
 @torch.no_grad()
 def evaluate_heldout(sae: BaseAutoencoder, store, max_batches: int = 50, encoding: Encoding | None = None,
-                     accumulators: Iterable[Accumulator] = ()) -> dict[str, float]:
+                     accumulators: Iterable[Accumulator] = (), plan=None) -> dict[str, float]:
     """Reconstruction figures (above) on up to max_batches held-out batches of `store`.
 
     encoding: how to encode (an entry of sae.encodings()); None: sae.encode(x). Every accumulator
-    sees every evaluated batch. The SAE's train/eval mode is restored afterwards."""
+    sees every evaluated batch. plan: the sites the model reads and predicts (train.site_pairs.
+    SitePlan; None: the store's batches are an SAE's rows). The SAE's train/eval mode is restored
+    afterwards."""
     was_training = sae.training
     sae.eval()
-    sums = ReconstructionSums(sae.d_sae, sae.W_dec.device)
+    device = next(sae.parameters()).device
+    sums = ReconstructionSums(sae.d_sae, device)
     extra = list(accumulators)
     try:
-        for i, x in enumerate(store.eval_batches()):
+        for i, batch in enumerate(store.eval_batches()):
             if i >= max_batches:
                 break
-            x = x.to(sae.W_dec.device)
+            x, y = (batch, None) if plan is None else plan.pair(batch)
+            x = x.to(device)
             f = sae.encode(x) if encoding is None else encoding.encode(sae, x)
-            x_hat = sae.decode(f)
+            if y is None:
+                x_hat = sae.decode(f)
+            else:  # a transcoder: its prediction of the target, flattened per row
+                x_hat = sae.decode(f, x).reshape(x.shape[0], -1)
+                x, f = y.to(device).reshape(x.shape[0], -1), f.reshape(x.shape[0], -1)
             for acc in extra:
                 acc.update(x, f, x_hat)
             sums.update(x, f, x_hat)
@@ -97,7 +108,7 @@ def threshold_loop_collect(sae: BaseAutoencoder, batches, n_batches: int) -> dic
     latent's smallest kept activation in batches where it fired (per-feature), with counts.
     """
     m = sae.d_sae
-    dev = sae.W_dec.device
+    dev = next(sae.parameters()).device
     stats = {"global_sum": torch.zeros((), dtype=torch.float64, device=dev), "global_n": torch.zeros((), device=dev),
              "feature_sum": torch.zeros(m, dtype=torch.float64, device=dev), "feature_n": torch.zeros(m, device=dev)}
     for i, x in enumerate(batches):

@@ -79,8 +79,9 @@ def splice_fn(replace: Callable[[Tensor], Tensor], start: int) -> Callable[[Tens
 @torch.no_grad()
 def lm_losses(model, site, contexts: Tensor, interventions: dict[str, Callable[[Tensor], Tensor]],
               batch_size: int = DEFAULT_LM_BATCH_SIZE, autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Mean next-token CE of the clean model and of each intervention (a splice hook on `site`), and
-    the mean KL(clean || intervened) of the next-token distributions. contexts: [n, T] int64.
+    """Mean next-token CE of the clean model and of each intervention (a splice hook on `site`, or
+    an object whose attach(model) is a context manager placing its own hooks: train.replacement),
+    and the mean KL(clean || intervened) of the next-token distributions. contexts: [n, T] int64.
 
     Returns {"clean": {"ce"}, name: {"ce", "kl"}, "predictions": n * (T - 1)}.
     """
@@ -103,7 +104,7 @@ def lm_losses(model, site, contexts: Tensor, interventions: dict[str, Callable[[
         sums["clean"]["ce"] += float(-logp_clean.gather(-1, targets).double().sum())
         p_clean = logp_clean.exp()
         for name, fn in interventions.items():
-            with splice(model, site, fn):
+            with fn.attach(model) if hasattr(fn, "attach") else splice(model, site, fn):
                 logp = run(ids)
             sums[name]["ce"] += float(-logp.gather(-1, targets).double().sum())
             # per-prediction KL is >= 0; clamp the float32 rounding noise of near-identical distributions
@@ -137,7 +138,6 @@ def autocast_dtype(choice: str, compute_dtype: str | None, device: torch.device)
 
 def load_lm(cache: Cache, site_name: str, model: str | None, device: torch.device):
     """(model, HookSite, model_check) for the cache's LM (or `model`), checked against the provenance."""
-    from shared.hook_sites import resolve_sites
     from shared.models import load_model
 
     spec = cache.spec
@@ -158,9 +158,16 @@ def load_lm(cache: Cache, site_name: str, model: str | None, device: torch.devic
     if spec.model.get("config_hash") and not check["config_hash_matches"]:
         warnings.warn(f"model {model_id!r} has a different config hash from the harvested model; CE figures may not "
                       "describe the model the SAE was trained on")
-    record = next(s for s in spec.sites if s.name == site_name)
-    site = resolve_sites(loaded.model, [record.layer], record.kind)[0]
+    return loaded.model, cache_site(loaded.model, cache, site_name), check
+
+
+def cache_site(model, cache: Cache, site_name: str):
+    """The HookSite of the cache's site `site_name` in `model`, checked to hook the module the cache hooked."""
+    from shared.hook_sites import resolve_sites
+
+    record = next(s for s in cache.spec.sites if s.name == site_name)
+    site = resolve_sites(model, [record.layer], record.kind)[0]
     if site.hf_module != record.hf_module:
         raise EvalError(f"site {site_name} resolves to module {site.hf_module} in this model, but the cache hooked "
                         f"{record.hf_module}; pass the harvested model with --model")
-    return loaded.model, site, check
+    return site

@@ -32,6 +32,9 @@ EVAL_ROWS = (  # (title, key in eval.json's primary encoding or "lm.<key>", form
     ("CE clean", "lm.ce_clean", ".4f"), ("CE with the SAE spliced in", "ce_spliced", ".4f"),
     ("CE zero-ablated", "lm.ce_zero_ablation", ".4f"), ("CE-loss score", "ce_loss_score", ".4f"),
     ("KL(clean, spliced)", "kl_spliced", ".4g"), ("KL-div score", "kl_div_score", ".4f"),
+    # a transcoder's (train.transcoder_eval): its target's FVU, the LM with the covered MLP outputs replaced
+    ("FVU of the target", "fvu", ".4f"), ("CE with the MLP output replaced", "ce_replaced", ".4f"),
+    ("KL(clean, replaced)", "kl_replaced", ".4g"),
 )
 
 
@@ -129,7 +132,8 @@ def model_card(config: dict[str, Any], cfg, spec, *, cache_id: str, found: tuple
     model, dataset = spec.model or {}, spec.dataset or {}
     recipe = cfg.to_dict()
     lines = [front_matter(arch, trained, spec),
-             f"# {trained} SAE on {model.get('id')} at {site['name']}", "",
+             f"# {trained} SAE on {model.get('id')} at {site['name']}"
+             + (f" -> {meta['hook_name_out']}" if meta.get("hook_name_out") else ""), "",
              f"A sparse autoencoder of {config['d_sae']} latents on the {site['kind']} activations of layer "
              f"{site['layer']} (d_in {config['d_in']}), trained with saeforge {ours['software_version']} and "
              f"exported in SAELens {meta['sae_lens_version']}'s format as `{arch}`. It takes raw activations "

@@ -8,7 +8,9 @@
                                checkpoint folder), with the run's config and the checkpoint's
                                state: what evaluation, calibration and export start from
     load_run_config(run_dir)   the run's resolved TrainConfig (config.json)
-    open_store(cfg, device)    the run's ActivationStore (training rows; held-out shards for evaluation)
+    open_store(cfg, device)    the run's ActivationStore (training rows; held-out shards for evaluation):
+                               an SAE's site, or a transcoder's input and target sites (train.site_pairs)
+    check_training_memory      refuses a model that would not fit (a clt: train.sae.clt's formula)
     warn_many_epochs(cfg, store)  a warning when the token budget is many passes over a small cache
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from shared.cache import Cache
 from shared.counts import format_count
 from shared.devices import DeviceError, resolve_device as resolve_any_device
 from train.activation_store import ActivationStore
@@ -32,7 +35,9 @@ from train.distributed import World
 from train.errors import TrainingError
 from train.layout import STATE, RunLayout, is_checkpoint_dir
 from train.sae import BaseAutoencoder
-from train.sae.registry import build_from_cfg, sae_from_record
+from train.sae.clt import check_memory
+from train.sae.registry import build_from_cfg, sae_class, sae_from_record
+from train.site_pairs import plan_of
 
 
 def resolve_device(device: str) -> torch.device:
@@ -43,11 +48,21 @@ def resolve_device(device: str) -> torch.device:
         raise TrainingError(str(e)) from None
 
 
-def open_store(cfg: TrainConfig, device: torch.device, world: World = World()) -> ActivationStore:
-    """The training store of a config (training rows only; held-out shards for evaluation).
-    Under torchrun each rank is served its slice of every global batch."""
+def open_cache(cfg: TrainConfig) -> Cache:
+    """The config's cache (sealed, unless allow_unsealed)."""
+    return Cache.open(cfg.store, allow_unsealed=cfg.allow_unsealed)
+
+
+def open_store(cfg: TrainConfig, device: torch.device, world: World = World(), *,
+               sites: str | list[str] | None = None, cache: Cache | None = None) -> ActivationStore:
+    """The training store of a config (training rows only; held-out shards for evaluation): it
+    serves an SAE's site as a tensor, a transcoder's sites (train.site_pairs.plan_of) as a dict, or
+    `sites` (a sweep's union). Under torchrun each rank is served its slice of every global batch."""
+    if sites is None:
+        plan = plan_of(cfg)
+        sites = cfg.site if plan.outputs is None else plan.sites
     return ActivationStore(
-        cfg.store, sites=cfg.site, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
+        cache if cache is not None else cfg.store, sites=sites, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
         seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos,
         normalize=cfg.normalize, device=device, rank=world.rank, world_size=world.size,
         allow_unsealed=cfg.allow_unsealed, threads=cfg.store_threads, window_io=cfg.store_io,
@@ -65,6 +80,29 @@ def warn_many_epochs(cfg: TrainConfig, store: ActivationStore) -> None:
         warnings.warn(f"tokens={format_count(cfg.tokens)} is {epochs:.0f} epochs over the {store.rows_per_epoch:,} "
                       f"training rows of {cfg.store}: each row is seen about {epochs:.0f} times; harvest more "
                       f"tokens (harvest run --tokens) or train on fewer (--tokens)")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a training run on `device`: CUDA's free memory, else the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_training_memory(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse (train.sae.clt.MemoryLimitError, with the numbers) a model whose class estimates its
+    training memory (`training_memory`: a clt) when the estimate exceeds memory_limit_gib or,
+    without one, what `device` has available."""
+    estimate = sae_class(cfg.arch).training_memory(cfg)
+    if estimate is not None:
+        check_memory(estimate, available_memory(device), str(device), cfg.memory_limit_gib)
 
 
 def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:

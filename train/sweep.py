@@ -11,6 +11,10 @@ A spec is a TOML file::
     arch = ["topk", "batchtopk"]
     k = [16, 32, 64]
 
+The runs may read different sites (SAEs on several sites, transcoders on several site pairs:
+grid keys site, in_site, out_site, arch, sparsity): the one store serves the union of their sites
+row-aligned (train.site_pairs.union_sites), so each batch is still read once for all of them.
+
 Layout (train.layout.SweepLayout): `SWEEP/sweep.json` (the resolved configs, in order) and one
 run folder per SAE inside SWEEP, each with its own checkpoints, metrics.jsonl and wandb run (group
 = sweep name). Each SAE's trainer is made by train.training.build_trainer, as a single run's is.
@@ -50,7 +54,8 @@ from train.config import (ConfigError, TrainConfig, cfg_from_saved, get_default_
                           sweep_shared_keys, update_cfg)
 from train.distributed import SoloWorld, World
 from train.layout import RunLayout, SweepLayout, step_of
-from train.runs import open_store, resolve_device, warn_many_epochs
+from train.runs import check_training_memory, open_cache, open_store, resolve_device, warn_many_epochs
+from train.site_pairs import plan_of, resolve_run_sites, union_sites
 from train.training import Restore, build_trainer, run_to_end
 
 # Keys that define the shared data stream and schedule, equal for every SAE of a sweep: those
@@ -126,17 +131,22 @@ def run_sweep(spec_path: str | Path, overrides: dict[str, Any] | None = None, pr
         raise ConfigError("spec key devices places the SAEs of a one-process sweep on GPUs; under torchrun each "
                           "rank trains its share of the SAEs on its own device (cuda:LOCAL_RANK): remove devices")
     world = World.from_env(backend="gloo")
-    store = open_store(lead, _device(lead, world))  # every rank reads the whole of every batch
+    cache = open_cache(lead)
+    name = sweep_name(spec, configs)
+    configs = [resolve_run_sites(cfg, cache.spec) for cfg in configs]
+    store = open_store(lead, _device(lead, world), sites=_sites(configs), cache=cache)  # every rank reads every batch
     try:
         created = None
+        for cfg in configs:  # a model that cannot fit is refused before any folder is made
+            check_training_memory(post_init_cfg(cfg, store.d_model, cfg.site), _device(cfg, world))
         if world.is_main:
             warn_many_epochs(lead, store)
-            sweep_dir = create_run_dir(lead.out, sweep_name(spec, configs), checkpoints=False)
+            sweep_dir = create_run_dir(lead.out, name, checkpoints=False)
             name = sweep_dir.name
             records = []
             for cfg, dev in zip(configs, _devices(spec, len(configs))):
                 cfg = post_init_cfg(update_cfg(cfg, out=str(sweep_dir), wandb_group=cfg.wandb_group or name),
-                                    store.d_model, store.sites[0])
+                                    store.d_model, cfg.site)
                 if dev is not None:
                     cfg = update_cfg(cfg, device=str(dev))
                 run_dir = create_run_dir(sweep_dir, cfg.run_name)
@@ -150,6 +160,11 @@ def run_sweep(spec_path: str | Path, overrides: dict[str, Any] | None = None, pr
     finally:
         store.close()
     return sweep_dir
+
+
+def _sites(configs: list[TrainConfig]) -> str | list[str]:
+    """What the sweep's store serves: the union of the (resolved) runs' sites."""
+    return union_sites([plan_of(c) for c in configs], configs[0].site)
 
 
 def _device(cfg: TrainConfig, world: World) -> torch.device:
@@ -239,7 +254,7 @@ def resume_sweep(sweep_dir: str | Path, progress: bool = True) -> Path:
         return sweep_dir
     runs = [runs[i] for i in pending]
     lead = runs[0][1]
-    store = open_store(lead, _device(lead, world))
+    store = open_store(lead, _device(lead, world), sites=_sites([cfg for _, cfg in runs]))
     try:
         _train_share(runs, store, world, progress, step=step, fresh=False)
     except CheckpointError as e:

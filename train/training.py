@@ -40,11 +40,14 @@ from train.errors import TrainingError
 from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
 from train.layout import RunLayout
 from train.logs import FINAL, RunLogger, density_histogram, flatten
-from train.runs import load_run_config, open_store, resolve_device, warn_many_epochs  # noqa: F401 (importable from here)
+from train.runs import (check_training_memory, load_run_config, open_cache, open_store,  # noqa: F401 (as before)
+                        resolve_device, warn_many_epochs)
 from train.sae import BaseAutoencoder
+from train.sae.base import device_of
 from train.sae.losses import auxk_refresh_steps, refresh_auxk_candidates
 from train.sae.registry import build_from_cfg, sae_record
 from train.scaling import Scaling
+from train.site_pairs import EncoderInputs, SitePlan, plan_of, resolve_run_sites
 
 
 def use_deterministic_kernels(device: torch.device, deterministic: bool) -> None:
@@ -101,15 +104,18 @@ class Trainer:
     progress: bool = True
     last_checkpoint: Path | None = None
     world: World = field(default_factory=World)
+    plan: SitePlan | None = None  # which sites of a store batch the model reads and predicts (train.site_pairs)
     _bad: torch.Tensor | None = field(default=None, repr=False)  # first step with a non-finite loss or grad; -1: none
     _auxk_due: bool = field(default=True, repr=False)  # refresh AuxK's candidates at the next step
 
     @property
     def device(self) -> torch.device:
-        return self.sae.W_dec.device
+        return device_of(self.sae)
 
     def __post_init__(self) -> None:
-        dev = self.sae.W_dec.device
+        dev = device_of(self.sae)
+        if self.plan is None:
+            self.plan = plan_of(self.cfg)
         use_deterministic_kernels(dev, self.cfg.deterministic)
         if self.fire_counts is None:
             self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.long, device=dev)
@@ -127,10 +133,14 @@ class Trainer:
             self._auxk_due = False
 
     # ----- one step
-    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimiser step on x [batch_size / world size, d_in] (this rank's slice of the global
-        batch); returns detached loss parts of the step (this rank's)."""
+    def train_step(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimiser step on this rank's slice of the global batch: x [batch_size / world size,
+        d_in], or the store's dict of sites, of which the model reads its input and target (an SAE's
+        target is its input; self.plan); returns detached loss parts of the step (this rank's)."""
         cfg, sae = self.cfg, self.sae
+        x, y = self.plan.pair(batch)
+        x = x.to(self.device, non_blocking=True)
+        y = None if y is None else y.to(self.device, non_blocking=True)
         counters_before = sae.tokens_since_fired.clone() if self.world.size > 1 else None
         self._refresh_auxk()
         for group in self.optimizer.param_groups:
@@ -140,9 +150,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         parts: dict[str, torch.Tensor] = {}
         n = x.shape[0]
-        for micro in x.split(self._micro):
+        targets = y.split(self._micro) if y is not None else [None] * -(-n // self._micro)
+        for micro, target in zip(x.split(self._micro), targets):
             with torch.autocast(micro.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
-                out = self._forward(micro, sparsity_coeff_scale=scale)
+                out = self._forward(micro, sparsity_coeff_scale=scale, **({} if target is None else {"target": target}))
             (out.loss * (micro.shape[0] / n)).backward()
             self.fire_counts += out.fired
             w = micro.shape[0] / n
@@ -216,7 +227,7 @@ class Trainer:
         """Held-out reconstruction figures, logged as eval/*; training state is not touched."""
         if not self.store.heldout_shards or not self.world.is_main:
             return {}
-        figures = evaluate_heldout(self.sae, self.store, max_batches=self.cfg.eval_batches)
+        figures = evaluate_heldout(self.sae, self.store, max_batches=self.cfg.eval_batches, plan=self.plan)
         self.log({f"eval/{k}": v for k, v in figures.items()})
         return figures
 
@@ -255,7 +266,7 @@ class Trainer:
         torch.set_rng_state(trainer["torch_rng"].cpu())
         if trainer["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in trainer["cuda_rng"]])
-        self.fire_counts = trainer["fire_counts"].to(self.sae.W_dec.device)
+        self.fire_counts = trainer["fire_counts"].to(self.device)
         self.density_tokens = trainer["density_tokens"]
         self.step, self.tokens = state["step"], state["tokens"]
         self._tok_log = self.tokens
@@ -275,14 +286,15 @@ def train_loop(trainers: list[Trainer], store: ActivationStore, progress: bool =
     next_eval = (lead.tokens // cfg.eval_every + 1) * cfg.eval_every if cfg.eval_every else None
     try:
         while lead.tokens < cfg.tokens:
-            x = store.next_batch()
+            batch = store.next_batch()  # a tensor, or a dict of sites each trainer takes its own from
             for t in trainers:
-                metrics = t.after_step(t.train_step(x.to(t.device, non_blocking=True)))
+                metrics = t.after_step(t.train_step(batch))
                 if metrics is not None and t is lead:
                     bar.set_postfix(loss=f"{metrics['loss']:.4g}", l0=f"{metrics['l0']:.1f}",
                                     dead=metrics["dead_latents"], refresh=False)
             fault_point("after_optimizer_step")
-            bar.update(x.shape[0] * lead.world.size)
+            rows = batch if isinstance(batch, torch.Tensor) else next(iter(batch.values()))
+            bar.update(rows.shape[0] * lead.world.size)
             if next_eval is not None and next_eval <= lead.tokens < cfg.tokens:
                 for t in trainers:
                     t.evaluate()
@@ -309,22 +321,23 @@ def make_optimizer(cfg: TrainConfig, sae: BaseAutoencoder) -> torch.optim.Optimi
     """Adam over the SAE's parameter groups (sae.param_groups: one, unless a variant gives some
     parameters their own learning-rate factor "lr_scale", e.g. JumpReLU's thresholds)."""
     # fused: one pass over each parameter instead of about ten (CPU and CUDA kernels; same update rule)
-    fused = sae.W_dec.device.type in ("cpu", "cuda")
+    fused = device_of(sae).type in ("cpu", "cuda")
     groups = [{**g, "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in sae.param_groups()]
     return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def _init_from_data(cfg: TrainConfig, sae: BaseAutoencoder, store: ActivationStore, world: World = World()) -> None:
-    """b_dec (cfg.b_dec_init), then the variant's own data-dependent init (sae.init_from_sample),
+    """b_dec (cfg.b_dec_init; a transcoder's input centre and output bias from its input and target
+    rows), then the variant's own data-dependent init (sae.init_from_sample, from the input rows),
     from the first global training batch (the store is rewound afterwards)."""
     if cfg.b_dec_init == "zeros" and not sae.wants_init_sample:
         return
-    sample = world.gather_rows(store.next_batch())
+    x, y = plan_of(cfg).pair(store.next_batch())
     store.seek(0)
-    sample = sample[:4096].float()
+    samples = [world.gather_rows(t)[:4096].float() for t in (x, y) if t is not None]
     if cfg.b_dec_init != "zeros":
-        sae.init_b_dec(sample, method=cfg.b_dec_init)
-    sae.init_from_sample(sample)
+        sae.init_b_dec(*samples, method=cfg.b_dec_init)
+    sae.init_from_sample(samples[0])
 
 
 class Restore(NamedTuple):
@@ -345,8 +358,10 @@ def build_trainer(cfg: TrainConfig, store: ActivationStore, run_dir: Path, devic
     restored from `restore` (weights, optimiser, RNG states, counters, store position) or new: b_dec
     (and a variant's data-dependent init) from the store's first global batch, which must be at position 0 (it is rewound there).
     restart: a new start of an existing run folder (a sweep resumed without a common checkpoint),
-    whose old metrics are dropped.
+    whose old metrics are dropped. A model whose class estimates its training memory (a clt) is
+    refused first when it does not fit (train.runs.check_training_memory).
     """
+    check_training_memory(cfg, device)
     sae = build_from_cfg(cfg, device)
     if restore is None:
         _init_from_data(cfg, sae, store, world)
@@ -375,8 +390,8 @@ def calibrate_and_evaluate(trainer: Trainer) -> dict[str, Any]:
     if cfg.heldout_shards == 0:
         return {}
     if sae.needs_calibration:
-        sae.calibrate(store.eval_batches(), cfg.threshold_kind, cfg.threshold_batches)
-    return sae.final_results(lambda encoding: evaluate_heldout(sae, store, encoding=encoding))
+        sae.calibrate(EncoderInputs(store, trainer.plan), cfg.threshold_kind, cfg.threshold_batches)
+    return sae.final_results(lambda encoding: evaluate_heldout(sae, store, encoding=encoding, plan=trainer.plan))
 
 
 # --------------------------------------------------------------------------- entry points
@@ -421,12 +436,15 @@ def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -
         raise TrainingError("no store given: set store (train run --store PATH) to a sealed activation cache")
     world = World.from_env()
     device = world.device(resolve_device(cfg.device))
-    store = open_store(cfg, device, world)
+    cache = open_cache(cfg)
+    cfg = resolve_run_sites(cfg, cache.spec)
+    store = open_store(cfg, device, world, cache=cache)
     try:
-        cfg = post_init_cfg(cfg, store.d_model, store.sites[0])
+        cfg = post_init_cfg(cfg, store.d_model, cfg.site)
         store.check_compatible(cfg.site, cfg.d_in)
         if world.is_main:
             warn_many_epochs(cfg, store)
+        check_training_memory(cfg, device)  # before the run folder is made
         run_dir = world.broadcast(generate_checkpoint_dir(cfg) if world.is_main else None)
         if world.is_main:
             write_atomic(RunLayout(run_dir).config, json.dumps(cfg.to_dict(), indent=1).encode())

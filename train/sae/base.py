@@ -80,6 +80,20 @@ class Encoding:
         return f
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (every variant keeps them all on one device)."""
+    return next(model.parameters()).device
+
+
+def center_of(sample: Tensor, method: str) -> Tensor:
+    """A bias initialisation from a sample [N, d] -> [d]: "geometric_median" or "mean"."""
+    if method == "geometric_median":
+        return geometric_median(sample)
+    if method == "mean":
+        return sample.mean(0)
+    raise ValueError(f"unknown b_dec init method {method!r}; use 'geometric_median' or 'mean'")
+
+
 def geometric_median(points: Tensor, n_iter: int = 50, eps: float = 1e-8) -> Tensor:
     """Weiszfeld iterations from the mean, in float64. points [N, d] -> [d]."""
     p = points.double()
@@ -133,6 +147,18 @@ class BaseAutoencoder(nn.Module):
     def run_label(cls, cfg) -> str:
         """The sparsity part of a default run name, e.g. "k32" or "l1_5" (train.config.default_run_name)."""
         raise NotImplementedError(f"{cls.__name__} must define run_label(cfg) to be trained from a config")
+
+    @classmethod
+    def site_label(cls, cfg) -> str:
+        """The sites part of a default run name: the site an SAE reads (a transcoder names both)."""
+        return cfg.site
+
+    @classmethod
+    def training_memory(cls, cfg) -> Any:
+        """An estimate of the memory a training run of `cfg` needs (train.sae.clt.MemoryEstimate),
+        checked before training; None: not estimated (SAEs and per-layer transcoders fit anywhere
+        their cache does)."""
+        return None
 
     def __init__(self, d_in: int, d_sae: int, *, aux_k: int | None = None, aux_coeff: float = 0.0,
                  dead_tokens_threshold: int = 10_000_000, generator: torch.Generator | None = None,
@@ -232,20 +258,23 @@ class BaseAutoencoder(nn.Module):
         """aux_coeff * normalised error of reconstructing x - x_hat.detach() from dead latents (train.sae.losses)."""
         return auxk_loss(self, x, x_hat, pre)
 
-    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0) -> SAEOutput:
+    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0, target: Tensor | None = None) -> SAEOutput:
         """x [B, d] -> SAEOutput. sparsity_coeff_scale multiplies the sparsity term (warm-up).
+        target [B, d_out]: what the decoder predicts; None for an SAE, whose target is its input
+        (a transcoder, train.sae.transcoder, predicts another site).
 
         In training mode this also updates the dead-latent counters.
         """
         f, pre, x_hat, active = self._encode_decode(x)
+        y = x if target is None else target
         l0, l1, fired = self._batch_stats(f, active)
         if self.training:
             self._mark_fired(x.shape[0], fired)
-        recon = self.reconstruction_losses(x, x_hat, f, pre, active)
+        recon = self.reconstruction_losses(y, x_hat, f, pre, active)  # y: the target (an SAE's is x)
         sparsity = sparsity_coeff_scale * self.sparsity_loss(f, pre)
-        aux = self.auxk_loss(x, x_hat, pre)
+        aux = self.auxk_loss(x, x_hat, pre) if target is None else self.auxk_loss(x, x_hat, pre, target=target)
         with torch.no_grad():
-            metrics = {"l0": l0.mean(), "l1": l1, "explained_variance": explained_variance(x, x_hat)}
+            metrics = {"l0": l0.mean(), "l1": l1, "explained_variance": explained_variance(y, x_hat)}
         loss = recon["mse"]
         for name, term in recon.items():
             if name != "mse":
@@ -275,13 +304,7 @@ class BaseAutoencoder(nn.Module):
     @torch.no_grad()
     def init_b_dec(self, sample: Tensor, method: str = "geometric_median") -> None:
         """Set b_dec from a sample [N, d] of activations: "geometric_median" or "mean"."""
-        if method == "geometric_median":
-            center = geometric_median(sample)
-        elif method == "mean":
-            center = sample.mean(0)
-        else:
-            raise ValueError(f"unknown b_dec init method {method!r}; use 'geometric_median' or 'mean'")
-        self.b_dec.copy_(center)
+        self.b_dec.copy_(center_of(sample, method))
 
     @torch.no_grad()
     def make_decoder_unit_norm(self) -> None:

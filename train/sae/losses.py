@@ -59,11 +59,14 @@ def refresh_auxk_candidates(sae: BaseAutoencoder, horizon_tokens: int) -> None:
     sae.auxk_candidates = (sae.tokens_since_fired > limit).nonzero().squeeze(1)
 
 
-def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
-    """aux_coeff * normalised error of reconstructing x - x_hat.detach() from sae's dead latents.
+def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor, target: Tensor | None = None,
+              center: Tensor | None = None) -> Tensor:
+    """aux_coeff * normalised error of reconstructing target - x_hat.detach() from sae's dead latents.
 
-    x, x_hat [B, d]; pre [B, m] the pre-activations of x (read on the dense path; the fast paths
-    encode the candidate block afresh, since their pre carries no gradient). A scalar."""
+    x [B, d_in] what the encoder reads, centred by `center` (default b_dec); x_hat [B, d_out];
+    target [B, d_out] (default x: an SAE); pre [B, m] the pre-activations of x (read on the dense
+    path; the fast paths encode the candidate block afresh, since their pre carries no gradient).
+    A scalar."""
     if sae.aux_coeff == 0:
         return x.new_zeros(())
     cand = sae.auxk_candidates
@@ -73,7 +76,7 @@ def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor) -> Te
         return x.new_zeros(())  # no latent is dead: exactly the loss's value, without computing it
     dead = sae.dead_mask().index_select(0, cand)  # [n_cand] bool, on the device: no sync
     if sae.fast:
-        z = CenteredEncode.apply(x, sae.b_dec, sae.W_enc.index_select(1, cand), sae.b_enc.index_select(0, cand))
+        z = CenteredEncode.apply(x, sae.b_dec if center is None else center, sae.W_enc.index_select(1, cand), sae.b_enc.index_select(0, cand))
     else:
         z = pre.index_select(1, cand)
     masked = torch.where(dead, z, -torch.inf)  # live candidates can never be chosen (relu(-inf) = 0)
@@ -82,7 +85,7 @@ def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor) -> Te
     if k_aux < cand.numel():  # keep each token's k_aux largest among the dead
         top = masked.detach().topk(k_aux, dim=1, sorted=False).indices
         acts = acts * torch.zeros_like(acts).scatter_(1, top, 1.0)
-    e = (x - x_hat).detach()
+    e = ((x if target is None else target) - x_hat).detach()
     e_hat = acts @ sae.W_dec.index_select(0, cand)
     aux = (e_hat - e).pow(2).sum() / e.pow(2).sum().clamp_min(torch.finfo(e.dtype).tiny)
     return sae.aux_coeff * aux * dead.any()  # candidates that are all still live: zero, without a sync

@@ -50,8 +50,10 @@ def sae_class(arch: str) -> type[BaseAutoencoder]:
 
 def build_sae(arch: str, **kwargs) -> BaseAutoencoder:
     """Construct a registered SAE, e.g. build_sae("topk", d_in=768, d_sae=24576, k=32). It keeps its
-    constructor arguments (`init_args`, for sae_record)."""
-    sae = sae_class(arch)(**kwargs)
+    constructor arguments (`init_args`, for sae_record). A shape that composes with a sparsity rule
+    (a transcoder: build_sae("transcoder", sparsity="topk", ...)) is built by its `from_args`."""
+    cls = sae_class(arch)
+    sae = getattr(cls, "from_args", cls)(**kwargs)
     sae.init_args = {k: str(v).removeprefix("torch.") if k == "dtype" else v
                      for k, v in kwargs.items() if k not in _NOT_RECORDED}
     return sae
