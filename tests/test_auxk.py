@@ -200,3 +200,21 @@ def test_candidates_left_on_another_device_are_read_afresh():
     fresh = sae(x).losses["aux"]
     sae.auxk_candidates = torch.empty(0, dtype=torch.long, device="meta")
     assert fresh > 0 and sae(x).losses["aux"].item() == fresh.item()
+
+
+def test_a_clt_refreshes_every_layers_candidates_and_its_trainer_hooks_reach_each_layer():
+    """A CLT is made of per-layer sources: the host read sets each source's candidates from its own
+    row of the CLT's counters, and the trainer's per-step hooks (k schedule, parameter groups) reach
+    every layer."""
+    from train.sae.clt import CrossLayerTranscoder
+
+    clt = CrossLayerTranscoder(8, 16, n_layers=3, sparsity="jumprelu", dead_tokens_threshold=100)
+    with torch.no_grad():
+        clt.tokens_since_fired[1, [2, 5]] = 150  # dead in layer 1 only
+        clt.tokens_since_fired[2, 7] = 80  # dies within a horizon of 40 tokens
+    refresh_auxk_candidates(clt, horizon_tokens=40)
+    assert [src.auxk_candidates.tolist() for src in clt.sources] == [[], [2, 5], [7]]
+    groups = clt.param_groups()
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in clt.parameters()) and len(set(grouped)) == len(grouped)
+    assert groups[0]["params"][0] is clt.b_dec

@@ -73,7 +73,9 @@ PAIRS = {"site": ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"), "micro_
          "run_name": ("a", "b"), "store": ("/spec/acts", "/cli/acts"), "out": ("spec_runs", "cli_runs"),
          "device": ("auto", "cpu"), "k": (32, 16), "lr_decay_start": (0.8, 0.5), "beta1": (0.9, 0.8),
          "beta2": (0.999, 0.99), "k_anneal_start": (128, 64), "target_l0": (32.0, 16.0),
-         "jumprelu_init_l0": (32.0, 16.0)}
+         "jumprelu_init_l0": (32.0, 16.0), "memory_limit_gib": (8.0, 4.0), "in_site": ("mlp_in", "resid_mid"),
+         "out_site": ("mlp_out", "resid_mid")}
+TRANSCODER_KEYS = ("in_site", "out_site", "sparsity")  # keys only a transcoder takes: the spec's arch is one
 
 
 def spec_and_cli_values(key: str):
@@ -97,10 +99,12 @@ def test_the_sweep_command_line_overrides_every_key_of_the_spec(key):
     """`train sweep SPEC --store/--out/--set KEY=...` where [base] sets KEY too: the command line wins
     (it crashed with `update_cfg() got multiple values for keyword argument`)."""
     in_spec, on_cli = spec_and_cli_values(key)
+    arch = {"arch": "transcoder"} if key in TRANSCODER_KEYS else {}
     overrides = parse_set([f"{key}={on_cli}"])  # --set gives strings, as --store and --out do
-    configs = expand_spec({"base": {key: in_spec}, "grid": {"l1_coeff": [1.0, 2.0]} if key != "l1_coeff" else {}},
+    configs = expand_spec({"base": {key: in_spec, **arch}, "grid": {"l1_coeff": [1.0, 2.0]} if key != "l1_coeff" else {}},
                           overrides)
-    assert all(getattr(c, key) == update_cfg(get_default_cfg(), **{key: on_cli}).__getattribute__(key) for c in configs)
+    assert all(getattr(c, key) == update_cfg(get_default_cfg(), **arch, **{key: on_cli}).__getattribute__(key)
+               for c in configs)
 
 
 def test_a_command_line_key_fixes_what_the_grid_varies():

@@ -168,6 +168,34 @@ class CrossLayerTranscoder(nn.Module):
     def rule(self) -> str:
         return self.sources[0].rule
 
+    # ----- the trainer's hooks (train.sae.base.BaseAutoencoder's), layer by layer
+    @property
+    def aux_coeff(self) -> float:
+        return self.sources[0].aux_coeff
+
+    @property
+    def wants_init_sample(self) -> bool:
+        return self.sources[0].wants_init_sample
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group with every parameter (b_dec first, as parameters() orders them), besides the
+        groups a layer's rule gives their own learning-rate factor (JumpReLU's thresholds)."""
+        plain, scaled = list(self.parameters(recurse=False)), []
+        for src in self.sources:
+            for group in src.param_groups():
+                (scaled.append(group) if "lr_scale" in group else plain.extend(group["params"]))
+        return [{"params": plain}, *scaled]
+
+    @torch.no_grad()
+    def init_from_sample(self, sample: Tensor) -> None:
+        """Each layer's data-dependent init from its rows of a sample [N, L, d]."""
+        for src, x_l in zip(self.sources, self._layers(sample)):
+            src.init_from_sample(x_l)
+
+    def set_training_tokens(self, tokens: int) -> None:
+        for src in self.sources:
+            src.set_training_tokens(tokens)
+
     def _layers(self, x: Tensor) -> list[Tensor]:
         if x.shape[-2:] != (self.n_layers, self.d_in):
             raise ValueError(f"a clt of {self.n_layers} layers reads [..., {self.n_layers}, {self.d_in}] rows, got "

@@ -54,9 +54,11 @@ def auxk_refresh_steps(dead_tokens_threshold: int, batch_tokens: int) -> int:
 @torch.no_grad()
 def refresh_auxk_candidates(sae: BaseAutoencoder, horizon_tokens: int) -> None:
     """Set sae.auxk_candidates: the latents that are dead now or would be after horizon_tokens
-    more tokens without firing ([n_cand] int64 on sae's device; read on the host: one sync)."""
-    limit = sae.dead_tokens_threshold - horizon_tokens
-    sae.auxk_candidates = (sae.tokens_since_fired > limit).nonzero().squeeze(1)
+    more tokens without firing ([n_cand] int64 on sae's device; read on the host: one sync). A
+    model made of per-layer sources (a CLT, train.sae.clt) sets each source's."""
+    for part in getattr(sae, "sources", None) or (sae,):
+        limit = part.dead_tokens_threshold - horizon_tokens
+        part.auxk_candidates = (part.tokens_since_fired > limit).nonzero().squeeze(1)
 
 
 def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor, target: Tensor | None = None,
