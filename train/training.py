@@ -20,7 +20,6 @@ load_run_config, resolve_device and build_from_cfg stay importable from here.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from train.sae.base import device_of
 from train.sae.losses import auxk_refresh_steps, refresh_auxk_candidates
 from train.sae.registry import build_from_cfg, sae_record
 from train.scaling import Scaling
+from train.schedules import lr_multiplier, sparsity_multiplier  # noqa: F401 (importable from here, as before)
 from train.site_pairs import EncoderInputs, SitePlan, plan_of, resolve_run_sites
 
 
@@ -59,29 +59,6 @@ def use_deterministic_kernels(device: torch.device, deterministic: bool) -> None
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-# --------------------------------------------------------------------------- schedules
-
-
-def lr_multiplier(cfg: TrainConfig, tokens: int) -> float:
-    """Learning-rate factor after `tokens` training tokens: linear warm-up, then decay."""
-    if cfg.lr_warmup_tokens and tokens < cfg.lr_warmup_tokens:
-        return (tokens + cfg.batch_size) / (cfg.lr_warmup_tokens + cfg.batch_size)
-    start = cfg.lr_decay_start * cfg.tokens
-    if cfg.lr_decay == "none" or tokens < start or cfg.tokens <= start:
-        return 1.0
-    frac = min((tokens - start) / (cfg.tokens - start), 1.0)
-    if cfg.lr_decay == "linear":
-        return 1.0 - frac
-    return 0.5 * (1 + math.cos(math.pi * frac))
-
-
-def sparsity_multiplier(cfg: TrainConfig, tokens: int) -> float:
-    """Sparsity-coefficient warm-up factor (vanilla L1, jumprelu L0)."""
-    if not cfg.sparsity_warmup_tokens:
-        return 1.0
-    return min(1.0, (tokens + cfg.batch_size) / cfg.sparsity_warmup_tokens)
 
 
 # --------------------------------------------------------------------------- the loop
