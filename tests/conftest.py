@@ -16,6 +16,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tests.helpers import (  # noqa: E402
     ARCH_FIXTURES,
@@ -184,3 +185,27 @@ def reference_cache(tmp_path_factory, tiny_llama_dir, tiny_corpus) -> Path:
     out = tmp_path_factory.mktemp("ref") / "cache"
     run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], out), progress=False)
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls run faster (and steadier on a loaded machine) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fault(monkeypatch):
+    """Set SAEFORGE_FAULT for in-process code, with fresh hit counters."""
+    from shared import faults
+
+    def set_(spec: str | None) -> None:
+        monkeypatch.setattr(faults, "_hits", {})
+        if spec is None:
+            monkeypatch.delenv("SAEFORGE_FAULT", raising=False)
+        else:
+            monkeypatch.setenv("SAEFORGE_FAULT", spec)
+
+    return set_

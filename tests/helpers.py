@@ -251,3 +251,15 @@ def write_sweep_spec(path, store, out, grid: str, name: str = "t", top: str = ""
     lines = [f"{k} = {json.dumps(v)}" for k, v in keys.items()]  # JSON scalars are valid TOML
     path.write_text(f'name = "{name}"\n{top}\n[base]\n' + "\n".join(lines) + f"\n[grid]\n{grid}\n")
     return path
+
+
+def sae_step(sae, opt, x, *args, **kwargs):
+    """One plain training step of `sae` on rows x (forward with *args/**kwargs, backward, the
+    decoder-gradient projection, opt.step(), unit-norm decoder rows); returns the SAEOutput."""
+    out = sae(x, *args, **kwargs)
+    opt.zero_grad()
+    out.loss.backward()
+    sae.remove_parallel_decoder_grad()
+    opt.step()
+    sae.make_decoder_unit_norm()
+    return out

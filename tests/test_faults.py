@@ -17,7 +17,6 @@ from click.testing import CliRunner
 from harvest.cli import main as harvest_cli
 from harvest.repair import repair_cache
 from harvest.runner import run_harvest, writer_lock
-from shared import faults
 from shared.cache import Cache, CacheError
 from tests.helpers import HARVEST_CTX, final_weights, harvest_config, train_cli_args, write_sweep_spec
 from train.checkpoints import list_checkpoints, read_checkpoint
@@ -25,19 +24,6 @@ from train.cli import main as train_cli
 
 SITE = "blocks.1.hook_resid_pre"
 
-
-@pytest.fixture
-def fault(monkeypatch):
-    """Set SAEFORGE_FAULT for in-process code, with fresh hit counters."""
-
-    def set_(spec: str | None) -> None:
-        monkeypatch.setattr(faults, "_hits", {})
-        if spec is None:
-            monkeypatch.delenv("SAEFORGE_FAULT", raising=False)
-        else:
-            monkeypatch.setenv("SAEFORGE_FAULT", spec)
-
-    return set_
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

@@ -5,6 +5,8 @@ of the auxiliary term; the shared directions; learning on synthetic sparse data.
 import pytest
 import torch
 
+from tests.helpers import sae_step
+
 from train.sae import GatedSAE
 
 D, M = 12, 40
@@ -87,14 +89,6 @@ def test_init_and_shared_directions():
     assert sae.saelens_arch == "gated"
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run faster (and steadier on a loaded machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_gated_learns_sparse_codes(one_thread):
     torch.manual_seed(0)
@@ -112,12 +106,7 @@ def test_gated_learns_sparse_codes(one_thread):
     sae.init_b_dec(train[:1000], method="mean")
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for i in range(400):
-        out = sae(train[i * 64:(i + 1) * 64])
-        opt.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.make_decoder_unit_norm()
+        out = sae_step(sae, opt, train[i * 64:(i + 1) * 64])
     sae.eval()
     with torch.no_grad():
         out = sae(held)

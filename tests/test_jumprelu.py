@@ -5,7 +5,7 @@ under bf16 autocast, and checkpoints recorded before these options existed."""
 import pytest
 import torch
 
-from tests.helpers import SITE, cfg_for
+from tests.helpers import SITE, cfg_for, sae_step
 from train.config import ConfigError, cfg_from_saved, post_init_cfg, update_cfg
 from train.sae import JumpReLUSAE
 from train.sae.registry import build_from_cfg, sae_from_record, sae_record
@@ -151,13 +151,6 @@ def test_records_made_before_the_options_rebuild_the_sae_they_describe(sparse_ca
     assert get_default_cfg().threshold_init == THRESHOLD_INIT
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("target", [3.0, 10.0])
 def test_target_l0_steers_training_to_the_target(one_thread, target):
@@ -183,12 +176,7 @@ def test_target_l0_steers_training_to_the_target(one_thread, target):
     groups = sae.param_groups()
     opt = torch.optim.Adam([{**gr, "lr": 3e-3 * gr.get("lr_scale", 1.0)} for gr in groups])
     for i in range(300):
-        out = sae(train[i * 128:(i + 1) * 128])
-        opt.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.make_decoder_unit_norm()
+        out = sae_step(sae, opt, train[i * 128:(i + 1) * 128])
     sae.eval()
     with torch.no_grad():
         held = sae(data(2048))

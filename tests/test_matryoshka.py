@@ -6,7 +6,7 @@ same number of latents of a plain BatchTopK SAE trained the same way."""
 import pytest
 import torch
 
-from tests.helpers import cfg_for
+from tests.helpers import cfg_for, sae_step
 from train.config import ConfigError, update_cfg
 from train.sae import BatchTopKSAE, MatryoshkaSAE, build_sae
 from train.sae.matryoshka import prefix_widths
@@ -157,23 +157,10 @@ def train_on(sae, data, steps, batch, lr=3e-3):
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sae.init_b_dec(data[:2048], method="mean")
     for i in range(steps):
-        out = sae(data[i * batch:(i + 1) * batch])
-        opt.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.make_decoder_unit_norm()
+        out = sae_step(sae, opt, data[i * batch:(i + 1) * batch])
     sae.eval()
     return sae
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run faster (and steadier on a loaded machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_smallest_prefix_beats_the_same_number_of_plain_batchtopk_latents(one_thread):

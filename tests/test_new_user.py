@@ -19,7 +19,6 @@ import torch
 from click.testing import CliRunner
 
 from harvest.cli import main as harvest_cli
-from shared import faults
 from shared.cli_common import COUNT
 from tests.helpers import HARVEST_CTX, MAX_POS, REPO, SWEEP_BASE, cfg_for, final_weights, harvest_cli_args
 from train.checkpoints import list_checkpoints
@@ -48,17 +47,6 @@ def env(**extra) -> dict[str, str]:
     e.pop("SAEFORGE_FAULT", None)
     return e
 
-
-@pytest.fixture
-def fault(monkeypatch):
-    def set_(spec: str | None) -> None:
-        monkeypatch.setattr(faults, "_hits", {})
-        if spec is None:
-            monkeypatch.delenv("SAEFORGE_FAULT", raising=False)
-        else:
-            monkeypatch.setenv("SAEFORGE_FAULT", spec)
-
-    return set_
 
 
 def tiny_train(store, out, *extra):

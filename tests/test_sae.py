@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from tests.helpers import sae_step
+
 from train.sae import (SAE_REGISTRY, BaseAutoencoder, BatchTopKSAE, GatedSAE, JumpReLUFn, JumpReLUSAE, MatryoshkaSAE,
                        StepFn, TopKSAE, VanillaSAE, build_sae, explained_variance, geometric_median, register)
 
@@ -15,14 +17,6 @@ D, M = 16, 64
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run faster (and steadier on a loaded machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----- registry and construction -----
@@ -377,12 +371,7 @@ def test_training_reduces_mse_and_reaches_sparsity(case, one_thread):
     with torch.no_grad():
         zero_pred_mse = (held_out - sae.b_dec).pow(2).sum(1).mean()
     for i in range(steps):
-        out = sae(data[i * batch:(i + 1) * batch], sparsity_coeff_scale=min(1.0, (i + 1) / 100))
-        opt.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_decoder_grad()
-        opt.step()
-        sae.make_decoder_unit_norm()
+        out = sae_step(sae, opt, data[i * batch:(i + 1) * batch], sparsity_coeff_scale=min(1.0, (i + 1) / 100))
     sae.eval()
     with torch.no_grad():
         out = sae(held_out)
