@@ -124,16 +124,32 @@ def test_no_units_run_is_the_plain_float32_run(fake_device, sparse_cache, tmp_pa
     _same(final_weights(run_dir), final_weights(plain))
 
 
-def test_the_real_measurement_leaves_the_run_as_the_explicit_one(monkeypatch, sparse_cache, tmp_path):
+@pytest.mark.parametrize("over", [{"arch": "jumprelu", "l0_coeff": 0.05},  # thresholds set from the first batch
+                                  {"arch": "topk", "b_dec_init": "zeros"}])  # no init read: the store is not rewound
+def test_the_real_measurement_leaves_the_run_as_the_explicit_one(monkeypatch, sparse_cache, tmp_path, over):
     """Timing really runs (units reported present): RNG states and the store position are as found,
     so the auto run equals the run made with its recorded choice, bit for bit."""
     monkeypatch.setattr(precision, "bf16_matrix_units", lambda device: (True, "units of the test"))
-    _, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path / "auto", arch="jumprelu", l0_coeff=0.05,
-                                         autocast="auto", **SHORT), progress=False)
+    _, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path / "auto", autocast="auto", **over, **SHORT),
+                           progress=False)
     record = json.loads(RunLayout(run_dir).precision.read_text())
     assert record["ms_fp32"] > 0 and record["ms_bf16"] > 0
     assert record["chosen"] == precision.choose(record["ms_fp32"], record["ms_bf16"])
-    _, explicit = train_sae(None, cfg_for(sparse_cache, tmp_path / "explicit", arch="jumprelu", l0_coeff=0.05,
+    _, explicit = train_sae(None, cfg_for(sparse_cache, tmp_path / "explicit", autocast=record["chosen"], **over,
+                                          **SHORT), progress=False)
+    _same(final_weights(run_dir), final_weights(explicit))
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "clt"])
+def test_transcoders_measure_on_their_site_pairs(monkeypatch, transcoder_cache, tmp_path, arch):
+    """A transcoder's or clt's step reads a dict of sites: the measurement times it, as trained."""
+    monkeypatch.setattr(precision, "bf16_matrix_units", lambda device: (True, "units of the test"))
+    _, run_dir = train_sae(None, cfg_for(transcoder_cache, tmp_path / "auto", arch=arch, autocast="auto", **SHORT),
+                           progress=False)
+    record = json.loads(RunLayout(run_dir).precision.read_text())
+    assert record["ms_fp32"] > 0 and record["ms_bf16"] > 0
+    assert json.loads(RunLayout(run_dir).config.read_text())["autocast"] == record["chosen"]
+    _, explicit = train_sae(None, cfg_for(transcoder_cache, tmp_path / "explicit", arch=arch,
                                           autocast=record["chosen"], **SHORT), progress=False)
     _same(final_weights(run_dir), final_weights(explicit))
 
