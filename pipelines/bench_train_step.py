@@ -4,6 +4,7 @@
     python pipelines/bench_train_step.py --variants topk,batchtopk --d-in 768 --expansions 8,32 \
         --steps 5 --warmup 2 --markdown bench.md --json bench.json
     python pipelines/bench_train_step.py --no-saelens                      # our side only
+    python pipelines/bench_train_step.py --compare-precision --no-saelens  # ours in fp32 and bf16 (autocast=auto)
 
 For every (variant, d_in, expansion) of the grid, on the same machine in one run, with the same
 activations (pre-generated, see `make_activations`), batch --batch-size (4096) and k (32 for
@@ -36,6 +37,12 @@ topk / batchtopk):
 4. data wait: a realistic run, our ActivationStore (prefetch threads, float16 cache built with
    shared.synthetic, normalisation on) feeding Trainer.train_step + after_step; the
    fraction of the wall time spent inside store.next_batch(). Target < 5%.
+
+--compare-precision (issue 15): every variant of the grid, ours only, once with autocast none and
+once with bf16, each in a fresh subprocess, one after the other: median ms per step of each, the
+ratio bf16 / fp32, and what autocast=auto would pick from these figures (train.precision: none
+without bf16 matrix units, else bf16 when under its margin of fp32's step). SAELens and the
+data-wait run are skipped in this mode.
 
 Activations (`make_activations`): anisotropic Gaussian directions (random rotation, power-law
 spectrum), log-normal norms with a Student-t tail, plus a shared mean offset, then scaled so
@@ -435,6 +442,59 @@ def markdown(lines: list[list[str]], header: str, notes: list[str]) -> str:
     return "\n".join(md + [""] + notes) + "\n"
 
 
+PRECISION_HEAD = ["variant", "d_in", "width", "fp32 ms/step", "bf16 ms/step", "bf16/fp32", "fp32 best", "bf16 best",
+                  "auto would pick"]
+
+
+def compare_precision(args, data: dict, tmp: Path, variants: list[str], d_ins: list[int],
+                      expansions: list[int]) -> tuple[list[dict], list[list[str]], str]:
+    """Ours in fp32 and in bf16 for every grid point (fresh subprocesses); rows, table lines and the
+    device's bf16 units as train.precision reads them (in this process)."""
+    import torch
+
+    from train.precision import bf16_matrix_units, choose
+
+    has, units = bf16_matrix_units(torch.device(args.device))
+    rows, lines = [], []
+    for d in d_ins:
+        for e in expansions:
+            for v in variants:
+                name = f"{v}_{d}_{e}x"
+                res = {}
+                for mode in ("none", "bf16"):
+                    spec = {"arch": v, "expansion": e, "k": args.k, "batch_size": args.batch_size, "steps": args.steps,
+                            "warmup": args.warmup, "threads": args.threads, "device": args.device,
+                            "dead_fraction": args.dead_fraction, "data": str(data[d]), "autocast": mode,
+                            "compile": args.compile, "deterministic": not args.nondeterministic,
+                            "sparse_kernels": not args.dense}
+                    res[mode] = run_ours(args, "ours", spec, tmp, f"ours_{name}_{mode}")
+                ok = all(isinstance(r, dict) for r in res.values())
+                row = {"variant": v, "d_in": d, "expansion": e, "raw": res}
+                if ok:
+                    f32, b16 = (res[m]["median_step_s"] * 1e3 for m in ("none", "bf16"))
+                    row.update(fp32_ms=f32, bf16_ms=b16, ratio=b16 / f32, fp32_best_ms=min(res["none"]["step_s"]) * 1e3,
+                               bf16_best_ms=min(res["bf16"]["step_s"]) * 1e3,
+                               auto=choose(f32, b16) if has else "none")
+                rows.append(row)
+                line = [v, str(d), f"{e}x ({e * d})"] + (
+                    [f"{row['fp32_ms']:.0f}", f"{row['bf16_ms']:.0f}", f"{row['ratio']:.2f}", f"{row['fp32_best_ms']:.0f}",
+                     f"{row['bf16_best_ms']:.0f}", row["auto"]] if ok else
+                    ["error" if isinstance(res["none"], str) else "", "error" if isinstance(res["bf16"], str) else "",
+                     "-", "-", "-", "-"])
+                lines.append(line)
+                print(f"  {name}: " + (f"fp32 {row['fp32_ms']:.0f} ms/step, bf16 {row['bf16_ms']:.0f} ms/step, "
+                                       f"bf16/fp32 {row['ratio']:.2f}, auto would pick {row['auto']}" if ok else
+                                       f"failed: {res}"), flush=True)
+    return rows, lines, units if has else f"{units} (no bf16 matrix units: auto picks none without timing)"
+
+
+def _print_rows(head: list[str], lines: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
+    for l in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2], sys.argv[3])
@@ -462,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--autocast", choices=("none", "bf16"), default="none",
                    help="our trainer's autocast setting (train config key autocast); SAELens runs as it defaults")
+    p.add_argument("--compare-precision", action="store_true",
+                   help="ours only, each variant in fp32 and in bf16: ms/step of each, the ratio and what "
+                        "autocast=auto would pick (SAELens and the data-wait run skipped)")
     p.add_argument("--compile", action="store_true", help="our trainer with torch.compile (config key compile)")
     p.add_argument("--dense", action="store_true",
                    help="our TopK/BatchTopK through the dense reference path (config key sparse_kernels=false)")
@@ -485,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
     d_ins = [int(v) for v in args.d_in.split(",")]
     expansions = [int(v) for v in args.expansions.split(",")]
-    exe, why = saelens_python(args)
+    exe, why = saelens_python(args) if not args.compare_precision else (None, "--compare-precision")
     tmp = args.keep or Path(tempfile.mkdtemp(prefix="bench_train_step_"))
     tmp.mkdir(parents=True, exist_ok=True)
     cmdline = "python pipelines/bench_train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -505,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             data[d] = tmp / f"acts_{d}.npy"
             x = make_activations(args.distinct_batches * args.batch_size, d)
             np.save(data[d], x.reshape(args.distinct_batches, args.batch_size, d))
+        if args.compare_precision:
+            return _precision_report(args, cmdline, data, tmp, variants, d_ins, expansions, t_start)
         for d in d_ins:
             for e in expansions:
                 for v in variants:
@@ -573,6 +638,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"header": header, "command": cmdline, "rows": rows, "raw": results,
                                          "data_wait": wait, "saelens": exe or why}, indent=1, default=str))
+    return 0
+
+
+def _precision_report(args, cmdline: str, data: dict, tmp: Path, variants, d_ins, expansions, t_start: float) -> int:
+    """--compare-precision: the table, printed, and as Markdown / JSON when asked."""
+    rows, lines, units = compare_precision(args, data, tmp, variants, d_ins, expansions)
+    header = (f"Precision comparison (ours, autocast none vs bf16): batch {args.batch_size}, k {args.k}, {args.steps} "
+              f"measured steps after {args.warmup} warm-up (medians), threads {args.threads or 'default'}, device "
+              f"{args.device}: {units}")
+    print()
+    print(header)
+    _print_rows(PRECISION_HEAD, lines)
+    notes = [f"Command: `{cmdline}`", f"Total benchmark time: {time.perf_counter() - t_start:.0f} s."]
+    print(notes[-1])
+    if args.markdown:
+        md = [header, "", "| " + " | ".join(PRECISION_HEAD) + " |", "|" + "---|" * len(PRECISION_HEAD)]
+        args.markdown.write_text("\n".join(md + ["| " + " | ".join(l) + " |" for l in lines] + [""] + notes) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "command": cmdline, "rows": rows}, indent=1, default=str))
     return 0
 
 

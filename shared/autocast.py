@@ -4,8 +4,9 @@ products) and eval (the LM's forward), so that a setting reads the same everywhe
     none  float32 compute
     bf16  bfloat16 autocast (torch.autocast(device, dtype=torch.bfloat16))
     auto  what the caller defines as its default: harvest bf16 on CUDA and float32 on the CPU;
-          eval as the cache was harvested (bf16 on CUDA when its compute dtype was bfloat16).
-          Training offers no auto: what a run computes must not depend on where it resumes.
+          eval as the cache was harvested (bf16 on CUDA when its compute dtype was bfloat16);
+          training measures once, when a run is created, and records none or bf16 in the run's
+          config (train.precision), so that what a run computes does not depend on where it resumes.
 
 `bfloat16`, the spelling harvest and eval used before, is accepted as an alias of bf16, so that
 older command lines and scripts keep working.

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +40,23 @@ def test_bench_train_step_prints_a_table_without_saelens(tmp_path):
     assert "SAELens: skipped" in out and "Data wait" in out
     table = md.read_text()
     assert "| topk | 32 |" in table and "| jumprelu | 32 |" in table and "SAELens columns skipped" in table
+
+
+def test_bench_train_step_compares_precisions(tmp_path):
+    md, js = tmp_path / "precision.md", tmp_path / "precision.json"
+    out = _run(["pipelines/bench_train_step.py", "--compare-precision", "--variants", "topk,jumprelu", "--d-in", "32",
+                "--expansions", "2", "--batch-size", "128", "--k", "4", "--steps", "2", "--warmup", "1",
+                "--markdown", str(md), "--json", str(js)], tmp_path)
+    assert "auto would pick" in out and "Data wait" not in out
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["topk", "jumprelu"]
+    from train.precision import bf16_matrix_units, choose
+    has = bf16_matrix_units(torch.device("cpu"))[0]
+    for r in rows:
+        assert r["raw"]["none"]["precision"] == "fp32" and r["raw"]["bf16"]["precision"] == "bf16"
+        assert r["ratio"] == pytest.approx(r["bf16_ms"] / r["fp32_ms"])
+        assert r["auto"] == (choose(r["fp32_ms"], r["bf16_ms"]) if has else "none")
+    assert "| topk | 32 | 2x (64) |" in md.read_text()
 
 
 def test_bench_store_prints_ratios_for_mapped_copied_and_cold_windows(tmp_path):

@@ -53,6 +53,7 @@ def main() -> None:
 @config_option("batch_size")
 @config_option("tokens")
 @config_option("seed")
+@config_option("autocast")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config keys (flat, or under [train]).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key; repeatable (see `train config`).")
 @config_option("out")

@@ -1,6 +1,7 @@
 """The layout of a run folder and of a sweep folder: every name in one place.
 
     RUN/config.json                  the resolved TrainConfig
+    RUN/precision.json               what autocast=auto measured and chose (train.precision; only then)
     RUN/metrics.jsonl                logged metrics (train.logs)
     RUN/checkpoints/step-000001234/  one committed checkpoint (train.checkpoints writes and reads it):
         sae.safetensors              weights and buffers (dead counters, thresholds)
@@ -62,6 +63,10 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / "config.json"
+
+    @property
+    def precision(self) -> Path:
+        return self.root / "precision.json"
 
     @property
     def metrics(self) -> Path:

@@ -54,6 +54,7 @@ from train.config import (ConfigError, TrainConfig, cfg_from_saved, get_default_
                           sweep_shared_keys, update_cfg)
 from train.distributed import SoloWorld, World
 from train.layout import RunLayout, SweepLayout, step_of
+from train.precision import resolve_new_run, write_measurement
 from train.runs import check_training_memory, open_cache, open_store, resolve_device, warn_many_epochs
 from train.site_pairs import plan_of, resolve_run_sites, union_sites
 from train.training import Restore, build_trainer, run_to_end
@@ -143,14 +144,15 @@ def run_sweep(spec_path: str | Path, overrides: dict[str, Any] | None = None, pr
             warn_many_epochs(lead, store)
             sweep_dir = create_run_dir(lead.out, name, checkpoints=False)
             name = sweep_dir.name
-            records = []
+            records, measured = [], {}  # shape -> train.precision.Measurement (autocast=auto)
             for cfg, dev in zip(configs, _devices(spec, len(configs))):
-                cfg = post_init_cfg(update_cfg(cfg, out=str(sweep_dir), wandb_group=cfg.wandb_group or name),
-                                    store.d_model, cfg.site)
-                if dev is not None:
-                    cfg = update_cfg(cfg, device=str(dev))
+                given = update_cfg(cfg, out=str(sweep_dir), wandb_group=cfg.wandb_group or name,
+                                   **({"device": str(dev)} if dev is not None else {}))
+                cfg, m = resolve_new_run(given, post_init_cfg(given, store.d_model, cfg.site), store,
+                                         _device(given, world), measured=measured)  # autocast=auto: train.precision
                 run_dir = create_run_dir(sweep_dir, cfg.run_name)
                 write_atomic(RunLayout(run_dir).config, json.dumps(cfg.to_dict(), indent=1).encode())
+                write_measurement(run_dir, m)
                 records.append({"run_dir": run_dir.name, "config": cfg.to_dict()})
             write_atomic(SweepLayout(sweep_dir).spec, json.dumps({"name": name, "runs": records}, indent=1).encode())
             created = str(sweep_dir)

@@ -39,6 +39,7 @@ from train.errors import TrainingError
 from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
 from train.layout import RunLayout
 from train.logs import FINAL, RunLogger, density_histogram, flatten
+from train.precision import check_resolved, resolve_new_run, write_measurement
 from train.runs import (check_training_memory, load_run_config, open_cache, open_store,  # noqa: F401 (as before)
                         resolve_device, warn_many_epochs)
 from train.sae import BaseAutoencoder
@@ -90,6 +91,7 @@ class Trainer:
         return device_of(self.sae)
 
     def __post_init__(self) -> None:
+        check_resolved(self.cfg)  # autocast=auto is resolved when the run is created (train.precision)
         dev = device_of(self.sae)
         if self.plan is None:
             self.plan = plan_of(self.cfg)
@@ -417,14 +419,17 @@ def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -
     cfg = resolve_run_sites(cfg, cache.spec)
     store = open_store(cfg, device, world, cache=cache)
     try:
+        given = cfg
         cfg = post_init_cfg(cfg, store.d_model, cfg.site)
         store.check_compatible(cfg.site, cfg.d_in)
         if world.is_main:
             warn_many_epochs(cfg, store)
         check_training_memory(cfg, device)  # before the run folder is made
+        cfg, measured = resolve_new_run(given, cfg, store, device, world)  # autocast=auto: train.precision
         run_dir = world.broadcast(generate_checkpoint_dir(cfg) if world.is_main else None)
         if world.is_main:
             write_atomic(RunLayout(run_dir).config, json.dumps(cfg.to_dict(), indent=1).encode())
+            write_measurement(run_dir, measured)
         trainer = build_trainer(cfg, store, run_dir, device, world=world, progress=progress)
         run_to_end([trainer], store, progress)
     finally:
