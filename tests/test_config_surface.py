@@ -49,7 +49,8 @@ def test_run_names_are_the_ones_computed_before(changes, name):
 # Keys added after legacy_config_hash was written (issue 13's variants), at their defaults: they did not
 # exist then, so the hash it computed did not see them.
 ADDED_LATER = ("k_anneal_tokens", "k_anneal_start", "matryoshka_widths", "target_l0", "jumprelu_init_l0",
-               "jumprelu_pre_act_coeff", "jumprelu_freq_coeff", "jumprelu_freq_max", "jumprelu_threshold_lr_scale")
+               "jumprelu_pre_act_coeff", "jumprelu_freq_coeff", "jumprelu_freq_max", "jumprelu_threshold_lr_scale",
+               "jumprelu_pre_act_silent_tokens")
 
 
 def legacy_config_hash(cfg: TrainConfig) -> str:

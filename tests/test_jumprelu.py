@@ -57,6 +57,24 @@ def test_pre_activation_loss_pulls_below_threshold_pre_activations_up():
     torch.testing.assert_close(sae.log_threshold.grad, 0.5 * (below * norms).mean(0) * THETA)
 
 
+def test_pre_activation_loss_on_silent_latents_only():
+    x = torch.tensor([[1.0, 1.98, 1.5, 3.0], [2.04, 1.9, 0.5, 1.97]], dtype=torch.float64)  # 1, 2 stay silent
+    sae = identity_sae(l0_coeff=0.0, pre_act_coeff=0.5, pre_act_silent_tokens=100)
+    sae.tokens_since_fired.copy_(torch.tensor([5000, 98, 5000, 0]))
+    out = sae(x)  # training mode: the counters count this batch first -> [0, 100, 5002, 0]
+    assert sae.tokens_since_fired.tolist() == [0, 100, 5002, 0]
+    norms = torch.tensor([0.0, 2.0, 1.0, 0.0], dtype=torch.float64)  # latents 0 and 3 fired: weight 0
+    want = 0.5 * ((THETA - x).relu() * norms).sum(1).mean()
+    torch.testing.assert_close(out.losses["sparsity"], want)
+    out.losses["sparsity"].backward()
+    below = (x < THETA).double()
+    torch.testing.assert_close(torch.diagonal(sae.W_enc.grad), -0.5 * (below * norms * x).mean(0))
+    torch.testing.assert_close(sae.log_threshold.grad, 0.5 * (below * norms).mean(0) * THETA)
+    assert sae.W_enc.grad[:, [0, 3]].abs().sum() == 0  # the latents that fire are left alone
+    everyone = identity_sae(l0_coeff=0.0, pre_act_coeff=0.5)
+    assert everyone(x).losses["sparsity"] > want  # 0 silent tokens: every latent pays
+
+
 def test_frequency_penalty_on_latents_denser_than_freq_max():
     sae = identity_sae(l0_coeff=0.0, freq_coeff=2.0, freq_max=0.25)
     out = sae(X)
@@ -118,6 +136,8 @@ def test_options_are_checked_and_named(sparse_cache, tmp_path):
         update_cfg(cfg, jumprelu_freq_max=1.5)
     with pytest.raises(ConfigError, match="jumprelu_pre_act_coeff=-1 must not be negative"):
         update_cfg(cfg, jumprelu_pre_act_coeff=-1)
+    with pytest.raises(ConfigError, match="jumprelu_pre_act_silent_tokens. must be a number of tokens"):
+        update_cfg(cfg, jumprelu_pre_act_silent_tokens=-5)
     named = post_init_cfg(update_cfg(cfg, target_l0=8), d_in=16, site=SITE)
     assert named.run_name.startswith(f"jumprelu_{SITE}_64_l0_{cfg.l0_coeff:g}_t8_")
     assert build_from_cfg(named).init_l0 == 8  # a target also sets where training starts

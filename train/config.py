@@ -156,6 +156,10 @@ class TrainConfig:
     jumprelu_pre_act_coeff: float = _key(0.0, identity="when_set")
     """jumprelu: Anthropic's pre-activation loss, coeff * mean_B sum_i relu(theta_i - z_i) ||W_dec,i||
     (pulls below-threshold pre-activations up, so that latents which never fire still learn)."""
+    jumprelu_pre_act_silent_tokens: int = _key(0, identity="when_set", count=True)
+    """jumprelu: apply the pre-activation loss only to latents that have not fired for at least this
+    many training tokens (0: to every latent), so that it revives silent latents without pulling up
+    the pre-activations of the ones that fire."""
     jumprelu_freq_coeff: float = _key(0.0, identity="when_set")
     """jumprelu: frequency penalty, coeff * sum_i relu(p_i - jumprelu_freq_max), p_i = the batch's
     firing rate of latent i (0: off)."""

@@ -27,7 +27,9 @@ class JumpReLU:
     added to the sparsity loss:
       pre_act_coeff   Anthropic's pre-activation loss, pre_act_coeff * mean_B sum_i
                       relu(theta_i - z_i) ||W_dec,i||: below-threshold pre-activations are pulled up,
-                      so latents that never fire still learn
+                      so latents that never fire still learn; with pre_act_silent_tokens = N > 0
+                      only over the latents silent for at least N training tokens
+                      (tokens_since_fired >= N), so the ones that fire are left alone
       freq_coeff      a frequency penalty against too-dense latents: freq_coeff * sum_i
                       relu(p_i - freq_max), p_i = mean_B H(z_i - theta_i) (pseudo-derivative to theta),
                       so a latent firing on more than freq_max of the tokens pays freq_coeff more
@@ -45,6 +47,7 @@ class JumpReLU:
     config_keys = {"l0_coeff": "l0_coeff", "sparsity": "jumprelu_sparsity", "bandwidth": "jumprelu_bandwidth",
                    "threshold_init": "threshold_init"}
     late_config_keys = {"target_l0": ("target_l0", None), "pre_act_coeff": ("jumprelu_pre_act_coeff", 0.0),
+                        "pre_act_silent_tokens": ("jumprelu_pre_act_silent_tokens", 0),
                         "freq_coeff": ("jumprelu_freq_coeff", 0.0), "freq_max": ("jumprelu_freq_max", 0.1),
                         "init_l0": ("jumprelu_init_l0", 0.0),  # resolved by config_args
                         "threshold_lr_scale": ("jumprelu_threshold_lr_scale", 1.0)}
@@ -91,7 +94,8 @@ class JumpReLU:
 
     def __init__(self, d_in: int, d_sae: int, *, l0_coeff: float = 1.0, sparsity: str = "l0",
                  tanh_c: float = 4.0, threshold_init: float = THRESHOLD_INIT, bandwidth: float = 0.05,
-                 target_l0: float | None = None, pre_act_coeff: float = 0.0, freq_coeff: float = 0.0,
+                 target_l0: float | None = None, pre_act_coeff: float = 0.0, pre_act_silent_tokens: int = 0,
+                 freq_coeff: float = 0.0,
                  freq_max: float = 0.1, init_l0: float | None = None, threshold_lr_scale: float = 1.0, **base):
         if sparsity not in ("l0", "tanh"):
             raise ValueError(f"JumpReLU sparsity must be 'l0' or 'tanh', got {sparsity!r}")
@@ -100,6 +104,7 @@ class JumpReLU:
         super().__init__(d_in, d_sae, **base)
         self.l0_coeff, self.sparsity, self.tanh_c, self.bandwidth = l0_coeff, sparsity, tanh_c, bandwidth
         self.target_l0, self.pre_act_coeff, self.init_l0 = target_l0, pre_act_coeff, init_l0
+        self.pre_act_silent_tokens = pre_act_silent_tokens
         self.freq_coeff, self.freq_max, self.threshold_lr_scale = freq_coeff, freq_max, threshold_lr_scale
         self.log_threshold = nn.Parameter(torch.full_like(self.b_enc, math.log(threshold_init)))
 
@@ -142,7 +147,10 @@ class JumpReLU:
         if self.freq_coeff:
             loss = loss + self.freq_coeff * (step.mean(0) - self.freq_max).relu().sum()
         if self.pre_act_coeff:
-            loss = loss + self.pre_act_coeff * ((theta - pre).relu() @ self.W_dec.norm(dim=1)).mean()
+            weight = self.W_dec.norm(dim=1)  # [m]
+            if self.pre_act_silent_tokens:
+                weight = weight * (self.tokens_since_fired >= self.pre_act_silent_tokens)
+            loss = loss + self.pre_act_coeff * ((theta - pre).relu() @ weight.to(pre.dtype)).mean()
         return loss
 
     def inference_threshold(self) -> Tensor | None:
