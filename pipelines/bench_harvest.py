@@ -50,6 +50,10 @@
    costs nothing against the raw sequential write with fsync of the same bytes to the same disk
    (target >= 0.8), and the launching thread's CPU time per batch (pipelines/harvest_ceiling.py).
 
+5. With --whole-process: `harvest run` against a plain-transformers harvest of the same model,
+   layer and tokens (pipelines/plain_harvest.py), each a fresh process timed from spawn to exit
+   (pipelines/harvest_whole_process.py; with --autocast bf16 the issue-15 AMX target >= 0.95).
+
 Timings on shared machines are noisy: compare the ratios from one run.
 """
 
@@ -391,6 +395,10 @@ def main() -> None:
     c.add_argument("--ceiling-tokens", type=int, default=262_144)
     c.add_argument("--ceiling-batch-size", type=int, default=64, help="contexts per batch (64 x 128: a GPU's 8192 tokens)")
     c.add_argument("--ceiling-shard-tokens", type=int, default=65_536)
+    p = ap.add_argument_group("whole process vs plain transformers (mode 5: runs instead of the others)")
+    p.add_argument("--whole-process", action="store_true",
+                   help="harvest run vs pipelines/plain_harvest.py, fresh processes, same --tokens/--layer/--batch-size")
+    p.add_argument("--whole-process-threads", type=int, default=1, help="OMP_NUM_THREADS of both children")
     ap.add_argument("--skip-harvest", action="store_true")
     ap.add_argument("--skip-write", action="store_true")
     args = ap.parse_args()
@@ -410,6 +418,13 @@ def main() -> None:
             from pipelines.harvest_ceiling import CEILING_TARGET, bench_ceiling
 
             results["harvest (free forward) / raw write"] = (bench_ceiling(args, work), CEILING_TARGET, "")
+        elif args.whole_process:
+            from pipelines.harvest_whole_process import WHOLE_PROCESS_TARGET, bench_whole_process
+
+            model_dir = smollm2_hf_folder(args.assets / "smollm2")
+            corpus = kjv_jsonl(args.assets / "kjv.jsonl")
+            results["harvest run / plain transformers"] = (
+                bench_whole_process(args, work, str(model_dir), str(corpus)), WHOLE_PROCESS_TARGET, "whole process")
         elif args.sites:
             results.update(bench_sites(args, work))
         elif not args.skip_harvest:
@@ -426,7 +441,7 @@ def main() -> None:
                 )
                 ratio, in_run = bench_harvest(torch.device(dev), cfg, args.repeats, work)
                 results[f"harvest / forward-only ({dev})"] = (ratio, HARVEST_TARGET, f"in-run ratio {in_run:.3f}")
-        if not args.skip_write and not args.sites and not args.synthetic_model:
+        if not args.skip_write and not args.sites and not args.synthetic_model and not args.whole_process:
             results["cache write / raw write"] = (bench_writes(args, work), WRITE_TARGET, "")
     print("\nsummary (ratio of best rounds):")
     for k, (v, target, note) in results.items():
