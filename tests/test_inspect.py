@@ -177,7 +177,7 @@ def _check(stats, ref, n_rows, K, Q, S):
 def test_streamed_statistics_equal_brute_force(odd_cache, batch_rows, drop_bos):
     sae = _sae()
     K, Q, S, NB, before, after = 5, 4, 2, 16, 3, 2
-    stats, report = collect_stats(sae.encode, M, odd_cache, SITE, [0, 2, 3], scale=0.5, drop_bos=drop_bos,
+    stats, report = collect_stats(sae.encode, M, odd_cache, SITE, [0, 2, 3], scale=0.5, mask=drop_bos,
                                   before=before, after=after, top=K, bands=Q, per_band=S, bins=NB,
                                   batch_rows=batch_rows)
     ref, n = brute_force(odd_cache, sae, [0, 2, 3], 0.5, drop_bos, before, after, K, Q, S, NB)
@@ -193,7 +193,7 @@ def test_streamed_statistics_equal_brute_force(odd_cache, batch_rows, drop_bos):
 def test_token_budget_stops_the_pass_and_windows_show_unencoded_rows(odd_cache):
     sae = _sae(1)
     K, Q, S, NB = 4, 2, 3, 8
-    stats, _ = collect_stats(sae.encode, M, odd_cache, SITE, [1, 2], scale=1.0, drop_bos=False, before=4, after=4,
+    stats, _ = collect_stats(sae.encode, M, odd_cache, SITE, [1, 2], scale=1.0, mask=False, before=4, after=4,
                              top=K, bands=Q, per_band=S, bins=NB, batch_rows=20, max_rows=150)
     ref, n = brute_force(odd_cache, sae, [1, 2], 1.0, False, 4, 4, K, Q, S, NB, max_rows=150)
     assert n == 150
@@ -207,7 +207,7 @@ def test_bfloat16_and_compressed_caches_stream_the_same_way(tmp_path):
     root = build_synthetic_cache(tmp_path / "bf16", spec, _acts, positions=lambda k, rows: POSITIONS[rows])
     cache = Cache.open(root)
     sae = _sae(2)
-    stats, _ = collect_stats(sae.encode, M, cache, SITE, [0, 1], scale=0.5, drop_bos=True, before=2, after=2,
+    stats, _ = collect_stats(sae.encode, M, cache, SITE, [0, 1], scale=0.5, mask=True, before=2, after=2,
                              top=4, bands=2, per_band=2, bins=8, batch_rows=16)
     ref, n = brute_force(cache, sae, [0, 1], 0.5, True, 2, 2, 4, 2, 2, 8)
     _check(stats, ref, n, 4, 2, 2)
@@ -221,7 +221,7 @@ def test_topk_and_batchtopk_threshold_encodings(odd_cache):
         if sae.arch == "batchtopk":
             sae.set_threshold(0.25)
         enc = (lambda x, s=sae: s.encode(x, use_threshold=True)) if sae.arch == "batchtopk" else sae.encode
-        stats, _ = collect_stats(enc, M, odd_cache, SITE, [0, 1], scale=2.0, drop_bos=True, before=2, after=1,
+        stats, _ = collect_stats(enc, M, odd_cache, SITE, [0, 1], scale=2.0, mask=True, before=2, after=1,
                                  top=3, bands=2, per_band=2, bins=8, batch_rows=30)
 
         class Wrapped:
