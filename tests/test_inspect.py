@@ -14,6 +14,7 @@ import torch
 
 from shared.cache import Cache
 from shared.synthetic import SITE, build_synthetic_cache, synthetic_spec
+from train.row_mask import RowMask
 from train.inspector.collect import LatentCollector, rank_in_group, sample_priority
 from train.inspector.contexts import token_windows
 from train.inspector.logits import find_final_norm, logit_effect, nearest_latents, norm_gain, unembedding
@@ -82,11 +83,17 @@ def _sae(seed=0):
 
 
 def _all_rows(cache, shards, drop_bos, max_rows=None):
-    """(global rows, x float32 [N, d]) in cache order: what the pass encodes."""
+    """(global rows, x float32 [N, d]) in cache order: what the pass encodes. drop_bos: a bool, or a
+    RowMask (applied by a loop over the rows)."""
     rows, xs = [], []
     for k in shards:
         pos = cache.read_vector("positions", k)
-        keep = np.flatnonzero(pos != 0) if drop_bos else np.arange(len(pos))
+        if isinstance(drop_bos, RowMask):
+            m, tok, acts = drop_bos, cache.read_vector("tokens", k), np.asarray(cache.read_acts(SITE, k), np.float64)
+            keep = np.array([i for i in range(len(pos)) if not ((m.drop_bos and pos[i] == 0) or int(tok[i]) in m.token_ids
+                             or float(np.sqrt((acts[i] ** 2).sum())) > m.norm_threshold)], dtype=np.int64)
+        else:
+            keep = np.flatnonzero(pos != 0) if drop_bos else np.arange(len(pos))
         rows.append(k * RPS + keep)
         xs.append(np.asarray(cache.read_acts(SITE, k))[keep].astype(np.float32))
     rows, x = np.concatenate(rows), np.concatenate(xs)
@@ -173,8 +180,13 @@ def _check(stats, ref, n_rows, K, Q, S):
 
 
 @pytest.mark.parametrize("batch_rows", [1, 13, 64, 10_000])
-@pytest.mark.parametrize("drop_bos", [True, False])
+@pytest.mark.parametrize("drop_bos", [True, False, "row_mask"])
 def test_streamed_statistics_equal_brute_force(odd_cache, batch_rows, drop_bos):
+    if drop_bos == "row_mask":  # position 0, three token ids and the rows above shard 0's 90th percentile norm
+        norms = np.sort(np.linalg.norm(np.asarray(odd_cache.read_acts(SITE, 0), np.float64), axis=1))
+        i = int(0.9 * len(norms))
+        thr = float(norms[i] + norms[i + 1]) / 2
+        drop_bos = RowMask(True, (0, 31, 62), thr, SITE)
     sae = _sae()
     K, Q, S, NB, before, after = 5, 4, 2, 16, 3, 2
     stats, report = collect_stats(sae.encode, M, odd_cache, SITE, [0, 2, 3], scale=0.5, mask=drop_bos,
@@ -185,6 +197,8 @@ def test_streamed_statistics_equal_brute_force(odd_cache, batch_rows, drop_bos):
     assert report.rows == n
     assert stats.count[3] == 0 and stats.count[5] == n  # never fires / fires on every row
     assert stats.top_rows[5].tolist() == _all_rows(odd_cache, [0, 2, 3], drop_bos)[0][:K].tolist()
+    if isinstance(drop_bos, RowMask):  # the ids and the norm rule left rows out beyond position 0
+        assert n < len(_all_rows(odd_cache, [0, 2, 3], True)[0])
     ties = (np.diff(stats.top_values, axis=1) == 0) & (stats.top_rows[:, 1:] >= 0)
     assert ties.sum() >= 10  # the repeated rows tie in the top lists: the earlier row comes first
     assert (np.diff(stats.top_rows, axis=1)[ties] > 0).all()
