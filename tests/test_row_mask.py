@@ -235,3 +235,20 @@ def test_the_ce_splice_keeps_masked_positions_clean(tiny_gpt2_dir):
     want = float(-logp.gather(-1, ids[:, 1:, None]).mean())
     assert res["masked"]["ce"] == pytest.approx(want, rel=1e-6)
     assert res["masked"]["ce"] != pytest.approx(res["from1"]["ce"], rel=1e-6)  # the mask changed what was spliced
+
+
+def test_a_sweep_resolves_one_mask_and_each_member_equals_its_separate_run(masked_cache, masked_run, tmp_path):
+    from tests.helpers import write_sweep_spec
+    from train.sweep import run_sweep
+
+    spec = write_sweep_spec(tmp_path / "spec.toml", masked_cache, tmp_path / "runs", "k = [4, 6]", name="masked",
+                            arch="batchtopk", mask_norm_multiple=1.5)
+    sweep = run_sweep(spec, progress=False)
+    record = json.loads((sweep / "sweep.json").read_text())["runs"]
+    want = json.loads((masked_run / "config.json").read_text())
+    for r in record:
+        assert r["config"]["mask_token_ids"] == want["mask_token_ids"]
+        assert r["config"]["mask_norm_threshold"] == want["mask_norm_threshold"]
+    four = next(r for r in record if r["config"]["k"] == 4)  # masked_run's settings
+    a, b = final_weights(sweep / four["run_dir"]), final_weights(masked_run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

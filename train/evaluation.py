@@ -265,8 +265,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
             if enc.per_batch:  # the batch its rule selected over: one LM batch's spliced tokens
                 first = contexts[: min(lm_batch_size, contexts.shape[0])]
                 pos = torch.arange(first.shape[1]).expand_as(first)
-                per_mode[enc.name]["lm_batch_tokens"] = (  # the first batch's (not known before the forward under a norm rule)
-                    int(RowMask(mask.drop_bos, mask.token_ids).keep(pos, first).sum()) if mask.norm_threshold is None else None)
+                # the first LM batch's spliced tokens (None under a norm rule: they vary with the forward)
+                per_mode[enc.name]["lm_batch_tokens"] = (
+                    int(RowMask(mask.drop_bos, mask.token_ids).keep(pos, first).sum())
+                    if mask.norm_threshold is None else None)
         del lm_model
 
     results = {

@@ -95,6 +95,11 @@ class RowMask:
         return cls(bool(cfg.drop_bos), ids, None if thr is None else float(thr), cfg.site if thr is not None else None)
 
     @property
+    def empty(self) -> bool:
+        """Whether the mask keeps every row (it then reads nothing)."""
+        return not self.drop_bos and self.only_positions
+
+    @property
     def only_positions(self) -> bool:
         """Whether the mask needs nothing but the context positions (drop_bos alone, or nothing)."""
         return not self.token_ids and self.norm_threshold is None
@@ -122,12 +127,13 @@ class RowMask:
 
     def kept_index(self, cache: Cache, shard: int) -> np.ndarray:
         """Rows of a shard that are kept, int64 [kept] (reads nothing without a mask)."""
-        if not self.drop_bos and self.only_positions:
+        if self.empty:
             return np.arange(cache.shard_rows(shard), dtype=np.int64)
         return np.flatnonzero(self.shard_keep(cache, shard)).astype(np.int64)
 
     def kept_rows(self, cache: Cache, shard: int) -> int:
-        return cache.shard_rows(shard) if not self.drop_bos and self.only_positions else len(self.kept_index(cache, shard))
+        """len(kept_index(...))."""
+        return cache.shard_rows(shard) if self.empty else len(self.kept_index(cache, shard))
 
     def record(self) -> dict[str, Any]:
         """JSON description (eval.json's settings, the store's description)."""
@@ -148,7 +154,9 @@ def median_norm(cache: Cache, site: str, shards: list[int], mask: RowMask, progr
     allnorms = torch.cat(norms) if norms else torch.zeros(0)
     if allnorms.numel() == 0:
         raise ValueError(f"{cache.root}: no rows to take the median norm of (mask_norm_multiple)")
-    return float(allnorms.double().median())
+    v = allnorms.double().sort().values
+    n = len(v)
+    return float(v[n // 2]) if n % 2 else float((v[n // 2 - 1] + v[n // 2]) / 2)  # numpy's median
 
 
 def resolve_row_mask(cfg: Any, cache: Cache, progress: bool = False) -> Any:
@@ -202,15 +210,22 @@ class SplicePositions:
         if mask.norm_threshold is not None and norm_site is None:
             raise ValueError("the norm rule needs the HookSite of mask.norm_site")
         self.mask, self.norm_site = mask, norm_site
-        self._where: Tensor | None = None
+        self._ids_now: Tensor | None = None
+        self._where: Tensor | None = None  # bool [B, T] of the current forward, once known
 
     def _ids(self, ids: Tensor) -> None:
-        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        self._where = RowMask(self.mask.drop_bos, self.mask.token_ids).keep(pos, ids)
+        self._ids_now = ids
+        self._where = None if self.mask.norm_threshold is not None else self.mask.keep(self._positions(ids), ids)
 
     def _norms(self, a: Tensor) -> None:
-        norms = torch.linalg.vector_norm(a.detach().float(), dim=-1)
-        self._where = self._where & ~(norms > self.mask.norm_threshold)
+        ids = self._ids_now
+        norms = torch.linalg.vector_norm(a.detach().float(), dim=-1).to(ids.device)
+        self._where = self.mask.keep(self._positions(ids), ids, norms)
+
+    @staticmethod
+    def _positions(ids: Tensor) -> Tensor:
+        """Context positions [B, T] of whole contexts: 0..T-1 in every row."""
+        return torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
 
     @contextlib.contextmanager
     def attach(self, lm) -> Iterator[None]:
@@ -225,12 +240,12 @@ class SplicePositions:
         finally:
             for h in handles:
                 h.remove()
-            self._where = None
+            self._where = self._ids_now = None
 
     def where(self, a: Tensor) -> Tensor:
         """Bool [B, T] for the activation a [B, T, d] of the current forward."""
         if self._where is None:
-            raise RuntimeError("SplicePositions.where outside an attached forward")
+            raise RuntimeError("SplicePositions.where outside an attached forward, or before the norm site")
         return self._where.to(a.device)
 
 

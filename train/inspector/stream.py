@@ -5,7 +5,8 @@ Rows are read shard by shard in cache order, in batches of whole contexts (about
 rows; a context longer than that is a batch of its own), so every example's window lies inside
 its batch and its neighbours' activations come from the same encoder call. Rows the run's
 mask leaves out (train.row_mask: position 0 under drop_bos, masked token ids, norm outliers) are
-skipped (they count nowhere; their tokens still show in the windows, unshaded). `max_rows` stops the pass after that many encoded rows.
+skipped (they count nowhere; their tokens still show in the windows, unshaded). `max_rows` stops
+the pass after that many encoded rows.
 Activations are converted as the training store converts them: storage dtype -> float32, times
 the run's scaling factor.
 """
