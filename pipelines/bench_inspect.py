@@ -77,7 +77,7 @@ def timed_pass(cache, shards, sae, scale, batch_rows, make_collector=None):
     t0, c0 = time.perf_counter(), time.process_time()
     rows = 0
     with torch.no_grad():
-        for b in batches(cache, SITE, shards, scale=scale, drop_bos=True, before=16, after=4, batch_rows=batch_rows):
+        for b in batches(cache, SITE, shards, scale=scale, mask=True, before=16, after=4, batch_rows=batch_rows):
             f = sae.encode(b.x)
             if collector is not None:
                 collector.update(f, b.rows, b.window)

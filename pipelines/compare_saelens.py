@@ -65,6 +65,8 @@ from shared.cache import Cache  # noqa: E402
 from train.activation_store import ActivationStore  # noqa: E402
 from train.config import get_default_cfg, update_cfg  # noqa: E402
 from train.layout import RunLayout  # noqa: E402
+from train.row_mask import RowMask, resolve_row_mask  # noqa: E402
+from train.site_pairs import resolve_run_sites  # noqa: E402
 from train.training import train_sae  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("saelens_worker.py")
@@ -130,8 +132,10 @@ def train_ours(args: argparse.Namespace, label: str, out: Path):
 def export_rows(cache: Path, cfg, n_batches: int, dest: Path) -> dict:
     """train.npy: the first n_batches training batches our store serves for cfg (what train_sae consumed,
     in order); heldout.npy: the held-out rows in cache order. Both float32, normalised like ours."""
-    store = ActivationStore(cfg.store, sites=cfg.site, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
-                            seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos,
+    cache = Cache.open(cfg.store)
+    mask = RowMask.from_cfg(resolve_row_mask(resolve_run_sites(cfg, cache.spec), cache))  # the rows train_sae left out
+    store = ActivationStore(cache, sites=cfg.site, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
+                            seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos, row_mask=mask,
                             normalize=cfg.normalize, device="cpu")
     try:
         d = store.d_model

@@ -50,7 +50,8 @@ def test_run_names_are_the_ones_computed_before(changes, name):
 # exist then, so the hash it computed did not see them.
 ADDED_LATER = ("k_anneal_tokens", "k_anneal_start", "matryoshka_widths", "target_l0", "jumprelu_init_l0",
                "jumprelu_pre_act_coeff", "jumprelu_freq_coeff", "jumprelu_freq_max", "jumprelu_threshold_lr_scale",
-               "jumprelu_pre_act_silent_tokens")
+               "jumprelu_pre_act_silent_tokens",
+               "mask_token_ids", "mask_norm_multiple", "mask_norm_threshold")  # the row mask: issue 13
 
 
 def legacy_config_hash(cfg: TrainConfig) -> str:
@@ -115,7 +116,8 @@ def test_the_declared_facts_are_the_lists_they_replaced():
                                 "memory_limit_gib"}  # train.training; memory_limit_gib added by issue 14
     # site left this list with issue 14: a sweep's store serves the union of its runs' sites
     assert sweep_shared_keys() == {"store", "batch_size", "tokens", "window_shards", "heldout_shards",
-                                   "normalize", "drop_bos", "seed", "checkpoint_every", "out"}  # train.sweep
+                                   "normalize", "drop_bos", "seed", "checkpoint_every", "out",
+                                   "mask_token_ids", "mask_norm_multiple", "mask_norm_threshold"}  # train.sweep; the row mask: issue 13
     not_identity = {k for k in field_names() if key_facts(k).identity is False}
     assert not_identity == {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device",
                             "eval_every", "eval_batches", "compile", "deterministic", "sparse_kernels", "store_threads",

@@ -84,7 +84,8 @@ def cache_dir(tmp_path_factory, trained_lm_dir, tiny_corpus):
 def _cfg(store, out, **over):
     base = dict(store=str(store), out=str(out), batch_size=64, tokens=64 * 40, expansion=4, k=6, lr=3e-3,
                 checkpoint_every=64 * 20, log_every=10, density_every=20, wandb_mode="disabled", device="cpu",
-                dead_tokens_threshold=1000, threshold_batches=2, b_dec_init="mean")
+                dead_tokens_threshold=1000, threshold_batches=2, b_dec_init="mean",
+                mask_token_ids="none")  # position 0 only (drop_bos): the row counts below; masks: test_row_mask.py
     base.update(over)
     return update_cfg(get_default_cfg(), **base)
 

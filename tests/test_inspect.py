@@ -14,6 +14,7 @@ import torch
 
 from shared.cache import Cache
 from shared.synthetic import SITE, build_synthetic_cache, synthetic_spec
+from train.row_mask import RowMask
 from train.inspector.collect import LatentCollector, rank_in_group, sample_priority
 from train.inspector.contexts import token_windows
 from train.inspector.logits import find_final_norm, logit_effect, nearest_latents, norm_gain, unembedding
@@ -82,11 +83,17 @@ def _sae(seed=0):
 
 
 def _all_rows(cache, shards, drop_bos, max_rows=None):
-    """(global rows, x float32 [N, d]) in cache order: what the pass encodes."""
+    """(global rows, x float32 [N, d]) in cache order: what the pass encodes. drop_bos: a bool, or a
+    RowMask (applied by a loop over the rows)."""
     rows, xs = [], []
     for k in shards:
         pos = cache.read_vector("positions", k)
-        keep = np.flatnonzero(pos != 0) if drop_bos else np.arange(len(pos))
+        if isinstance(drop_bos, RowMask):
+            m, tok, acts = drop_bos, cache.read_vector("tokens", k), np.asarray(cache.read_acts(SITE, k), np.float64)
+            keep = np.array([i for i in range(len(pos)) if not ((m.drop_bos and pos[i] == 0) or int(tok[i]) in m.token_ids
+                             or float(np.sqrt((acts[i] ** 2).sum())) > m.norm_threshold)], dtype=np.int64)
+        else:
+            keep = np.flatnonzero(pos != 0) if drop_bos else np.arange(len(pos))
         rows.append(k * RPS + keep)
         xs.append(np.asarray(cache.read_acts(SITE, k))[keep].astype(np.float32))
     rows, x = np.concatenate(rows), np.concatenate(xs)
@@ -173,11 +180,16 @@ def _check(stats, ref, n_rows, K, Q, S):
 
 
 @pytest.mark.parametrize("batch_rows", [1, 13, 64, 10_000])
-@pytest.mark.parametrize("drop_bos", [True, False])
+@pytest.mark.parametrize("drop_bos", [True, False, "row_mask"])
 def test_streamed_statistics_equal_brute_force(odd_cache, batch_rows, drop_bos):
+    if drop_bos == "row_mask":  # position 0, three token ids and the rows above shard 0's 90th percentile norm
+        norms = np.sort(np.linalg.norm(np.asarray(odd_cache.read_acts(SITE, 0), np.float64), axis=1))
+        i = int(0.9 * len(norms))
+        thr = float(norms[i] + norms[i + 1]) / 2
+        drop_bos = RowMask(True, (0, 31, 62), thr, SITE)
     sae = _sae()
     K, Q, S, NB, before, after = 5, 4, 2, 16, 3, 2
-    stats, report = collect_stats(sae.encode, M, odd_cache, SITE, [0, 2, 3], scale=0.5, drop_bos=drop_bos,
+    stats, report = collect_stats(sae.encode, M, odd_cache, SITE, [0, 2, 3], scale=0.5, mask=drop_bos,
                                   before=before, after=after, top=K, bands=Q, per_band=S, bins=NB,
                                   batch_rows=batch_rows)
     ref, n = brute_force(odd_cache, sae, [0, 2, 3], 0.5, drop_bos, before, after, K, Q, S, NB)
@@ -185,6 +197,8 @@ def test_streamed_statistics_equal_brute_force(odd_cache, batch_rows, drop_bos):
     assert report.rows == n
     assert stats.count[3] == 0 and stats.count[5] == n  # never fires / fires on every row
     assert stats.top_rows[5].tolist() == _all_rows(odd_cache, [0, 2, 3], drop_bos)[0][:K].tolist()
+    if isinstance(drop_bos, RowMask):  # the ids and the norm rule left rows out beyond position 0
+        assert n < len(_all_rows(odd_cache, [0, 2, 3], True)[0])
     ties = (np.diff(stats.top_values, axis=1) == 0) & (stats.top_rows[:, 1:] >= 0)
     assert ties.sum() >= 10  # the repeated rows tie in the top lists: the earlier row comes first
     assert (np.diff(stats.top_rows, axis=1)[ties] > 0).all()
@@ -193,7 +207,7 @@ def test_streamed_statistics_equal_brute_force(odd_cache, batch_rows, drop_bos):
 def test_token_budget_stops_the_pass_and_windows_show_unencoded_rows(odd_cache):
     sae = _sae(1)
     K, Q, S, NB = 4, 2, 3, 8
-    stats, _ = collect_stats(sae.encode, M, odd_cache, SITE, [1, 2], scale=1.0, drop_bos=False, before=4, after=4,
+    stats, _ = collect_stats(sae.encode, M, odd_cache, SITE, [1, 2], scale=1.0, mask=False, before=4, after=4,
                              top=K, bands=Q, per_band=S, bins=NB, batch_rows=20, max_rows=150)
     ref, n = brute_force(odd_cache, sae, [1, 2], 1.0, False, 4, 4, K, Q, S, NB, max_rows=150)
     assert n == 150
@@ -207,7 +221,7 @@ def test_bfloat16_and_compressed_caches_stream_the_same_way(tmp_path):
     root = build_synthetic_cache(tmp_path / "bf16", spec, _acts, positions=lambda k, rows: POSITIONS[rows])
     cache = Cache.open(root)
     sae = _sae(2)
-    stats, _ = collect_stats(sae.encode, M, cache, SITE, [0, 1], scale=0.5, drop_bos=True, before=2, after=2,
+    stats, _ = collect_stats(sae.encode, M, cache, SITE, [0, 1], scale=0.5, mask=True, before=2, after=2,
                              top=4, bands=2, per_band=2, bins=8, batch_rows=16)
     ref, n = brute_force(cache, sae, [0, 1], 0.5, True, 2, 2, 4, 2, 2, 8)
     _check(stats, ref, n, 4, 2, 2)
@@ -221,7 +235,7 @@ def test_topk_and_batchtopk_threshold_encodings(odd_cache):
         if sae.arch == "batchtopk":
             sae.set_threshold(0.25)
         enc = (lambda x, s=sae: s.encode(x, use_threshold=True)) if sae.arch == "batchtopk" else sae.encode
-        stats, _ = collect_stats(enc, M, odd_cache, SITE, [0, 1], scale=2.0, drop_bos=True, before=2, after=1,
+        stats, _ = collect_stats(enc, M, odd_cache, SITE, [0, 1], scale=2.0, mask=True, before=2, after=1,
                                  top=3, bands=2, per_band=2, bins=8, batch_rows=30)
 
         class Wrapped:

@@ -45,6 +45,16 @@ def chunk_record(site: Path, j: int, chunk: int = 64) -> dict:
     return read_js(site / "data" / "chunks" / f"{j // chunk:06d}.js")[j % chunk]
 
 
+def _special(cache) -> list[int]:
+    """The BOS / EOS ids the cache's model record names: the default row mask's token ids."""
+    return sorted({cache.spec.model["bos_token_id"], cache.spec.model["eos_token_id"]})
+
+
+def _kept(cache, k) -> int:
+    """Rows of shard k the run's default mask keeps (not position 0, not a BOS / EOS id)."""
+    return int(((cache.read_vector("positions", k) != 0) & ~np.isin(cache.read_vector("tokens", k), _special(cache))).sum())
+
+
 @pytest.fixture(scope="module")
 def llama_run(reference_cache, tmp_path_factory):
     """A TopK run (k 4, 128 latents) on the tiny Llama harvest (5 shards of 4 contexts x 16 tokens)."""
@@ -64,11 +74,15 @@ def site(llama_run, tmp_path_factory):
     return out
 
 
-def test_the_site_holds_every_latent_and_its_files(site):
+def test_the_site_holds_every_latent_and_its_files(site, reference_cache):
     for name in ("index.html", "app.js", "style.css", "data/meta.js", "data/index.js", "data/vocab.js"):
         assert (site / name).is_file(), name
     meta = read_js(site / "data/meta.js")
-    assert meta["rows"] == 5 * 60 and meta["shards"] == [0, 1, 2, 3, 4]  # 4 contexts of 16, position 0 skipped
+    # 4 contexts of 16, position 0 skipped, and the rows of the BOS / EOS ids (the run's default row mask)
+    cache = Cache.open(reference_cache)
+    kept = sum(_kept(cache, k) for k in range(5))
+    assert meta["row_mask"]["token_ids"] == _special(cache) and kept < 5 * 60
+    assert meta["rows"] == kept and meta["shards"] == [0, 1, 2, 3, 4]
     assert meta["has_logits"] and meta["has_tokenizer"] and meta["notes"] == []
     assert meta["encoding"] == "topk encoder (per token)"
     index = read_js(site / "data/index.js")
@@ -90,7 +104,7 @@ def test_records_are_the_cache_rows_and_the_sae_activations(site, llama_run, ref
     tokens = np.concatenate([cache.read_vector("tokens", k) for k in range(5)])
     positions = np.concatenate([cache.read_vector("positions", k) for k in range(5)])
     x = np.concatenate([np.asarray(cache.read_acts(run.cfg.site, k)) for k in range(5)])
-    keep = positions != 0
+    keep = (positions != 0) & ~np.isin(tokens, _special(cache))  # the run's default row mask
     with torch.no_grad():
         f = run.sae.encode(torch.from_numpy(x[keep]) * s).numpy()
     rows = np.flatnonzero(keep)
@@ -112,7 +126,7 @@ def test_records_are_the_cache_rows_and_the_sae_activations(site, llama_run, ref
             assert toks == tokens[lo : hi + 1].tolist() and toks[center] == tokens[g]
             peak = f[:, j].max()
             for shade, t in zip(shades, range(lo, hi + 1)):  # thousandths of the max; -1: not encoded
-                if positions[t] == 0:
+                if not keep[t]:
                     assert shade == -1
                 else:
                     assert shade == round(1000 * float(f[np.searchsorted(rows, t), j]) / peak)
@@ -145,9 +159,9 @@ def test_logit_effect_is_the_decoder_times_the_unembedding(site, llama_run, refe
         assert [p[0] for p in rec["near"]] == cos.topk(5).indices.tolist()
 
 
-def test_default_shards_are_the_held_out_ones_and_tokens_cap_the_pass(llama_run, tmp_path):
+def test_default_shards_are_the_held_out_ones_and_tokens_cap_the_pass(llama_run, reference_cache, tmp_path):
     site, meta = build_mod.inspect_checkpoint(llama_run, tmp_path / "a", progress=False, no_logits=True)
-    assert meta["shards"] == [4] and meta["rows"] == 60
+    assert meta["shards"] == [4] and meta["rows"] == _kept(Cache.open(reference_cache), 4)
     assert "logit effect not computed (--no-logits)" in meta["notes"]
     assert "pos" not in chunk_record(site, 3) and "near" in chunk_record(site, 3)
     site, meta = build_mod.inspect_checkpoint(llama_run, tmp_path / "b", shards="1,3", tokens=70, progress=False,

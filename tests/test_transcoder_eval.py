@@ -77,21 +77,28 @@ def _predictors(run):
 
 
 class _Swapped(nn.Module):
-    """An MLP module whose output at positions start.. is fn(its input) (or zeros)."""
+    """An MLP module whose output at the positions `where` (bool [B, T]) is fn(its input) (or zeros)."""
 
-    def __init__(self, mlp, fn, feats, start):
+    def __init__(self, mlp, fn, feats, where):
         super().__init__()
-        self.mlp, self.fn, self.feats, self.start = mlp, fn, feats, start
+        self.mlp, self.fn, self.feats, self.where = mlp, fn, feats, where
 
     def forward(self, h):
         out = self.mlp(h).clone()
-        seg = h[:, self.start:]
-        new = torch.zeros_like(seg) if self.fn is None else self.fn(seg.reshape(-1, seg.shape[-1]), self.feats)
-        out[:, self.start:] = new.reshape(seg.shape)
+        seg = h[self.where]  # [N, d], row-major
+        out[self.where] = torch.zeros_like(seg) if self.fn is None else self.fn(seg, self.feats)
         return out
 
 
-def _reference_lm(model, preds, contexts, start, zero=False):
+def _masked(cache_dir, contexts):
+    """Bool [B, T]: the positions the run's default mask keeps (not position 0, not the BOS / EOS
+    ids the cache records), by a loop."""
+    model = Cache.open(cache_dir).spec.model
+    special = {model["bos_token_id"], model["eos_token_id"]}
+    return torch.tensor([[t > 0 and int(c[t]) not in special for t in range(len(c))] for c in contexts])
+
+
+def _reference_lm(model, preds, contexts, where, zero=False):
     """(ce clean, ce intervened, kl) with the MLPs of `preds`' layers swapped (zero: zero-ablated)."""
     blocks = model.transformer.h
     originals = {l: blocks[l].mlp for l in preds}
@@ -100,7 +107,7 @@ def _reference_lm(model, preds, contexts, start, zero=False):
         feats: dict = {}
         try:
             for l, fn in preds.items():
-                blocks[l].mlp = _Swapped(originals[l], None if zero else fn, feats, start)
+                blocks[l].mlp = _Swapped(originals[l], None if zero else fn, feats, where)
             new = torch.log_softmax(model(input_ids=contexts).logits[:, :-1].double(), -1)
         finally:
             for l, mlp in originals.items():
@@ -112,12 +119,15 @@ def _reference_lm(model, preds, contexts, start, zero=False):
 
 
 def _reference_rows(cache_dir, run, shards):
-    """Per covered layer: (fvu, l0, dead) over the held-out rows (position 0 dropped), read from the cache."""
+    """Per covered layer: (fvu, l0, dead) over the held-out rows (position 0 and the rows of the cache's
+    BOS / EOS ids dropped: the default mask), read from the cache."""
     cache = Cache.open(cache_dir)
     cfg, sae = run.cfg, run.sae
     factors = run.state["scaling_factors"]
     ins, outs = cfg.in_site.split(","), cfg.out_site.split(",")
-    keep = np.concatenate([cache.read_vector("positions", k) != 0 for k in shards])
+    special = [cache.spec.model["bos_token_id"], cache.spec.model["eos_token_id"]]
+    keep = np.concatenate([(cache.read_vector("positions", k) != 0) & ~np.isin(cache.read_vector("tokens", k), special)
+                           for k in shards])
     X = [torch.from_numpy(np.concatenate([np.array(cache.read_acts(s, k)) for k in shards])[keep]).float() * factors[s]
          for s in ins]
     Y = [torch.from_numpy(np.concatenate([np.array(cache.read_acts(s, k)) for k in shards])[keep]).double() * factors[s]
@@ -160,8 +170,10 @@ def test_replacement_figures_equal_the_hand_computed_reference(runs, cache, tiny
     contexts = torch.from_numpy(np.concatenate([Cache.open(cache).read_vector("tokens", k).reshape(-1, HARVEST_CTX)
                                                 for k in results["settings"]["heldout_shards"]])[:8].astype(np.int64))
     preds = _predictors(run)
-    clean, replaced, kl = _reference_lm(model, preds, contexts, start=1)
-    _, zero, kl_zero = _reference_lm(model, preds, contexts, start=1, zero=True)
+    where = _masked(cache, contexts)
+    assert 0 < int(where.sum()) < where.numel() - len(where)  # the token mask leaves out some positions
+    clean, replaced, kl = _reference_lm(model, preds, contexts, where)
+    _, zero, kl_zero = _reference_lm(model, preds, contexts, where, zero=True)
     lm = results["lm"]
     assert lm["contexts"] == 8 and lm["replaced_sites"] == run.cfg.out_site.split(",")
     assert lm["ce_clean"] == pytest.approx(clean, rel=1e-5)

@@ -70,11 +70,15 @@ from shared.cache import Cache, CacheError
 from train.batch_output import OUT_DTYPES, OutputPool, convert
 from train.permutation import ORDER_VERSION, permutation
 from train.row_order import RowOrder, cache_identity, heldout_count
+from train.row_mask import RowMask
 from train.window_reader import WindowReader, kept_rows
 
 __all__ = ["ActivationStore", "IDENTITY_FIELDS", "RowOrder", "cache_identity"]  # the last two: train.row_order
 
-IDENTITY_FIELDS = ("order_version", "cache_id", "seed", "window_shards", "batch_size", "heldout_shards", "drop_bos")
+IDENTITY_FIELDS = ("order_version", "cache_id", "seed", "window_shards", "batch_size", "heldout_shards", "drop_bos",
+                   "mask_token_ids", "mask_norm_threshold", "mask_norm_site")
+# what a state saved before a field existed served: a resume of an older checkpoint compares these
+LEGACY_IDENTITY = {"mask_token_ids": [], "mask_norm_threshold": None, "mask_norm_site": None}
 
 
 @dataclass
@@ -94,7 +98,8 @@ class ActivationStore:
 
     cache: a Cache or a cache folder. batch_size: global rows per step (all ranks). window_shards:
     W, the shuffle buffer in shards. seed: keys the order. heldout_shards / heldout_fraction: the
-    last shards kept for eval_batches(). drop_bos: skip rows at context position 0. normalize:
+    last shards kept for eval_batches(). drop_bos: skip rows at context position 0. row_mask: the
+    rows left out (train.row_mask.RowMask; its drop_bos must agree with drop_bos). normalize:
     multiply by scaling_factors. dtype: torch.float32 or torch.bfloat16. rank / world_size: this
     process's slice of each global batch. allow_unsealed: serve the committed shards of an
     unfinished cache. prefetch: background loader and batch threads. max_tokens: iteration stops
@@ -113,6 +118,7 @@ class ActivationStore:
         heldout_shards: int = 0,
         heldout_fraction: float | None = None,
         drop_bos: bool = False,
+        row_mask: RowMask | None = None,
         normalize: bool = False,
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
@@ -147,7 +153,10 @@ class ActivationStore:
             raise ValueError(f"verify must be 'once', 'always' or 'never', got {verify!r}")
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.local_batch_size = self.batch_size // self.world_size
+        if row_mask is not None and row_mask.drop_bos != bool(drop_bos):
+            raise ValueError(f"row_mask.drop_bos={row_mask.drop_bos} but drop_bos={drop_bos}")
         self.seed, self.drop_bos, self.normalize = int(seed), bool(drop_bos), bool(normalize)
+        self.mask = row_mask if row_mask is not None else RowMask(drop_bos=self.drop_bos)
         self.device = torch.device(device)
         self.max_tokens = max_tokens
         self.verify = verify
@@ -161,14 +170,16 @@ class ActivationStore:
         n_held = heldout_count(len(shards), heldout_shards, heldout_fraction, self.cache.root)
         self.heldout_shards = shards[len(shards) - n_held :]
         self.train_shards = shards[: len(shards) - n_held]
-        kept = [kept_rows(self.cache, k, self.drop_bos) for k in self.train_shards]
+        if self.mask.norm_site is not None:
+            self.cache.check_site(self.mask.norm_site)
+        kept = [kept_rows(self.cache, k, self.mask) for k in self.train_shards]
         self.order = RowOrder(self.train_shards, kept, window_shards, self.seed)
         if self.order.rows_per_epoch == 0:
-            raise CacheError(f"{self.cache.root}: no training rows left (drop_bos removed every row)")
+            raise CacheError(f"{self.cache.root}: no training rows left (the row mask removed every row: {self.mask.record()})")
         self.cache_id = cache_identity(self.cache)
         self.scaling_factors = {s: float(self.cache.stats(s).norm_scaling_factor) for s in self.sites}
 
-        self.reader = WindowReader(self.cache, self.sites, self.order.window_shards, verify, window_io, self.drop_bos)
+        self.reader = WindowReader(self.cache, self.sites, self.order.window_shards, verify, window_io, self.mask)
         self.window_bytes = self.reader.window_bytes
         self._rps, self._storage = self.reader.rows_per_shard, self.reader.storage
         self._windows: dict[tuple[int, int], tuple[int, Future]] = {}
@@ -219,6 +230,9 @@ class ActivationStore:
             "batch_size": self.batch_size,
             "heldout_shards": list(self.heldout_shards),
             "drop_bos": self.drop_bos,
+            "mask_token_ids": list(self.mask.token_ids),
+            "mask_norm_threshold": self.mask.norm_threshold,
+            "mask_norm_site": self.mask.norm_site,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -229,9 +243,9 @@ class ActivationStore:
         """Seek to state["position"]; refuses a state saved for a different order, naming the field."""
         mine = self._identity()
         for name in IDENTITY_FIELDS:
-            if state.get(name) != mine[name]:
+            if state.get(name, LEGACY_IDENTITY.get(name)) != mine[name]:
                 raise CacheError(
-                    f"store state was saved with {name}={state.get(name)!r} but this store has "
+                    f"store state was saved with {name}={state.get(name, LEGACY_IDENTITY.get(name))!r} but this store has "
                     f"{name}={mine[name]!r} (cache {self.cache.root}); resume with the original settings"
                 )
         self.seek(state["position"])

@@ -158,7 +158,8 @@ def sweep(spec, store, out, sets, quiet) -> None:
 
     A grid may vary any key except those one data stream fixes for all SAEs (`train config`
     marks them "one value for every SAE of a sweep": store, site, batch_size, tokens, seed,
-    window_shards, heldout_shards, normalize, drop_bos, checkpoint_every, out). Optional top-level
+    window_shards, heldout_shards, normalize, drop_bos, mask_token_ids, mask_norm_multiple,
+    mask_norm_threshold, checkpoint_every, out). Optional top-level
     keys: devices = ["cuda:0", "cuda:1"] (spread the SAEs of one process over GPUs) and
     distribute = "sae". --store, --out and --set KEY=VALUE override the spec: its [base], and its
     [grid] too (a key set on the command line takes that one value).

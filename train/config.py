@@ -49,6 +49,7 @@ from shared.autocast import AUTOCAST_ALIASES
 from shared.counts import EXAMPLES as COUNT_EXAMPLES, parse_count
 from shared.devices import DeviceError, parse_device
 from shared.errors import UserError
+from train.row_mask import parse_token_ids
 from train.sae.registry import arch_names, sae_class
 from train.sae.transcoder import sparsity_names
 
@@ -114,6 +115,15 @@ class TrainConfig:
     """Scale activations so that E||x||^2 = d_in (folded into exported weights)."""
     drop_bos: bool = _key(True, sweep_shared=True)
     """Skip rows at context position 0 (the BOS token, whose activations are outliers)."""
+    mask_token_ids: str = _key("default", identity="when_set", sweep_shared=True, sequence=True, legacy="none")
+    """Token ids whose rows are left out of training and evaluation (train.row_mask), besides
+    drop_bos: "default" (the BOS and EOS ids the cache's model record names), "none", or ids
+    comma-separated (a TOML list is accepted). Resolved into the ids at run creation."""
+    mask_norm_multiple: float | None = _key(None, identity="when_set", sweep_shared=True)
+    """Leave out rows whose activation norm (raw units, at the run's site) is above this multiple
+    (> 1) of the median row norm of the first 8 training shards; None: off."""
+    mask_norm_threshold: float | None = _key(None, identity="when_set", sweep_shared=True)
+    """Derived from mask_norm_multiple at run creation: the absolute norm above which rows are left out."""
     # --- the SAE
     arch: str = _key("topk", choices=arch_names)
     """SAE architecture: one of the names registered in train.sae (the choices of `train run --arch`)."""
@@ -443,6 +453,15 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.dict_size is not None:
         if cfg.dict_size <= 0:
             raise ConfigError(f"dict_size={cfg.dict_size} must be positive")
+    try:
+        parse_token_ids(cfg.mask_token_ids)
+    except ValueError as e:
+        raise ConfigError(f"mask_token_ids={cfg.mask_token_ids!r}: {e}; use default, none or ids like 0,50256") from None
+    if cfg.mask_norm_multiple is not None and cfg.mask_norm_multiple <= 1:
+        raise ConfigError(f"mask_norm_multiple={cfg.mask_norm_multiple} must be above 1 (a multiple of the median "
+                          "row norm), or none to keep every norm")
+    if cfg.mask_norm_threshold is not None and cfg.mask_norm_threshold <= 0:
+        raise ConfigError(f"mask_norm_threshold={cfg.mask_norm_threshold} must be positive")
     if cfg.memory_limit_gib is not None and cfg.memory_limit_gib <= 0:
         raise ConfigError(f"memory_limit_gib={cfg.memory_limit_gib} must be positive")
     cls = sae_class(cfg.arch)

@@ -5,7 +5,7 @@ The checkpoint is loaded by train.runs, its dataset scaling read back by train.s
 held-out sums taken by train.heldout. Two families of figures, for each *encoding* of the SAE:
 
 Reconstruction, on the run's held-out cache rows (the rows `evaluate_heldout` serves: the
-held-out shards, without the position-0 rows when the run used drop_bos):
+held-out shards, without the rows the run's mask leaves out: train.row_mask):
     mse                 mean over tokens of sum_d (x - x_hat)^2, in the training (normalised) space
     mse_raw             the same in raw activation units (mse / scaling_factor^2)
     explained_variance  1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
@@ -61,6 +61,7 @@ from train.layout import EVAL
 from train.lm_figures import (DEFAULT_LM_BATCH_SIZE, autocast_dtype, ce_loss_score, heldout_contexts, lm_losses,
                               load_lm, splice_fn)
 from train.logs import density_histogram
+from train.row_mask import RowMask, SplicePositions, resolve_row_mask, spliced_positions
 from train.runs import LoadedCheckpoint, load_sae_checkpoint, open_store, resolve_device  # noqa: F401 (as before)
 from train.sae import BaseAutoencoder
 from train.sae.base import Encoding
@@ -224,6 +225,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
     finally:
         store.close()
 
+    mask = RowMask.from_cfg(resolve_row_mask(cfg, cache))
     start = 1 if cfg.drop_bos else 0
     lm: dict[str, Any]
     lm_dtype = None if skip_lm else autocast_dtype(autocast, cache.spec.model.get("compute_dtype"), dev)
@@ -235,14 +237,15 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         if contexts.shape[1] - start < 1:
             raise EvalError("contexts are too short to splice anything after position 0")
         mean = torch.tensor(cache.stats(cfg.site).mean, dtype=torch.float32, device=dev)
+        where = SplicePositions(mask, site)  # the run's unmasked positions of each forward (train.row_mask)
         interventions = {
-            "zero": splice_fn(lambda x: torch.zeros_like(x), start),
-            "mean": splice_fn(lambda x: mean.expand_as(x), start),
+            "zero": splice_fn(lambda x: torch.zeros_like(x), where),
+            "mean": splice_fn(lambda x: mean.expand_as(x), where),
         }
         for enc in modes:
-            interventions[f"sae:{enc.name}"] = splice_fn(lambda x, enc=enc: reconstruct_raw(sae, x, scale, enc), start)
+            interventions[f"sae:{enc.name}"] = splice_fn(lambda x, enc=enc: reconstruct_raw(sae, x, scale, enc), where)
         res = lm_losses(lm_model, site, contexts, interventions, batch_size=lm_batch_size,
-                        autocast_dtype=lm_dtype)
+                        autocast_dtype=lm_dtype, positions=where)
         ce_clean, ce_zero = res["clean"]["ce"], res["zero"]["ce"]
         lm = {**check, "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
               "predictions": res["predictions"], "lm_batch_size": lm_batch_size,
@@ -260,8 +263,12 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
             })
         for enc in modes:
             if enc.per_batch:  # the batch its rule selected over: one LM batch's spliced tokens
-                batch_contexts = min(lm_batch_size, contexts.shape[0])
-                per_mode[enc.name]["lm_batch_tokens"] = batch_contexts * (contexts.shape[1] - start)
+                first = contexts[: min(lm_batch_size, contexts.shape[0])]
+                pos = torch.arange(first.shape[1]).expand_as(first)
+                # the first LM batch's spliced tokens (None under a norm rule: they vary with the forward)
+                per_mode[enc.name]["lm_batch_tokens"] = (
+                    int(RowMask(mask.drop_bos, mask.token_ids).keep(pos, first).sum())
+                    if mask.norm_threshold is None else None)
         del lm_model
 
     results = {
@@ -281,7 +288,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *, batches: int = DEFAULT_BATCH
         "settings": {
             "batches": batches, "batch_size": cfg.batch_size, "max_contexts": max_contexts,
             "heldout_shards": held_shards, "drop_bos": cfg.drop_bos, "dense_threshold": DENSE_THRESHOLD,
-            "spliced_positions": "1..T-1 (position 0 keeps its clean activation)" if start else "all",
+            "row_mask": mask.record(),
+            "spliced_positions": spliced_positions(mask),
             "ce_positions": "all next-token predictions (0..T-2 -> 1..T-1)",
             "device": str(dev), "autocast": autocast,
             # what the setting chose (auto included): the LM's compute dtype, None when the LM was skipped

@@ -183,6 +183,8 @@ def saelens_config(sae: BaseAutoencoder, cfg, spec, *, scale: float, checkpoint:
             "folded_scaling_factor_out": scale if scale_out is None else scale_out,
             "normalize": cfg.normalize,
             "drop_bos": cfg.drop_bos,
+            "mask_token_ids": cfg.mask_token_ids,
+            "mask_norm_threshold": cfg.mask_norm_threshold,
             "run_name": cfg.run_name,
             "run_dir": str(run_dir),
             "checkpoint": str(checkpoint),

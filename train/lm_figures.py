@@ -13,10 +13,12 @@ definition), ce_degradation = ce_spliced - ce_clean, kl_spliced = KL(clean || sp
 next-token distributions (and kl_zero_ablation, kl_mean_ablation, kl_div_score =
 (kl_zero - kl_spliced) / kl_zero).
 
-BOS / position 0: when the run trained with drop_bos (the default), the SAE never saw position-0
-activations, so position 0 keeps its clean activation in *all three* interventions (spliced, zero,
-mean): the interventions touch exactly the positions the SAE was trained on, and the score compares
-like with like. Without drop_bos every position is replaced. The loss itself covers every
+Masked positions (train.row_mask): the SAE never saw the rows the run's mask leaves out (position
+0 under drop_bos, the default; the mask's token ids; rows above its norm threshold), so those
+positions keep their clean activation in *all three* interventions (spliced, zero, mean): the
+interventions touch exactly the positions the SAE was trained on, and the score compares like with
+like (train.row_mask.SplicePositions reads each forward's token ids and, for the norm rule, the
+site's clean activation). Without a mask every position is replaced. The loss itself covers every
 next-token prediction of a context (positions 0..T-2 predicting tokens 1..T-1); nothing is excluded.
 With position 0 kept clean, the prediction made at position 0 is identical in every run (causal
 attention), so it adds the same amount to each CE and nothing to the KL.
@@ -36,6 +38,7 @@ from torch import Tensor
 from shared.autocast import autocast_dtype as resolve_autocast
 from shared.cache import Cache
 from train.errors import EvalError
+from train.row_mask import SplicePositions, positions_of
 
 DEFAULT_LM_BATCH_SIZE = 8  # contexts per LM forward pass
 
@@ -60,17 +63,19 @@ def heldout_contexts(cache: Cache, shards: list[int], max_contexts: int | None) 
     return torch.from_numpy(ids.astype(np.int64))
 
 
-def splice_fn(replace: Callable[[Tensor], Tensor], start: int) -> Callable[[Tensor], Tensor]:
-    """Activation hook [B, T, d] -> [B, T, d]: positions start.. become replace(rows [N, d] float32).
+def splice_fn(replace: Callable[[Tensor], Tensor], where: "int | SplicePositions") -> Callable[[Tensor], Tensor]:
+    """Activation hook [B, T, d] -> [B, T, d]: the positions `where` names (an int: positions
+    start..; a train.row_mask.SplicePositions: the run's unmasked positions of this forward) become
+    replace(rows [N, d] float32), the rows in row-major order; the others keep their activation.
 
     Runs with autocast off so the SAE computes in float32 whatever the LM's compute dtype."""
 
     def fn(a: Tensor) -> Tensor:
         out = a.clone()
-        seg = a[:, start:]
+        m = positions_of(where, a)
         with torch.autocast(a.device.type, enabled=False):
-            new = replace(seg.reshape(-1, seg.shape[-1]).float()).reshape(seg.shape)
-        out[:, start:] = new.to(a.dtype)
+            new = replace(a[m].float())
+        out[m] = new.to(a.dtype)
         return out
 
     return fn
@@ -78,15 +83,16 @@ def splice_fn(replace: Callable[[Tensor], Tensor], start: int) -> Callable[[Tens
 
 @torch.no_grad()
 def lm_losses(model, site, contexts: Tensor, interventions: dict[str, Callable[[Tensor], Tensor]],
-              batch_size: int = DEFAULT_LM_BATCH_SIZE, autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+              batch_size: int = DEFAULT_LM_BATCH_SIZE, autocast_dtype: torch.dtype | None = None,
+              positions: SplicePositions | None = None) -> dict[str, Any]:
     """Mean next-token CE of the clean model and of each intervention (a splice hook on `site`, or
     an object whose attach(model) is a context manager placing its own hooks: train.replacement),
     and the mean KL(clean || intervened) of the next-token distributions. contexts: [n, T] int64.
 
+    positions: the SplicePositions the interventions were built with (attached here, before them).
+
     Returns {"clean": {"ce"}, name: {"ce", "kl"}, "predictions": n * (T - 1)}.
     """
-    from shared.hook_sites import splice
-
     device = next(model.parameters()).device
     sums = {"clean": {"ce": 0.0}, **{k: {"ce": 0.0, "kl": 0.0} for k in interventions}}
     n_pred = 0
@@ -97,22 +103,29 @@ def lm_losses(model, site, contexts: Tensor, interventions: dict[str, Callable[[
             logits = model(input_ids=ids, use_cache=False).logits
         return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
-    for i in range(0, contexts.shape[0], batch_size):
-        ids = contexts[i : i + batch_size].to(device)
-        targets = ids[:, 1:].unsqueeze(-1)
-        logp_clean = run(ids)
-        sums["clean"]["ce"] += float(-logp_clean.gather(-1, targets).double().sum())
-        p_clean = logp_clean.exp()
-        for name, fn in interventions.items():
-            with fn.attach(model) if hasattr(fn, "attach") else splice(model, site, fn):
-                logp = run(ids)
-            sums[name]["ce"] += float(-logp.gather(-1, targets).double().sum())
-            # per-prediction KL is >= 0; clamp the float32 rounding noise of near-identical distributions
-            sums[name]["kl"] += float((p_clean * (logp_clean - logp)).sum(-1).clamp_min(0).double().sum())
-        n_pred += targets.numel()
+    with positions.attach(model) if positions is not None else _null():
+        for i in range(0, contexts.shape[0], batch_size):
+            _batch_losses(contexts[i : i + batch_size].to(device), run, interventions, model, site, sums)
+            n_pred += contexts[i : i + batch_size, 1:].numel()
     out: dict[str, Any] = {k: {m: v / n_pred for m, v in d.items()} for k, d in sums.items()}
     out["predictions"] = n_pred
     return out
+
+
+def _batch_losses(ids: Tensor, run, interventions, model, site, sums) -> None:
+    """Add one batch's CE (and KL) sums of the clean run and each intervention into `sums`."""
+    from shared.hook_sites import splice
+
+    targets = ids[:, 1:].unsqueeze(-1)
+    logp_clean = run(ids)
+    sums["clean"]["ce"] += float(-logp_clean.gather(-1, targets).double().sum())
+    p_clean = logp_clean.exp()
+    for name, fn in interventions.items():
+        with fn.attach(model) if hasattr(fn, "attach") else splice(model, site, fn):
+            logp = run(ids)
+        sums[name]["ce"] += float(-logp.gather(-1, targets).double().sum())
+        # per-prediction KL is >= 0; clamp the float32 rounding noise of near-identical distributions
+        sums[name]["kl"] += float((p_clean * (logp_clean - logp)).sum(-1).clamp_min(0).double().sum())
 
 
 class _null:

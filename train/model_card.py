@@ -24,7 +24,7 @@ from train.saebench import SAEBENCH_FILENAME
 CARD_FILENAME = "README.md"
 RECIPE_KEYS = ("arch", "d_in", "dict_size", "expansion", "k", "l1_coeff", "l0_coeff", "aux_k", "aux_coeff",
                "lr", "beta1", "beta2", "lr_warmup_tokens", "lr_decay", "batch_size", "tokens", "normalize",
-               "drop_bos", "b_dec_init", "threshold_kind", "seed", "heldout_shards")
+               "drop_bos", "mask_token_ids", "mask_norm_threshold", "b_dec_init", "threshold_kind", "seed", "heldout_shards")
 EVAL_ROWS = (  # (title, key in eval.json's primary encoding or "lm.<key>", format)
     ("explained variance", "explained_variance", ".4f"), ("MSE (raw units)", "mse_raw", ".4g"),
     ("cosine similarity", "cosine_similarity", ".4f"), ("L0", "l0", ".2f"), ("L1", "l1", ".4g"),

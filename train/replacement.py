@@ -11,10 +11,12 @@ In one forward of the LM on a batch of contexts [B, T], `Replacement.attach(lm)`
   a transcoder's y_hat = decode(f, s_in x) / s_out; a CLT's y_hat_t = (b_dec_t + sum_{l <= t}
   f_l W_dec_l[:, t - l]) / s_out_t, every covered MLP at once, so layer t's input (and its
   latents) already carry the replacements of the layers before it;
-- touches positions start.. only (start = 1 under drop_bos: position 0, which the model never
-  trained on, keeps its clean activations everywhere, as train eval's SAE splice does).
+- touches the positions `where` names only (train.row_mask.positions_of: an int start, or the
+  run's SplicePositions): a masked position (position 0 under drop_bos, a masked token id, a
+  norm outlier), which the model never trained on, keeps its clean activations everywhere, as
+  train eval's SAE splice does.
 
-`ZeroAblation(out_sites, start)` zeroes every covered target site at the same positions (the
+`ZeroAblation(out_sites, where)` zeroes every covered target site at the same positions (the
 "MLP zero-ablated" baseline). A target reached before its input in the forward (an input site
 that the block computes after the target) is refused with EvalError. The model computes in
 float32 with autocast off, whatever the LM's compute dtype.
@@ -30,6 +32,7 @@ from torch import Tensor
 
 from shared.hook_sites import HookSite, splice
 from train.errors import EvalError
+from train.row_mask import SplicePositions, positions_of, register_read
 from train.sae.base import Encoding
 
 
@@ -61,27 +64,13 @@ class Predictor:
         return self.sae.decode(self.latents[0], self.inputs[0]) / self.s_out[0]
 
 
-def _read_hook(site: HookSite, fn):
-    """A hook on `site`'s module that passes its activation [B, T, d] to fn and changes nothing."""
-    if site.hook == "forward_pre":
-        return lambda mod, args, kwargs: fn(args[0] if args else kwargs["hidden_states"])
-    return lambda mod, args, output: fn(output[0] if isinstance(output, (tuple, list)) else output)
-
-
-def _register_read(lm, site: HookSite, fn):
-    module = lm.get_submodule(site.hf_module)
-    hook = _read_hook(site, fn)
-    if site.hook == "forward_pre":
-        return module.register_forward_pre_hook(hook, with_kwargs=True)
-    return module.register_forward_hook(hook)
-
-
 class Replacement:
     """The lm_losses intervention "replaced" (module docstring): in_sites[l] and out_sites[l] are
     covered layer l's input and target HookSites."""
 
-    def __init__(self, predictor: Predictor, in_sites: list[HookSite], out_sites: list[HookSite], start: int):
-        self.predictor, self.in_sites, self.out_sites, self.start = predictor, in_sites, out_sites, start
+    def __init__(self, predictor: Predictor, in_sites: list[HookSite], out_sites: list[HookSite],
+                 where: int | SplicePositions):
+        self.predictor, self.in_sites, self.out_sites, self.where = predictor, in_sites, out_sites, where
         self._seen: set[int] = set()
 
     def _new_forward(self, *_) -> None:
@@ -90,9 +79,9 @@ class Replacement:
 
     def _capture(self, layer: int):
         def fn(a: Tensor) -> None:
-            seg = a[:, self.start:]
+            m = positions_of(self.where, a)
             with torch.autocast(a.device.type, enabled=False):
-                self.predictor.on_input(layer, seg.reshape(-1, seg.shape[-1]).float())
+                self.predictor.on_input(layer, a[m].float())
             self._seen.add(layer)
 
         return fn
@@ -107,7 +96,7 @@ class Replacement:
             out = a.clone()
             with torch.autocast(a.device.type, enabled=False):
                 pred = self.predictor.output(t)
-            out[:, self.start:] = pred.reshape(out[:, self.start:].shape).to(a.dtype)
+            out[positions_of(self.where, a)] = pred.to(a.dtype)
             return out
 
         return fn
@@ -116,7 +105,7 @@ class Replacement:
     def attach(self, lm) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             handles = [lm.register_forward_pre_hook(self._new_forward)]
-            handles += [_register_read(lm, site, self._capture(l)) for l, site in enumerate(self.in_sites)]
+            handles += [register_read(lm, site, self._capture(l)) for l, site in enumerate(self.in_sites)]
             stack.callback(lambda: [h.remove() for h in handles])
             for t, site in enumerate(self.out_sites):
                 stack.enter_context(splice(lm, site, self._replace(t)))
@@ -124,14 +113,14 @@ class Replacement:
 
 
 class ZeroAblation:
-    """The lm_losses intervention "zero": every site of out_sites zeroed at positions start.."""
+    """The lm_losses intervention "zero": every site of out_sites zeroed at the positions `where` names."""
 
-    def __init__(self, out_sites: list[HookSite], start: int):
-        self.out_sites, self.start = out_sites, start
+    def __init__(self, out_sites: list[HookSite], where: int | SplicePositions):
+        self.out_sites, self.where = out_sites, where
 
     def _zero(self, a: Tensor) -> Tensor:
         out = a.clone()
-        out[:, self.start:] = 0
+        out[positions_of(self.where, a)] = 0
         return out
 
     @contextlib.contextmanager

@@ -34,6 +34,7 @@ from train.config import TrainConfig, cfg_from_saved
 from train.distributed import World
 from train.errors import TrainingError
 from train.layout import STATE, RunLayout, is_checkpoint_dir
+from train.row_mask import RowMask, resolve_row_mask
 from train.sae import BaseAutoencoder
 from train.sae.clt import check_memory
 from train.sae.registry import build_from_cfg, sae_class, sae_from_record
@@ -57,13 +58,16 @@ def open_store(cfg: TrainConfig, device: torch.device, world: World = World(), *
                sites: str | list[str] | None = None, cache: Cache | None = None) -> ActivationStore:
     """The training store of a config (training rows only; held-out shards for evaluation): it
     serves an SAE's site as a tensor, a transcoder's sites (train.site_pairs.plan_of) as a dict, or
-    `sites` (a sweep's union). Under torchrun each rank is served its slice of every global batch."""
+    `sites` (a sweep's union), without the rows of the config's mask (train.row_mask; an unresolved
+    mask is resolved first, as at run creation). Under torchrun each rank is served its slice of every global batch."""
     if sites is None:
         plan = plan_of(cfg)
         sites = cfg.site if plan.outputs is None else plan.sites
+    cache = cache if cache is not None else open_cache(cfg)
+    mask = RowMask.from_cfg(resolve_row_mask(cfg, cache))  # a no-op for a run's (resolved) config
     return ActivationStore(
-        cache if cache is not None else cfg.store, sites=sites, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
-        seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos,
+        cache, sites=sites, batch_size=cfg.batch_size, window_shards=cfg.window_shards,
+        seed=cfg.seed, heldout_shards=cfg.heldout_shards, drop_bos=cfg.drop_bos, row_mask=mask,
         normalize=cfg.normalize, device=device, rank=world.rank, world_size=world.size,
         allow_unsealed=cfg.allow_unsealed, threads=cfg.store_threads, window_io=cfg.store_io,
     )

@@ -192,8 +192,9 @@ def core_output(results: dict[str, Any], *, core: dict[str, float], density: Ten
             "held-out rows and contexts of the run's own cache, not a fresh sample of the dataset",
             "n_eval_sparsity_variance_batches counts held-out store batches of the run's batch_size rows "
             f"({settings['batch_size']}), not batches of prompts",
-            "special tokens are not masked out of the figures; with drop_bos the position-0 rows are left out of "
-            "the reconstruction figures and position 0 keeps its clean activation in every LM intervention",
+            "the rows the run's mask leaves out (settings.row_mask: position 0 under drop_bos, its token ids, norm "
+            "outliers) are left out of the reconstruction figures and keep their clean activation in every LM "
+            "intervention; SAEBench masks the tokenizer's special tokens instead",
             "mse is the mean over tokens of ||x - x_hat||^2 (SAELens PR #711), not divided by the batch's token count",
             "not computable figures are null, not -1",
         ],

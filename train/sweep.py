@@ -55,6 +55,7 @@ from train.config import (ConfigError, TrainConfig, cfg_from_saved, get_default_
 from train.distributed import SoloWorld, World
 from train.layout import RunLayout, SweepLayout, step_of
 from train.precision import resolve_new_run, write_measurement
+from train.row_mask import resolve_row_mask
 from train.runs import check_training_memory, open_cache, open_store, resolve_device, warn_many_epochs
 from train.site_pairs import plan_of, resolve_run_sites, union_sites
 from train.training import Restore, build_trainer, run_to_end
@@ -135,6 +136,13 @@ def run_sweep(spec_path: str | Path, overrides: dict[str, Any] | None = None, pr
     cache = open_cache(lead)
     name = sweep_name(spec, configs)
     configs = [resolve_run_sites(cfg, cache.spec) for cfg in configs]
+    if lead.mask_norm_multiple is not None and len({cfg.site for cfg in configs}) > 1:
+        raise ConfigError("mask_norm_multiple measures norms at the run's site, and this sweep's SAEs read different "
+                          "sites (one data stream needs one mask): sweep one site, or drop mask_norm_multiple")
+    masked = resolve_row_mask(configs[0], cache, progress=progress and world.is_main)  # one mask: the keys are shared
+    configs = [update_cfg(cfg, mask_token_ids=masked.mask_token_ids, mask_norm_threshold=masked.mask_norm_threshold)
+               for cfg in configs]
+    lead = configs[0]
     store = open_store(lead, _device(lead, world), sites=_sites(configs), cache=cache)  # every rank reads every batch
     try:
         created = None

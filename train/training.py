@@ -40,6 +40,7 @@ from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_lo
 from train.layout import RunLayout
 from train.logs import FINAL, RunLogger, density_histogram, flatten
 from train.precision import check_resolved, resolve_new_run, write_measurement
+from train.row_mask import resolve_row_mask
 from train.runs import (check_training_memory, load_run_config, open_cache, open_store,  # noqa: F401 (as before)
                         resolve_device, warn_many_epochs)
 from train.sae import BaseAutoencoder
@@ -416,7 +417,7 @@ def train_sae(model, cfg: TrainConfig | dict[str, Any], progress: bool = True) -
     world = World.from_env()
     device = world.device(resolve_device(cfg.device))
     cache = open_cache(cfg)
-    cfg = resolve_run_sites(cfg, cache.spec)
+    cfg = resolve_row_mask(resolve_run_sites(cfg, cache.spec), cache, progress=progress and world.is_main)
     store = open_store(cfg, device, world, cache=cache)
     try:
         given = cfg

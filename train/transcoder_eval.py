@@ -33,6 +33,7 @@ from train.errors import EvalError
 from train.heldout import evaluate_heldout
 from train.lm_figures import autocast_dtype, cache_site, ce_loss_score, heldout_contexts, lm_losses, load_lm
 from train.logs import density_histogram
+from train.row_mask import RowMask, SplicePositions, resolve_row_mask, spliced_positions
 from train.replacement import Predictor, Replacement, ZeroAblation
 from train.sae.base import device_of
 from train.site_pairs import plan_of
@@ -102,6 +103,7 @@ def evaluate_transcoder(run, cache, store, scaling, *, batches: int, max_context
             "explained_variance": base["explained_variance"], "mse": base["mse"], "l0": base["l0"], "dead": dead,
             "dead_fraction": dead / sae.d_sae, "density_hist": density_histogram(fired.fired, base["rows"]),
             "per_layer": layer_sums.figures(s_out, plan.inputs, plan.outputs, layers)}
+    mask = RowMask.from_cfg(resolve_row_mask(cfg, cache))
     start = 1 if cfg.drop_bos else 0
     lm: dict[str, Any] = {"skipped": "--skip-lm"}
     if not skip_lm:
@@ -111,17 +113,19 @@ def evaluate_transcoder(run, cache, store, scaling, *, batches: int, max_context
         contexts = heldout_contexts(cache, list(store.heldout_shards), max_contexts)
         if contexts.shape[1] - start < 1:
             raise EvalError("contexts are too short to replace anything after position 0")
-        interventions: dict[str, Any] = {"zero": ZeroAblation(out_sites, start)}
+        where = SplicePositions(mask, in_sites[0])  # the norm rule reads the run's site: the first input
+        interventions: dict[str, Any] = {"zero": ZeroAblation(out_sites, where)}
         for enc in modes:
             interventions[f"replaced:{enc.name}"] = Replacement(Predictor(sae, enc, s_in, s_out), in_sites, out_sites,
-                                                                start)
+                                                                where)
         res = lm_losses(lm_model, None, contexts, interventions, batch_size=lm_batch_size,
-                        autocast_dtype=autocast_dtype(autocast, cache.spec.model.get("compute_dtype"), device))
+                        autocast_dtype=autocast_dtype(autocast, cache.spec.model.get("compute_dtype"), device),
+                        positions=where)
         ce_clean, ce_zero, kl_zero = res["clean"]["ce"], res["zero"]["ce"], res["zero"]["kl"]
         lm = {**check, "contexts": int(contexts.shape[0]), "context_length": int(contexts.shape[1]),
               "predictions": res["predictions"], "lm_batch_size": lm_batch_size, "ce_clean": ce_clean,
               "ce_zero_ablation": ce_zero, "kl_zero_ablation": kl_zero,
-              "replaced_sites": list(plan.outputs), "replaced_positions": "1..T-1" if start else "all"}
+              "replaced_sites": list(plan.outputs), "replaced_positions": spliced_positions(mask)}
         for enc in modes:
             r = res[f"replaced:{enc.name}"]
             per_mode[enc.name].update({
@@ -138,7 +142,8 @@ def evaluate_transcoder(run, cache, store, scaling, *, batches: int, max_context
         "threshold_kind": described["threshold_kind"],
         "scaling_factors": {s: scaling.factor(s) for s in plan.sites}, "cache": str(cache.root),
         "settings": {"batches": batches, "batch_size": cfg.batch_size, "max_contexts": max_contexts,
-                     "heldout_shards": list(store.heldout_shards), "drop_bos": cfg.drop_bos, "device": str(device),
+                     "heldout_shards": list(store.heldout_shards), "drop_bos": cfg.drop_bos, "row_mask": mask.record(),
+                     "device": str(device),
                      "autocast": autocast},
         "primary": modes[0].name, "encodings": per_mode, "lm": lm,
     }

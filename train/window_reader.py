@@ -6,7 +6,8 @@ Shapes and units
     shard j of the window holds rows [j * rows_per_shard, (j + 1) * rows_per_shard); a short shard
     leaves the end of its slot unused (never indexed). `window_bytes` = W * rows_per_shard *
     d_model * itemsize * number of sites. `kept_index(shard)` lists the rows of a shard that are
-    served (all, or those not at context position 0 when drop_bos).
+    served (those the store's train.row_mask.RowMask keeps: all, or e.g. those not at context
+    position 0 when drop_bos).
 
 window_io
     "map" (the default where possible: uncompressed cache, Linux, chunk files a whole number of
@@ -47,21 +48,25 @@ import xxhash
 from shared.cache import Cache, CacheError, Layout
 from shared.durable import file_checksum
 from train.mapped_files import MappedFiles, copy_file, mappable
+from train.row_mask import RowMask
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 WINDOW_IO = ("auto", "map", "copy")
 
 
-def kept_index(cache: Cache, shard: int, drop_bos: bool) -> np.ndarray:
-    """Rows of a shard that are served: all, or those not at position 0 when drop_bos. int64 [kept]."""
-    if not drop_bos:
-        return np.arange(cache.shard_rows(shard), dtype=np.int64)
-    return np.flatnonzero(cache.read_vector("positions", shard) != 0).astype(np.int64)
+def kept_index(cache: Cache, shard: int, mask: RowMask | bool) -> np.ndarray:
+    """Rows of a shard that are served, int64 [kept]: those `mask` keeps (train.row_mask; a bool is
+    RowMask(drop_bos=that))."""
+    return as_mask(mask).kept_index(cache, shard)
 
 
-def kept_rows(cache: Cache, shard: int, drop_bos: bool) -> int:
-    """len(kept_index(...)), reading nothing unless drop_bos."""
-    return len(kept_index(cache, shard, drop_bos)) if drop_bos else cache.shard_rows(shard)
+def kept_rows(cache: Cache, shard: int, mask: RowMask | bool) -> int:
+    """len(kept_index(...)), reading nothing without a mask."""
+    return as_mask(mask).kept_rows(cache, shard)
+
+
+def as_mask(mask: RowMask | bool) -> RowMask:
+    return mask if isinstance(mask, RowMask) else RowMask(drop_bos=bool(mask))
 
 
 class WindowReader:
@@ -72,9 +77,9 @@ class WindowReader:
     """
 
     def __init__(self, cache: Cache, sites: Sequence[str], window_shards: int, verify: str = "once",
-                 window_io: str = "auto", drop_bos: bool = False):
+                 window_io: str = "auto", mask: RowMask | bool = False):
         self.cache, self.sites, self.window_shards = cache, list(sites), int(window_shards)
-        self.verify, self.drop_bos = verify, bool(drop_bos)
+        self.verify, self.mask = verify, as_mask(mask)
         self.d_model = cache.spec.d_model
         self.rows_per_shard = cache.spec.rows_per_shard
         self.storage = STORAGE_DTYPES[cache.spec.dtype]
@@ -98,7 +103,7 @@ class WindowReader:
         return "copy" if why else "map"
 
     def kept_index(self, shard: int) -> np.ndarray:
-        return kept_index(self.cache, shard, self.drop_bos)
+        return kept_index(self.cache, shard, self.mask)
 
     # ------------------------------------------------------------------ windows (loader thread)
 

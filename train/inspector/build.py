@@ -171,7 +171,7 @@ def inspect_checkpoint(path: str | os.PathLike, out: str | os.PathLike, settings
     lang = language_side(target, s)  # before the pass: a bad --model or --tokenizer fails at once
     sae = target.sae.to(device)
     stats, report = collect_stats(encode, sae.d_sae, target.cache, target.cfg.site, shards, scale=target.scale,
-                                  drop_bos=target.drop_bos, before=s.before, after=s.after, top=s.top, bands=s.bands,
+                                  mask=target.mask, before=s.before, after=s.after, top=s.top, bands=s.bands,
                                   per_band=s.per_band, bins=s.bins, batch_rows=s.batch_rows, max_rows=s.tokens,
                                   device=device, progress=s.progress)
     if stats.rows_seen == 0:
@@ -194,7 +194,7 @@ def inspect_checkpoint(path: str | os.PathLike, out: str | os.PathLike, settings
         "step": target.state.get("step"), "arch": cfg.arch, "k": sae.describe()["k"],
         "d_in": sae.d_in, "d_sae": sae.d_sae, "site": cfg.site, "model": lang.model_id, "encoding": label,
         "cache": target.cache.where, "shards": shards, "shards_text": _shards_text(shards), "rows": stats.rows_seen,
-        "token_cap": s.tokens, "drop_bos": target.drop_bos, "scaling_factor": target.scale,
+        "token_cap": s.tokens, "drop_bos": target.drop_bos, "row_mask": target.mask.record(), "scaling_factor": target.scale,
         "rows_per_shard": target.cache.spec.rows_per_shard, "context_length": target.cache.spec.context_length,
         "window": {"before": s.before, "after": s.after}, "top": s.top, "bands": s.bands, "per_band": s.per_band,
         "bins": s.bins, "chunk_size": CHUNK_SIZE, "has_tokenizer": lang.tokenizer is not None,

@@ -25,7 +25,8 @@ class Target:
     """A loaded SAE and what its inputs were.
 
     scale: the factor s the run multiplied raw activations by (1 without normalize).
-    drop_bos: the run skipped rows at context position 0. heldout: the run's held-out shards.
+    drop_bos: the run skipped rows at context position 0; mask: all the rows it left out
+    (train.row_mask). heldout: the run's held-out shards.
     """
 
     run_dir: Path
@@ -37,6 +38,7 @@ class Target:
     scale: float
     drop_bos: bool
     heldout: list[int]
+    mask: Any  # train.row_mask.RowMask
 
 
 def load_target(path: str | os.PathLike, store_path: str | None = None) -> Target:
@@ -44,6 +46,7 @@ def load_target(path: str | os.PathLike, store_path: str | None = None) -> Targe
     with the cache it was trained on (or store_path), checked to be that cache."""
     from train.errors import EvalError
     from train.evaluation import checkpoint_scaling, open_cache_checked
+    from train.row_mask import RowMask, resolve_row_mask
     from train.runs import load_sae_checkpoint
 
     run = load_sae_checkpoint(path)
@@ -54,7 +57,8 @@ def load_target(path: str | os.PathLike, store_path: str | None = None) -> Targe
     shards = cache.shards
     n_held = run.cfg.heldout_shards if 0 < run.cfg.heldout_shards < len(shards) else 0
     return Target(run.run_dir, run.checkpoint, run.cfg, run.state, run.sae, cache,
-                  checkpoint_scaling(run, cache).factor(run.cfg.site), bool(run.cfg.drop_bos), shards[len(shards) - n_held :])
+                  checkpoint_scaling(run, cache).factor(run.cfg.site), bool(run.cfg.drop_bos), shards[len(shards) - n_held :],
+                  RowMask.from_cfg(resolve_row_mask(run.cfg, cache)))
 
 
 def inference_encoder(sae, checkpoint: Path | str) -> tuple[Callable[[Tensor], Tensor], str]:

@@ -3,9 +3,10 @@ encoder -> LatentCollector.
 
 Rows are read shard by shard in cache order, in batches of whole contexts (about `batch_rows`
 rows; a context longer than that is a batch of its own), so every example's window lies inside
-its batch and its neighbours' activations come from the same encoder call. Rows at context
-position 0 are skipped when the run trained with drop_bos (they count nowhere; their tokens still
-show in the windows, unshaded). `max_rows` stops the pass after that many encoded rows.
+its batch and its neighbours' activations come from the same encoder call. Rows the run's
+mask leaves out (train.row_mask: position 0 under drop_bos, masked token ids, norm outliers) are
+skipped (they count nowhere; their tokens still show in the windows, unshaded). `max_rows` stops
+the pass after that many encoded rows.
 Activations are converted as the training store converts them: storage dtype -> float32, times
 the run's scaling factor.
 """
@@ -23,6 +24,8 @@ from torch import Tensor
 from shared.cache import Cache
 from train.inspector.collect import MASK32, LatentCollector, LatentStats
 from train.inspector.contexts import context_starts, window_rows
+from train.row_mask import RowMask
+from train.window_reader import as_mask, kept_rows
 
 
 @dataclass
@@ -35,15 +38,11 @@ class Batch:
     window: Tensor
 
 
-def kept_rows(cache: Cache, shard: int, drop_bos: bool) -> int:
-    if not drop_bos:
-        return cache.shard_rows(shard)
-    return int((cache.read_vector("positions", shard) != 0).sum())
-
-
-def batches(cache: Cache, site: str, shards: list[int], *, scale: float, drop_bos: bool, before: int, after: int,
+def batches(cache: Cache, site: str, shards: list[int], *, scale: float, mask: RowMask | bool, before: int, after: int,
             batch_rows: int = 1024, max_rows: int | None = None, device: torch.device | str = "cpu") -> Iterator[Batch]:
-    """Batches of the given shards' rows (see the module docstring)."""
+    """Batches of the given shards' rows (see the module docstring). mask: the run's RowMask (a
+    bool: RowMask(drop_bos=that))."""
+    mask = as_mask(mask)
     if cache.spec.planned_rows > MASK32:
         raise ValueError(f"{cache.where}: rows are numbered up to {cache.spec.planned_rows}; inspect supports < 2^32")
     rps = cache.spec.rows_per_shard
@@ -56,7 +55,7 @@ def batches(cache: Cache, site: str, shards: list[int], *, scale: float, drop_bo
         n = len(pos)
         starts = np.append(np.flatnonzero(context_starts(pos)), n)  # context starts, and the end
         win = window_rows(pos, np.arange(n), before, after)
-        keep = pos != 0 if drop_bos else np.ones(n, dtype=bool)
+        keep = mask.shard_keep(cache, k, acts if mask.norm_site == site else None)
         a = 0
         while a < n and (left is None or left > 0):
             # end at the last context start within a + batch_rows, else (a longer context) at the next one
@@ -97,7 +96,7 @@ class PassReport:
 
 @torch.no_grad()
 def collect_stats(encode: Callable[[Tensor], Tensor], d_sae: int, cache: Cache, site: str, shards: list[int], *,
-                  scale: float, drop_bos: bool, before: int = 16, after: int = 4, top: int = 20, bands: int = 8,
+                  scale: float, mask: RowMask | bool, before: int = 16, after: int = 4, top: int = 20, bands: int = 8,
                   per_band: int = 3, bins: int = 64, batch_rows: int = 1024, max_rows: int | None = None,
                   device: torch.device | str = "cpu", progress: bool = False) -> tuple[LatentStats, PassReport]:
     """Stream the shards through `encode` (x [B, d] -> f [B, d_sae]) into a LatentCollector."""
@@ -105,13 +104,14 @@ def collect_stats(encode: Callable[[Tensor], Tensor], d_sae: int, cache: Cache, 
 
     collector = LatentCollector(d_sae, before + after + 1, before, top=top, bands=bands, per_band=per_band,
                                 bins=bins, device=device)
-    total = sum(kept_rows(cache, k, drop_bos) for k in shards)
+    mask = as_mask(mask)
+    total = sum(kept_rows(cache, k, mask) for k in shards)
     total = total if max_rows is None else min(total, max_rows)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="inspect", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     t_enc = 0.0
     try:
-        for batch in batches(cache, site, shards, scale=scale, drop_bos=drop_bos, before=before, after=after,
+        for batch in batches(cache, site, shards, scale=scale, mask=mask, before=before, after=after,
                              batch_rows=batch_rows, max_rows=max_rows, device=device):
             t1 = time.perf_counter()
             f = encode(batch.x)
