@@ -10,6 +10,10 @@ The forward still forms the dense pre-activations (choosing the top k needs all 
 the backward touches only the n active entries: O(n*d) work instead of the dense O(B*m*d), and
 no [n, d] temporary, since every gradient is an embedding_bag or index_add reduction.
 
+Threshold rules (Vanilla's ReLU, JumpReLU) have no fixed k: `select_above` lists the entries
+of the dense pre-activations above a floor (row-sorted, as BatchTopK's), or gives None when they
+are more than a budget, and `SelectedEncode` gathers them with the same sparse backward.
+
 `CenteredEncode` is the dense encoder (x - b_dec) @ W_enc + b_enc with b_dec's gradient taken
 as a matvec instead of a [B, m] x [m, d] matmul. `batch_topk` selects BatchTopK's k*B entries
 (on the CPU through a sampled threshold, since a top-k over the flattened batch is one long
@@ -204,3 +208,36 @@ class GatherEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals):
         return *_encoder_grads(ctx, grad_vals), None, None
+
+
+def select_above(pre: Tensor, floor: Tensor | float, max_n: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The entries of pre [B, m] with pre > floor (a scalar or [m]), row-sorted: (rows, cols [n]
+    int64, offsets [B]); None when there are more than max_n of them (one count, one host sync).
+    Not differentiated."""
+    with torch.no_grad():
+        mask = pre > floor
+        if int(mask.sum()) > max_n:
+            return None
+        B, m = pre.shape
+        flat = mask.view(-1).nonzero().squeeze(1)  # ascending: row-major, so sorted by row
+        rows, cols = flat // m, flat % m
+        return rows, cols, row_offsets(rows, B)
+
+
+class SelectedEncode(torch.autograd.Function):
+    """z = SelectedEncode.apply(x, W_enc, b_enc, pre, rows, cols, offsets) = pre[rows, cols] [n].
+
+    pre [B, m] must equal x @ W_enc + b_enc at the listed entries (it is not differentiated);
+    rows, cols [n] row-sorted with offsets [B] (select_above). The gradient of z (the raw
+    pre-activation, no ReLU) reaches x, W_enc and b_enc through the n entries only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, pre, rows, cols, offsets):
+        sel = pre[rows, cols]
+        ctx.save_for_backward(x, W_enc, rows, cols, offsets, torch.ones_like(sel, dtype=torch.bool))
+        return sel
+
+    @staticmethod
+    def backward(ctx, grad):
+        return *_encoder_grads(ctx, grad), None, None, None, None

@@ -25,7 +25,17 @@ before every step with the tokens seen so far; what it sets must be a pure funct
 that a resumed run repeats it). Cost of such a
 training forward: the batch's active latents stay a sparse list (`Active`), and the metrics, the
 dead-latent update and `SAEOutput.fired` are taken from it, so beyond the encoder matmul and the
-selection only `latents` (a zero fill and a scatter) touches [B, m] memory. The declarations the
+selection only `latents` (a zero fill and a scatter) touches [B, m] memory.
+
+Threshold rules (f_i nonzero only where z_i is above a floor: Vanilla's ReLU, JumpReLU) set
+`selects_active` and define `active_floor()`, `active_values(z, cols)` and
+`active_sparsity_loss(active, n_rows)`. With `sparse_fraction` > 0 (config keys sparse_fraction
+and sparse_kernels) a training forward lists the entries above the floor; when they number at
+most sparse_fraction x B x m (the batch's mean selected count per token against the width: the
+sparse kernels' cost is their total, as the list is flat and unpadded), the decode, the decoder's
+gradient and the encoder's weight gradient go through them (train.kernels.SelectedEncode), the
+same function as the dense path up to float rounding; otherwise, or when the floor is None (a
+loss term with dense gradients, e.g. JumpReLU's pre_act_coeff), the step is the dense one. The declarations the
 rest of train/ reads (config keys, run label, encodings, calibration, export form) have their
 defaults at the end of this class; the package docstring (train.sae) lists them.
 """
@@ -36,7 +46,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from train.kernels import CenteredEncode, sparse_decode
+from train.kernels import CenteredEncode, SelectedEncode, select_above, sparse_decode
 from train.sae.losses import auxk_loss, explained_variance
 
 
@@ -51,11 +61,13 @@ class SAEOutput(NamedTuple):
 
 
 class Active(NamedTuple):
-    """A batch's selected latents, flat: vals [n] (differentiable), rows [n] and cols [n] int64."""
+    """A batch's selected latents, flat: vals [n] (differentiable), rows [n] and cols [n] int64;
+    on a threshold rule's selected-entries path also pre [n], their raw pre-activations (detached)."""
 
     vals: Tensor
     rows: Tensor
     cols: Tensor
+    pre: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -113,12 +125,15 @@ class BaseAutoencoder(nn.Module):
     Keyword args shared by every variant:
       aux_k: latents used by AuxK (default d_in // 2); aux_coeff: AuxK weight (0 disables);
       dead_tokens_threshold: tokens without firing before a latent counts as dead;
+      sparse_fraction: threshold rules only: the selected-entries path when the batch's entries
+        above the floor are at most this fraction of B x m (0: always dense; module docstring);
       generator: torch.Generator for the init (else the global RNG); device, dtype.
     """
 
     arch = "base"  # the registered name (train.sae.registry.register sets it, and `title`, the name for people)
     title = "base"
     fast = False  # True: train through sparse_encode (the sparse kernels of train.kernels)
+    selects_active = False  # True: a threshold rule (active_floor ...): the selected-entries path with sparse_fraction
     # Constructor keyword -> TrainConfig key, for the keys this variant reads beyond the shared ones.
     config_keys: dict[str, str] = {}
     # Keys added after checkpoints recorded their SAE's arguments: keyword -> (TrainConfig key, the
@@ -136,6 +151,8 @@ class BaseAutoencoder(nn.Module):
         args.update({kw: getattr(cfg, key) for kw, key in cls.config_keys.items()})
         args.update({kw: getattr(cfg, key) for kw, (key, legacy) in cls.late_config_keys.items()
                      if getattr(cfg, key) != legacy})
+        if cls.selects_active and cfg.sparse_kernels and cfg.sparse_fraction:  # recorded only when on
+            args["sparse_fraction"] = cfg.sparse_fraction
         return args
 
     @classmethod
@@ -162,8 +179,11 @@ class BaseAutoencoder(nn.Module):
 
     def __init__(self, d_in: int, d_sae: int, *, aux_k: int | None = None, aux_coeff: float = 0.0,
                  dead_tokens_threshold: int = 10_000_000, generator: torch.Generator | None = None,
-                 device=None, dtype: torch.dtype = torch.float32):
+                 device=None, dtype: torch.dtype = torch.float32, sparse_fraction: float = 0.0):
         super().__init__()
+        if not 0 <= sparse_fraction <= 1:
+            raise ValueError(f"sparse_fraction must be in [0, 1], got {sparse_fraction}")
+        self.sparse_fraction = sparse_fraction
         self.d_in, self.d_sae = d_in, d_sae
         self.aux_k = d_in // 2 if aux_k is None else aux_k
         self.aux_coeff = aux_coeff
@@ -209,8 +229,30 @@ class BaseAutoencoder(nn.Module):
             f, pre, active, (vals, idx, offsets) = self.sparse_encode(x - self.b_dec)
             return f, pre, sparse_decode(vals, idx, self.W_dec, offsets) + self.b_dec, active
         pre = self.pre_acts(x)
+        selected = self._select_active(x, self.b_dec, pre)
+        if selected is not None:
+            f, active, offsets = selected
+            return f, pre.detach(), sparse_decode(active.vals, active.cols, self.W_dec, offsets) + self.b_dec, active
         f = self.activation(pre)
         return f, pre, self.decode(f), None
+
+    def _select_active(self, x: Tensor, center: Tensor, pre: Tensor) -> tuple[Tensor, Active, Tensor] | None:
+        """A threshold rule's selected-entries path (module docstring): x [B, d], the encoder's
+        centre [d] (b_dec; a transcoder's b_in), pre [B, m] the pre-activations of x - center ->
+        (f [B, m], the active set with its raw pre-activations, offsets [B]); None: take the dense path."""
+        if not (self.selects_active and self.sparse_fraction):
+            return None
+        floor = self.active_floor()
+        if floor is None:
+            return None
+        sel = select_above(pre.detach(), floor, int(self.sparse_fraction * pre.numel()))
+        if sel is None:
+            return None
+        rows, cols, offsets = sel
+        z = SelectedEncode.apply(x - center, self.W_enc, self.b_enc, pre.detach(), rows, cols, offsets)
+        vals = self.active_values(z, cols)
+        f = pre.new_zeros(pre.shape, dtype=vals.dtype).index_put_((rows, cols), vals)
+        return f, Active(vals, rows, cols, z.detach()), offsets
 
     @torch.no_grad()
     def _batch_stats(self, f: Tensor, active: Active | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -247,6 +289,20 @@ class BaseAutoencoder(nn.Module):
         """Unscaled sparsity penalty (scalar); zero for variants whose sparsity is structural."""
         return f.new_zeros(())
 
+    # ----- threshold rules' selected-entries path (selects_active; module docstring)
+    def active_floor(self) -> Tensor | float | None:
+        """A floor (scalar or [m], detached): f, the sparsity loss and their gradients depend only
+        on the entries with z > floor; None: this configuration needs the dense path."""
+        return None
+
+    def active_values(self, z: Tensor, cols: Tensor) -> Tensor:
+        """f at the selected entries: z [n] their raw pre-activations (differentiable), cols [n]."""
+        raise NotImplementedError(f"{type(self).__name__} sets selects_active but defines no active_values()")
+
+    def active_sparsity_loss(self, active: Active, n_rows: int) -> Tensor:
+        """sparsity_loss from the selected entries alone (active.pre set), over a batch of n_rows tokens."""
+        raise NotImplementedError(f"{type(self).__name__} sets selects_active but defines no active_sparsity_loss()")
+
     def reconstruction_losses(self, x: Tensor, x_hat: Tensor, f: Tensor, pre: Tensor,
                               active: Active | None) -> dict[str, Tensor]:
         """The loss's reconstruction terms, name -> scalar, all summed into the loss: "mse" (the
@@ -271,7 +327,9 @@ class BaseAutoencoder(nn.Module):
         if self.training:
             self._mark_fired(x.shape[0], fired)
         recon = self.reconstruction_losses(y, x_hat, f, pre, active)  # y: the target (an SAE's is x)
-        sparsity = sparsity_coeff_scale * self.sparsity_loss(f, pre)
+        selected = active is not None and active.pre is not None  # a threshold rule's selected-entries path
+        sparsity = sparsity_coeff_scale * (self.active_sparsity_loss(active, x.shape[0]) if selected
+                                           else self.sparsity_loss(f, pre))
         aux = self.auxk_loss(x, x_hat, pre) if target is None else self.auxk_loss(x, x_hat, pre, target=target)
         with torch.no_grad():
             metrics = {"l0": l0.mean(), "l1": l1, "explained_variance": explained_variance(y, x_hat)}

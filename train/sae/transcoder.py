@@ -171,8 +171,13 @@ class Transcoder(BaseAutoencoder):
             y = sparse_decode(vals, idx, self.W_dec, offsets) + self.b_dec
         else:
             pre = self.pre_acts(x)
-            f, active = self.activation(pre), None
-            y = f @ self.W_dec + self.b_dec
+            selected = self._select_active(x, self.b_in, pre)
+            if selected is None:
+                f, active = self.activation(pre), None
+                y = f @ self.W_dec + self.b_dec
+            else:
+                (f, active, offsets), pre = selected, pre.detach()
+                y = sparse_decode(active.vals, active.cols, self.W_dec, offsets) + self.b_dec
         return f, pre, (y if not self.skip else y + self._skip(x)), active
 
     def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0, target: Tensor | None = None):
