@@ -116,23 +116,26 @@ def test_the_dense_path_is_kept_above_the_fraction_and_for_pre_act_loss():
     torch.testing.assert_close(out.loss, dense(_batch(dense)).loss)
 
 
-def test_select_above_and_selected_encode_against_a_naive_reference():
+@pytest.mark.parametrize("block_rows", [2, 256])  # blocks of rows, the last one short; one block
+def test_select_above_and_selected_encode_against_a_naive_reference(monkeypatch, block_rows):
+    monkeypatch.setattr("train.kernels.SELECT_ROWS", block_rows)
     g = torch.Generator().manual_seed(3)
-    x, W, b = torch.randn(7, 5, generator=g), torch.randn(5, 11, generator=g, requires_grad=True), torch.zeros(11, requires_grad=True)
+    x, W, b = torch.randn(7, 5, generator=g, requires_grad=True), torch.randn(5, 11, generator=g, requires_grad=True), torch.zeros(11, requires_grad=True)
+    c = torch.randn(5, generator=g, requires_grad=True)
     floor = torch.rand(11, generator=g)
-    pre = torch.addmm(b, x, W)
-    rows, cols, offsets = select_above(pre, floor, 7 * 11)
+    pre = torch.addmm(b, x - c, W)
+    flat, rows, cols, offsets = select_above(pre, floor, 7 * 11)
     want = (pre > floor).nonzero()
-    assert torch.equal(rows, want[:, 0]) and torch.equal(cols, want[:, 1])
+    assert torch.equal(rows, want[:, 0]) and torch.equal(cols, want[:, 1]) and torch.equal(flat, rows * 11 + cols)
     assert torch.equal(offsets, torch.searchsorted(rows, torch.arange(7)))
     assert select_above(pre, floor, rows.numel() - 1) is None
     w = torch.randn(rows.numel(), generator=g)
-    (SelectedEncode.apply(x, W, b, pre.detach(), rows, cols, offsets) * w).sum().backward()
-    gW, gb = W.grad.clone(), b.grad.clone()
-    W.grad = b.grad = None
-    (torch.addmm(b, x, W)[rows, cols] * w).sum().backward()
-    torch.testing.assert_close(gW, W.grad)
-    torch.testing.assert_close(gb, b.grad)
+    (SelectedEncode.apply(x, c, W, b, pre.detach(), flat, rows, cols, offsets) * w).sum().backward()
+    got = [t.grad.clone() for t in (x, c, W, b)]
+    x.grad = c.grad = W.grad = b.grad = None
+    (torch.addmm(b, x - c, W)[rows, cols] * w).sum().backward()
+    for a, t in zip(got, (x, c, W, b)):
+        torch.testing.assert_close(a, t.grad)
 
 
 def test_transcoder_with_a_threshold_rule_takes_the_selected_path():

@@ -130,16 +130,22 @@ def _encoder_grads(ctx, grad_vals: Tensor):
     """Gradients of vals[j] = relu(x[rows[j]] @ W_enc[:, cols[j]] + b_enc[cols[j]]) for x, W_enc, b_enc."""
     x, W_enc, rows, cols, offsets, active = ctx.saved_tensors
     g = (grad_vals.reshape(-1) * active).to(W_enc.dtype)  # [n], zero where the ReLU is off
+    return _active_grads(x, W_enc, rows, cols, offsets, g, *ctx.needs_input_grad[:3])
+
+
+def _active_grads(x: Tensor, W_enc: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor, g: Tensor,
+                  need_x: bool, need_W: bool, need_b: bool):
+    """Gradients for x, W_enc, b_enc (None where not needed) of sum_j g[j] * (x[rows[j]] @ W_enc[:, cols[j]] + b_enc[cols[j]])."""
     grad_x = grad_W = grad_b = None
-    if ctx.needs_input_grad[0]:  # grad_x[b] = sum_j g[j] * W_enc[:, cols[j]] over row b's run
+    if need_x:  # grad_x[b] = sum_j g[j] * W_enc[:, cols[j]] over row b's run
         # A contiguous [m, d] copy: embedding_bag on the transposed view is several times slower.
         grad_x = F.embedding_bag(cols, W_enc.t().contiguous(), offsets, mode="sum", per_sample_weights=g)
     m = W_enc.shape[1]
-    if ctx.needs_input_grad[1]:  # grad_W[:, c] = sum_j g[j] * x[rows[j]] over entries with cols[j] = c
+    if need_W:  # grad_W[:, c] = sum_j g[j] * x[rows[j]] over entries with cols[j] = c
         order = torch.argsort(cols)
         by_col = row_offsets(cols[order], m)
         grad_W = F.embedding_bag(rows[order], x, by_col, mode="sum", per_sample_weights=g[order]).t()
-    if ctx.needs_input_grad[2]:
+    if need_b:
         grad_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
     return grad_x, grad_W, grad_b
 
@@ -210,34 +216,56 @@ class GatherEncode(torch.autograd.Function):
         return *_encoder_grads(ctx, grad_vals), None, None
 
 
-def select_above(pre: Tensor, floor: Tensor | float, max_n: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The entries of pre [B, m] with pre > floor (a scalar or [m]), row-sorted: (rows, cols [n]
-    int64, offsets [B]); None when there are more than max_n of them (one count, one host sync).
-    Not differentiated."""
+SELECT_ROWS = 256  # rows per block of select_above's comparison: the block's bool mask stays in cache
+
+
+def select_above(pre: Tensor, floor: Tensor | float, max_n: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The entries of pre [B, m] with pre > floor (a scalar or [m]), row-sorted: (flat indices
+    b * m + i, rows, cols [n] int64, offsets [B]); None when there are more than max_n of them
+    (the count is one host sync). Not differentiated. Compared and listed by blocks of
+    SELECT_ROWS rows into one reused mask (on the CPU a [B, m] bool mask written and read back
+    costs twice the blocks' time)."""
+    B, m = pre.shape
     with torch.no_grad():
-        mask = pre > floor
-        if int(mask.sum()) > max_n:
-            return None
-        B, m = pre.shape
-        flat = mask.view(-1).nonzero().squeeze(1)  # ascending: row-major, so sorted by row
-        rows, cols = flat // m, flat % m
-        return rows, cols, row_offsets(rows, B)
+        flat = pre.reshape(-1)
+        block = SELECT_ROWS * m
+        mask = torch.empty(min(block, flat.numel()), dtype=torch.bool, device=pre.device)
+        floor_row = floor.repeat(min(SELECT_ROWS, B)) if isinstance(floor, Tensor) else floor
+        parts, n = [], 0
+        for start in range(0, flat.numel(), block):
+            chunk = flat[start:start + block]
+            f = floor_row if not isinstance(floor_row, Tensor) else floor_row[:chunk.numel()]
+            torch.gt(chunk, f, out=mask[:chunk.numel()])
+            idx = mask[:chunk.numel()].nonzero().squeeze(1)
+            n += idx.numel()
+            if n > max_n:
+                return None
+            parts.append(idx.add_(start))
+        idx = torch.cat(parts) if len(parts) > 1 else parts[0]
+        rows = idx.div(m, rounding_mode="floor")
+        return idx, rows, idx - rows * m, row_offsets(rows, B)
 
 
 class SelectedEncode(torch.autograd.Function):
-    """z = SelectedEncode.apply(x, W_enc, b_enc, pre, rows, cols, offsets) = pre[rows, cols] [n].
+    """z = SelectedEncode.apply(x, center, W_enc, b_enc, pre, flat, rows, cols, offsets) = pre[rows, cols] [n].
 
-    pre [B, m] must equal x @ W_enc + b_enc at the listed entries (it is not differentiated);
-    rows, cols [n] row-sorted with offsets [B] (select_above). The gradient of z (the raw
-    pre-activation, no ReLU) reaches x, W_enc and b_enc through the n entries only.
+    pre [B, m] must equal (x - center) @ W_enc + b_enc at the listed entries (it is not
+    differentiated); flat = rows * m + cols, rows, cols [n] row-sorted with offsets [B]
+    (select_above). The gradient of z (the raw pre-activation, no ReLU) reaches W_enc and b_enc
+    through the n entries only, and center as the matvec -W_enc @ grad_b_enc (CenteredEncode's),
+    so no [B, d] gradient is formed unless x itself needs one.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, pre, rows, cols, offsets):
-        sel = pre[rows, cols]
-        ctx.save_for_backward(x, W_enc, rows, cols, offsets, torch.ones_like(sel, dtype=torch.bool))
-        return sel
+    def forward(ctx, x, center, W_enc, b_enc, pre, flat, rows, cols, offsets):
+        ctx.save_for_backward(x - center, W_enc, rows, cols, offsets)
+        return pre.reshape(-1)[flat]
 
     @staticmethod
     def backward(ctx, grad):
-        return *_encoder_grads(ctx, grad), None, None, None, None
+        xc, W_enc, rows, cols, offsets = ctx.saved_tensors
+        need_x, need_center, need_W, need_b = ctx.needs_input_grad[:4]
+        grad_x, grad_W, grad_b = _active_grads(xc, W_enc, rows, cols, offsets, grad.to(W_enc.dtype), need_x, need_W,
+                                               need_b or need_center)
+        grad_center = -(W_enc @ grad_b) if need_center else None
+        return grad_x, grad_center, grad_W, grad_b if need_b else None, None, None, None, None, None

@@ -248,10 +248,11 @@ class BaseAutoencoder(nn.Module):
         sel = select_above(pre.detach(), floor, int(self.sparse_fraction * pre.numel()))
         if sel is None:
             return None
-        rows, cols, offsets = sel
-        z = SelectedEncode.apply(x - center, self.W_enc, self.b_enc, pre.detach(), rows, cols, offsets)
+        flat, rows, cols, offsets = sel
+        z = SelectedEncode.apply(x, center, self.W_enc, self.b_enc, pre.detach(), flat, rows, cols, offsets)
         vals = self.active_values(z, cols)
-        f = pre.new_zeros(pre.shape, dtype=vals.dtype).index_put_((rows, cols), vals)
+        f = pre.new_zeros(pre.shape, dtype=vals.dtype)
+        f.view(-1).index_put_((flat,), vals)  # in place on the fresh zeros (index_put would copy them)
         return f, Active(vals, rows, cols, z.detach()), offsets
 
     @torch.no_grad()
