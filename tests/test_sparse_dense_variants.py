@@ -102,6 +102,24 @@ def test_auxk_on_the_selected_path_matches_dense():
     assert s.losses["aux"] > 0
 
 
+@pytest.mark.parametrize("arch", ["vanilla", "jumprelu"])
+def test_selected_path_under_bf16_autocast_matches_dense_within_bf16_rounding(arch):
+    sparse, dense = _pair(arch, **({"l1_coeff": 0.3} if arch == "vanilla" else {"l0_coeff": 0.2, "bandwidth": 0.5}))
+    x = _batch(dense)
+    outs = []
+    for sae in (sparse, dense):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sae(x)
+        out.loss.backward()
+        outs.append(out)
+    assert not outs[0].pre_acts.requires_grad and outs[0].latents.dtype == outs[1].latents.dtype
+    torch.testing.assert_close(outs[0].loss, outs[1].loss, rtol=2e-2, atol=1e-2)
+    for (name, p), q in zip(sparse.named_parameters(), dense.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        scale = q.grad.abs().max()
+        torch.testing.assert_close(p.grad / scale, q.grad / scale, rtol=0, atol=3e-2, msg=name)
+
+
 def test_the_dense_path_is_kept_above_the_fraction_and_for_pre_act_loss():
     sparse, dense = _pair("vanilla", l1_coeff=0.3)
     x = _batch(dense)

@@ -230,12 +230,13 @@ def select_above(pre: Tensor, floor: Tensor | float, max_n: int) -> tuple[Tensor
         flat = pre.reshape(-1)
         block = SELECT_ROWS * m
         mask = torch.empty(min(block, flat.numel()), dtype=torch.bool, device=pre.device)
-        floor_row = floor.repeat(min(SELECT_ROWS, B)) if isinstance(floor, Tensor) else floor
+        # a block of floors, also for a scalar one: on the CPU gt against a Python number runs ~1.5x slower
+        floor = floor if isinstance(floor, Tensor) else torch.tensor(floor, dtype=pre.dtype, device=pre.device)
+        floor_row = floor.expand(m).repeat(min(SELECT_ROWS, B))  # a tensor floor keeps its dtype (no rounding)
         parts, n = [], 0
         for start in range(0, flat.numel(), block):
             chunk = flat[start:start + block]
-            f = floor_row if not isinstance(floor_row, Tensor) else floor_row[:chunk.numel()]
-            torch.gt(chunk, f, out=mask[:chunk.numel()])
+            torch.gt(chunk, floor_row[:chunk.numel()], out=mask[:chunk.numel()])
             idx = mask[:chunk.numel()].nonzero().squeeze(1)
             n += idx.numel()
             if n > max_n:
