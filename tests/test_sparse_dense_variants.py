@@ -14,7 +14,7 @@ import torch
 
 from tests.helpers import cfg_for, final_weights, train_cli_run
 from train.config import cfg_from_dict, cfg_from_saved, get_default_cfg, post_init_cfg, update_cfg
-from train.kernels import SelectedEncode, select_above
+from train.kernels import SelectedDecode, SelectedEncode, column_order, select_above
 from train.sae import build_sae
 from train.sae.registry import sae_class
 from train.training import train_sae
@@ -102,6 +102,20 @@ def test_auxk_on_the_selected_path_matches_dense():
     assert s.losses["aux"] > 0
 
 
+def test_without_latents_the_selected_path_forms_no_dense_latents_and_the_same_loss():
+    sparse, dense = _pair("jumprelu", l0_coeff=0.2, bandwidth=0.5, target_l0=3.0)
+    x = _batch(dense)
+    lean, full = sparse(x, latents=False), dense(x, latents=False)
+    assert lean.latents is None and full.latents is not None  # the dense path forms f anyway
+    lean.loss.backward()
+    full.loss.backward()
+    torch.testing.assert_close(lean.loss, full.loss, **TOL)
+    for k in full.losses:
+        torch.testing.assert_close(lean.losses[k], full.losses[k], **TOL, msg=k)
+    for (name, p), q in zip(sparse.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+
+
 @pytest.mark.parametrize("arch", ["vanilla", "jumprelu"])
 def test_selected_path_under_bf16_autocast_matches_dense_within_bf16_rounding(arch):
     sparse, dense = _pair(arch, **({"l1_coeff": 0.3} if arch == "vanilla" else {"l0_coeff": 0.2, "bandwidth": 0.5}))
@@ -148,12 +162,32 @@ def test_select_above_and_selected_encode_against_a_naive_reference(monkeypatch,
     assert torch.equal(offsets, torch.searchsorted(rows, torch.arange(7)))
     assert select_above(pre, floor, rows.numel() - 1) is None
     w = torch.randn(rows.numel(), generator=g)
-    (SelectedEncode.apply(x, c, W, b, pre.detach(), flat, rows, cols, offsets) * w).sum().backward()
+    (SelectedEncode.apply(x, c, W, b, pre.detach(), flat, rows, cols, offsets, *column_order(cols, 11)) * w).sum().backward()
     got = [t.grad.clone() for t in (x, c, W, b)]
     x.grad = c.grad = W.grad = b.grad = None
     (torch.addmm(b, x - c, W)[rows, cols] * w).sum().backward()
     for a, t in zip(got, (x, c, W, b)):
         torch.testing.assert_close(a, t.grad)
+
+
+def test_selected_decode_against_a_naive_reference():
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(6, 9, generator=g) < 0.3
+    mask[2] = False  # a row with no entry
+    rows, cols = mask.nonzero().unbind(1)
+    offsets = torch.searchsorted(rows, torch.arange(6))
+    vals = torch.randn(rows.numel(), generator=g, requires_grad=True)
+    W = torch.randn(9, 5, generator=g, requires_grad=True)
+    w_out = torch.randn(6, 5, generator=g)
+    out = SelectedDecode.apply(vals, W, rows, cols, offsets, *column_order(cols, 9))
+    (out * w_out).sum().backward()
+    got = vals.grad.clone(), W.grad.clone()
+    vals.grad = W.grad = None
+    dense = torch.zeros(6, 9).index_put((rows, cols), vals)
+    torch.testing.assert_close(out, dense @ W)
+    ((dense @ W) * w_out).sum().backward()
+    torch.testing.assert_close(got[0], vals.grad)
+    torch.testing.assert_close(got[1], W.grad)
 
 
 def test_transcoder_with_a_threshold_rule_takes_the_selected_path():

@@ -133,17 +133,24 @@ def _encoder_grads(ctx, grad_vals: Tensor):
     return _active_grads(x, W_enc, rows, cols, offsets, g, *ctx.needs_input_grad[:3])
 
 
+def column_order(cols: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The active entries by column: (order [n], the permutation sorting cols; by_col [m], each
+    column's start in cols[order])."""
+    order = torch.argsort(cols)
+    return order, row_offsets(cols[order], m)
+
+
 def _active_grads(x: Tensor, W_enc: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor, g: Tensor,
-                  need_x: bool, need_W: bool, need_b: bool):
-    """Gradients for x, W_enc, b_enc (None where not needed) of sum_j g[j] * (x[rows[j]] @ W_enc[:, cols[j]] + b_enc[cols[j]])."""
+                  need_x: bool, need_W: bool, need_b: bool, by_column: tuple[Tensor, Tensor] | None = None):
+    """Gradients for x, W_enc, b_enc (None where not needed) of sum_j g[j] * (x[rows[j]] @ W_enc[:, cols[j]] + b_enc[cols[j]]).
+    by_column: column_order(cols, m) when already computed."""
     grad_x = grad_W = grad_b = None
     if need_x:  # grad_x[b] = sum_j g[j] * W_enc[:, cols[j]] over row b's run
         # A contiguous [m, d] copy: embedding_bag on the transposed view is several times slower.
         grad_x = F.embedding_bag(cols, W_enc.t().contiguous(), offsets, mode="sum", per_sample_weights=g)
     m = W_enc.shape[1]
     if need_W:  # grad_W[:, c] = sum_j g[j] * x[rows[j]] over entries with cols[j] = c
-        order = torch.argsort(cols)
-        by_col = row_offsets(cols[order], m)
+        order, by_col = by_column if by_column is not None else column_order(cols, m)
         grad_W = F.embedding_bag(rows[order], x, by_col, mode="sum", per_sample_weights=g[order]).t()
     if need_b:
         grad_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
@@ -258,15 +265,47 @@ class SelectedEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, center, W_enc, b_enc, pre, flat, rows, cols, offsets):
-        ctx.save_for_backward(x - center, W_enc, rows, cols, offsets)
+    def forward(ctx, x, center, W_enc, b_enc, pre, flat, rows, cols, offsets, order, by_col):
+        ctx.save_for_backward(x - center, W_enc, rows, cols, offsets, order, by_col)
         return pre.reshape(-1)[flat]
 
     @staticmethod
     def backward(ctx, grad):
-        xc, W_enc, rows, cols, offsets = ctx.saved_tensors
+        xc, W_enc, rows, cols, offsets, order, by_col = ctx.saved_tensors
         need_x, need_center, need_W, need_b = ctx.needs_input_grad[:4]
         grad_x, grad_W, grad_b = _active_grads(xc, W_enc, rows, cols, offsets, grad.to(W_enc.dtype), need_x, need_W,
-                                               need_b or need_center)
+                                               need_b or need_center, (order, by_col))
         grad_center = -(W_enc @ grad_b) if need_center else None
-        return grad_x, grad_center, grad_W, grad_b if need_b else None, None, None, None, None, None
+        return grad_x, grad_center, grad_W, grad_b if need_b else None, *[None] * 7
+
+
+class SelectedDecode(torch.autograd.Function):
+    """out = SelectedDecode.apply(vals, W_dec, rows, cols, offsets, order, by_col) [B, d]:
+    sparse_decode(vals, cols, W_dec, offsets) of a row-sorted flat list, with (order, by_col) =
+    column_order(cols, m) shared with SelectedEncode's backward.
+
+    The forward is embedding_bag without autograd (with it, torch keeps the bookkeeping of its own
+    backward: about 3x the time on the CPU); the backward gives vals the dots
+    <grad[rows[j]], W_dec[cols[j]]> (embedding_bag's per-sample-weight gradient, offset2bag = rows)
+    and W_dec the per-column sums of vals[j] grad[rows[j]] (an embedding_bag over grad by column).
+    Under autocast vals may be bfloat16: the sums are taken in W_dec's dtype."""
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, rows, cols, offsets, order, by_col):
+        w = vals.to(W_dec.dtype)
+        ctx.save_for_backward(w, W_dec, rows, cols, offsets, order, by_col)
+        ctx.vals_dtype = vals.dtype
+        # detached: embedding_bag picks its bookkeeping-free kernel only for inputs without requires_grad
+        return F.embedding_bag(cols, W_dec.detach(), offsets, mode="sum", per_sample_weights=w.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, W_dec, rows, cols, offsets, order, by_col = ctx.saved_tensors
+        grad = grad.to(W_dec.dtype).contiguous()
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, W_dec, cols, offsets, rows, 0, -1).to(ctx.vals_dtype)  # mode 0: sum; no padding index
+        if ctx.needs_input_grad[1]:
+            grad_W = F.embedding_bag(rows[order], grad, by_col, mode="sum", per_sample_weights=w[order])
+        return grad_vals, grad_W, None, None, None, None, None

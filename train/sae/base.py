@@ -46,13 +46,13 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from train.kernels import CenteredEncode, SelectedEncode, select_above, sparse_decode
+from train.kernels import CenteredEncode, SelectedDecode, SelectedEncode, column_order, select_above, sparse_decode
 from train.sae.losses import auxk_loss, explained_variance
 
 
 class SAEOutput(NamedTuple):
     x_hat: Tensor  # [B, d] reconstruction
-    latents: Tensor  # [B, m] post-activation f
+    latents: Tensor | None  # [B, m] post-activation f; None when forward(latents=False) took a sparse path
     pre_acts: Tensor  # [B, m] pre-activations z (without grad on the fast TopK/BatchTopK paths)
     loss: Tensor  # scalar: losses["mse"] + losses["sparsity"] + losses["aux"] (+ a rule's reconstruction terms)
     losses: dict[str, Tensor]  # scalars: mse, sparsity, aux; detached l0, l1, explained_variance
@@ -223,23 +223,26 @@ class BaseAutoencoder(nn.Module):
         """x_hat = f @ W_dec + b_dec. f [..., m] -> [..., d]."""
         return f @ self.W_dec + self.b_dec
 
-    def _encode_decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Active | None]:
-        """Training path: (f [B, m], pre [B, m], x_hat [B, d], the active set if kept sparse, else None)."""
+    def _encode_decode(self, x: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Tensor, Active | None]:
+        """Training path: (f [B, m], pre [B, m], x_hat [B, d], the active set if kept sparse, else None);
+        latents=False: f is None on the selected-entries path (not formed)."""
         if self.fast:
             f, pre, active, (vals, idx, offsets) = self.sparse_encode(x - self.b_dec)
             return f, pre, sparse_decode(vals, idx, self.W_dec, offsets) + self.b_dec, active
         pre = self.pre_acts(x)
-        selected = self._select_active(x, self.b_dec, pre)
+        selected = self._select_active(x, self.b_dec, pre, latents)
         if selected is not None:
-            f, active, offsets = selected
-            return f, pre.detach(), sparse_decode(active.vals, active.cols, self.W_dec, offsets) + self.b_dec, active
+            f, active, decoded = selected
+            return f, pre.detach(), decoded + self.b_dec, active
         f = self.activation(pre)
         return f, pre, self.decode(f), None
 
-    def _select_active(self, x: Tensor, center: Tensor, pre: Tensor) -> tuple[Tensor, Active, Tensor] | None:
+    def _select_active(self, x: Tensor, center: Tensor, pre: Tensor,
+                       latents: bool = True) -> tuple[Tensor | None, Active, Tensor] | None:
         """A threshold rule's selected-entries path (module docstring): x [B, d], the encoder's
         centre [d] (b_dec; a transcoder's b_in), pre [B, m] the pre-activations of x - center ->
-        (f [B, m], the active set with its raw pre-activations, offsets [B]); None: take the dense path."""
+        (f [B, m] (None unless latents), the active set with its raw pre-activations, its decode
+        f @ W_dec [B, d_out] without bias); None: take the dense path."""
         if not (self.selects_active and self.sparse_fraction):
             return None
         floor = self.active_floor()
@@ -249,24 +252,29 @@ class BaseAutoencoder(nn.Module):
         if sel is None:
             return None
         flat, rows, cols, offsets = sel
-        z = SelectedEncode.apply(x, center, self.W_enc, self.b_enc, pre.detach(), flat, rows, cols, offsets)
+        by_column = column_order(cols, self.d_sae)  # shared by the encoder's and the decoder's backward
+        z = SelectedEncode.apply(x, center, self.W_enc, self.b_enc, pre.detach(), flat, rows, cols, offsets, *by_column)
         vals = self.active_values(z, cols)
-        f = pre.new_zeros(pre.shape, dtype=vals.dtype)
-        f.view(-1).index_put_((flat,), vals)  # in place on the fresh zeros (index_put would copy them)
-        return f, Active(vals, rows, cols, z.detach()), offsets
+        f = None
+        if latents:
+            f = pre.new_zeros(pre.shape, dtype=vals.dtype)
+            f.view(-1).index_put_((flat,), vals)  # in place on the fresh zeros (index_put would copy them)
+        return f, Active(vals, rows, cols, z.detach()), SelectedDecode.apply(vals, self.W_dec, rows, cols, offsets, *by_column)
 
     @torch.no_grad()
-    def _batch_stats(self, f: Tensor, active: Active | None) -> tuple[Tensor, Tensor, Tensor]:
-        """(l0 [B] float, l1 scalar = mean_B sum_i |f_i|, fired [m] int64), from the sparse set when there is one."""
-        B = f.shape[0]
+    def _batch_stats(self, f: Tensor | None, active: Active | None, n_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(l0 [B] float, l1 scalar = mean_B sum_i |f_i|, fired [m] int64), from the sparse set when
+        there is one (then f may be None, with n_rows = B)."""
+        B = f.shape[0] if f is not None else n_rows
         if active is None:  # float reductions only: bool masks and integer casts of [B, m] are slow on the CPU
             on = f.abs()
             l1 = on.sum(-1).mean()
             on.sign_()  # 1 where f != 0; exact float counts (B < 2^24)
             return on.sum(-1), l1, on.sum(0).long()
         on = active.vals.detach() != 0
-        l0 = torch.zeros(B, dtype=f.dtype, device=f.device).index_add_(0, active.rows, on.to(f.dtype))
-        fired = torch.zeros(self.d_sae, dtype=torch.long, device=f.device).index_add_(0, active.cols, on.long())
+        dtype = active.vals.dtype  # f's
+        l0 = torch.zeros(B, dtype=dtype, device=on.device).index_add_(0, active.rows, on.to(dtype))
+        fired = torch.zeros(self.d_sae, dtype=torch.long, device=on.device).index_add_(0, active.cols, on.long())
         return l0, active.vals.detach().abs().sum() / B, fired
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -315,16 +323,19 @@ class BaseAutoencoder(nn.Module):
         """aux_coeff * normalised error of reconstructing x - x_hat.detach() from dead latents (train.sae.losses)."""
         return auxk_loss(self, x, x_hat, pre)
 
-    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0, target: Tensor | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0, target: Tensor | None = None,
+                latents: bool = True) -> SAEOutput:
         """x [B, d] -> SAEOutput. sparsity_coeff_scale multiplies the sparsity term (warm-up).
         target [B, d_out]: what the decoder predicts; None for an SAE, whose target is its input
-        (a transcoder, train.sae.transcoder, predicts another site).
+        (a transcoder, train.sae.transcoder, predicts another site). latents=False (the trainer's
+        steps, which read none): SAEOutput.latents is None where a path would form [B, m] only
+        for it (the selected-entries path); the loss and the metrics are the same.
 
         In training mode this also updates the dead-latent counters.
         """
-        f, pre, x_hat, active = self._encode_decode(x)
+        f, pre, x_hat, active = self._encode_decode(x, latents)
         y = x if target is None else target
-        l0, l1, fired = self._batch_stats(f, active)
+        l0, l1, fired = self._batch_stats(f, active, x.shape[0])
         if self.training:
             self._mark_fired(x.shape[0], fired)
         recon = self.reconstruction_losses(y, x_hat, f, pre, active)  # y: the target (an SAE's is x)
