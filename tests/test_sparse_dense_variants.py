@@ -209,6 +209,31 @@ def test_transcoder_with_a_threshold_rule_takes_the_selected_path():
             torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
 
 
+@pytest.mark.parametrize("rule", ["vanilla", "jumprelu"])
+def test_clt_sources_with_a_threshold_rule_take_the_selected_path(rule):
+    L = 3
+    g = torch.Generator().manual_seed(0)
+    kw = {"l1_coeff": 0.3} if rule == "vanilla" else {"l0_coeff": 0.2, "bandwidth": 0.5}
+    dense = build_sae("clt", sparsity=rule, d_in=D, d_sae=M, n_layers=L, generator=g, **kw)
+    with torch.no_grad():
+        for src in dense.sources:
+            src.b_enc.fill_(-1.5)
+            if rule == "jumprelu":
+                src.log_threshold.fill_(0.0)  # theta = 1
+    sparse = copy.deepcopy(dense)
+    for src in sparse.sources:
+        src.sparse_fraction = 1.0
+    x, y = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g)
+    outs = [model(x, target=y) for model in (sparse, dense)]
+    for out in outs:
+        out.loss.backward()
+    assert all(not p.requires_grad for p in outs[0].pre_acts) and all(p.requires_grad for p in outs[1].pre_acts)
+    torch.testing.assert_close(outs[0].loss, outs[1].loss, **TOL)
+    for (name, p), q in zip(sparse.named_parameters(), dense.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+
+
 def test_sparse_fraction_is_recorded_only_when_on_and_old_runs_stay_dense():
     cfg = post_init_cfg(update_cfg(get_default_cfg(), arch="vanilla"), 16, "s")
     assert sae_class("vanilla").config_args(cfg)["sparse_fraction"] == 0.05
