@@ -33,10 +33,11 @@ Threshold rules (f_i nonzero only where z_i is above a floor: Vanilla's ReLU, Ju
 and sparse_kernels) a training forward lists the entries above the floor; when they number at
 most sparse_fraction x B x m (the batch's mean selected count per token against the width: the
 sparse kernels' cost is their total, as the list is flat and unpadded), the decode, the decoder's
-gradient and the encoder's weight gradient go through them (train.kernels.SelectedEncode), the
-same function as the dense path up to float rounding; otherwise, or when the floor is None (a
-loss term with dense gradients, e.g. JumpReLU's pre_act_coeff), the step is the dense one. The declarations the
-rest of train/ reads (config keys, run label, encodings, calibration, export form) have their
+gradient and the encoder's weight gradient go through them (train.kernels.SelectedEncode and
+SelectedDecode), the same function as the dense path up to float rounding, and with
+forward(latents=False) (the trainer's) no [B, m] latents are formed; otherwise, or when the floor
+is None (a loss term with dense gradients, e.g. JumpReLU's pre_act_coeff), the step is the dense
+one. The declarations the rest of train/ reads (config keys, run label, encodings, calibration, export form) have their
 defaults at the end of this class; the package docstring (train.sae) lists them.
 """
 
