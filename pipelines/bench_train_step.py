@@ -24,7 +24,10 @@ topk / batchtopk):
 2. step/fwd mm = median over the measured steps of (step time / time of one dense
    torch.mm([batch, d_in] x [d_in, width]) run right after that step in the same process). Pairing
    each step with its own product cancels the slow drift of a shared machine's load. Target <= 1.3
-   (topk, batchtopk, on the CPU). step/floor = median step / the computed floor: the step's FLOPs
+   (topk, batchtopk, on the CPU); <= 2.5 (vanilla, jumprelu, on the CPU, sparse kernels, at L0 <= 2%
+   of the width: --l0 sets such an L0 before the warm-up; the "L0 (% width)" column is the
+   measured steps' median, and --compare-dense measures each variant with sparse_kernels=false too,
+   in the same run). step/floor = median step / the computed floor: the step's FLOPs
    and bytes (pipelines/step_floor.py, printed as GFLOP and MB) over the GEMM rate (in the step's
    precision) and the memory bandwidth measured in the same process after its steps.
 3. mem ratio = peak memory of a step / (weights + Adam state + one batch), the denominator counted
@@ -92,6 +95,8 @@ VARIANTS = ("topk", "batchtopk", "vanilla", "jumprelu", "matryoshka", "gated")
 DEFAULT_VARIANTS = ("topk", "batchtopk", "vanilla", "jumprelu")  # the grid's default; add the others with --variants
 TARGET_SPEEDUP = {"topk": 2.0, "batchtopk": 2.0, "vanilla": 1.2, "jumprelu": 1.2}
 TARGET_FLOOR = {"topk": 1.3, "batchtopk": 1.3}  # step / one dense forward product (issue 15, CPU)
+TARGET_FLOOR_LOW_L0 = {"vanilla": 2.5, "jumprelu": 2.5}  # the same, at L0 <= LOW_L0 of the width, sparse kernels
+LOW_L0 = 0.02
 TARGET_WAIT = 0.05
 SITE = "blocks.8.hook_resid_pre"
 
@@ -191,11 +196,15 @@ def worker_ours(spec: dict) -> dict:
     n_dead = int(round(spec["dead_fraction"] * sae.d_sae))
     with torch.no_grad():  # latents that can never fire, so that they stay dead through the step's own update
         sae.b_enc[:n_dead] = -1e4
+    if spec.get("l0_fraction"):
+        set_l0(sae, batches[0], spec["l0_fraction"])
 
-    def step(i: int) -> None:
+    def step(i: int) -> dict:
         if n_dead:
             sae.tokens_since_fired[:n_dead] = cfg.dead_tokens_threshold + 1
-        trainer.after_step(trainer.train_step(batches[i % len(batches)]))
+        parts = trainer.train_step(batches[i % len(batches)])
+        trainer.after_step(parts)
+        return parts
 
     for i in range(spec["warmup"]):
         step(i)
@@ -208,19 +217,24 @@ def worker_ours(spec: dict) -> dict:
     if bf16:
         _time_floor(x_mm, W_mm, device)
     times, floors, mms, copies = [], [], [], []
+    l0s, selected = [], []
     for i in range(spec["warmup"], spec["warmup"] + spec["steps"]):
         _sync(device)
         t0 = time.perf_counter()
-        step(i)
+        l0 = step(i)["l0"]  # read on the host after the timing
         _sync(device)
         times.append(time.perf_counter() - t0)
+        l0s.append(l0)
+        selected.append(selected_per_token(sae, batches[i % len(batches)]))
         floors.append(_time_floor(batches[0], sae.W_enc.detach(), device))  # right after: same machine state
         mms.append(_time_floor(x_mm, W_mm, device) if bf16 else floors[-1])
         copies.append(probe.seconds())
     peak = torch.cuda.max_memory_allocated() if cuda else sampler.stop()
     rate, bandwidth = 2.0 * B * d * sae.d_sae / min(mms), 2.0 * (256 << 20) / min(copies)
+    l0s = [float(v) for v in l0s]
+    took = [s for s in selected if s is not None]
     cost = step_cost(spec["arch"], B, d, sae.d_sae, spec["k"], sparse_kernels=cfg.sparse_kernels, n_dead=n_dead,
-                     act_bytes=2 if bf16 else 4)
+                     act_bytes=2 if bf16 else 4, selected=statistics.median(took) if took else None)
     roof_s, bound = floor_seconds(cost, rate, bandwidth)
 
     params = sum(p.numel() * p.element_size() for p in sae.parameters())
@@ -238,7 +252,40 @@ def worker_ours(spec: dict) -> dict:
             "dead_forced": n_dead, "dead_latents_end": int(sae.dead_mask().sum()),
             "precision": "bf16" if bf16 else "fp32", "flops": cost.flops, "bytes": cost.bytes,
             "gemm_flops_per_s": rate, "bandwidth_bytes_per_s": bandwidth, "roof_s": roof_s, "roof_bound": bound,
-            "step_over_roof": med / roof_s}
+            "step_over_roof": med / roof_s, "l0": statistics.median(l0s), "l0_fraction": statistics.median(l0s) / sae.d_sae,
+            "selected_steps": len(took), "selected_per_token": statistics.median(took) if took else None,
+            "kernels": "sparse" if cfg.sparse_kernels else "dense"}
+
+
+def set_l0(sae, x, fraction: float) -> None:
+    """Make each latent fire on about `fraction` of the rows x [B, d] (mean L0 = fraction x width):
+    vanilla's b_enc is lowered by, and jumprelu's threshold set to, the midpoint of each latent's
+    k-th and (k+1)-th largest pre-activation, k = round(B fraction) (jumprelu's init_from_sample)."""
+    import torch
+
+    if sae.arch == "jumprelu":
+        sae.init_l0 = fraction * sae.d_sae
+        sae.init_from_sample(x)
+        return
+    if sae.arch != "vanilla":
+        raise ValueError(f"--l0 sets vanilla's and jumprelu's L0, not {sae.arch}'s")
+    with torch.no_grad():
+        z = sae.pre_acts(x)
+        k = min(max(1, round(x.shape[0] * fraction)), x.shape[0] - 1)
+        top = z.topk(k + 1, dim=0).values
+        sae.b_enc.sub_((top[k - 1] + top[k]) / 2)
+
+
+def selected_per_token(sae, x) -> float | None:
+    """A threshold rule's selected entries per token on x [B, d] when its step would take the
+    selected-entries path (train.sae.base), else None."""
+    import torch
+
+    if not getattr(sae, "selects_active", False):
+        return None
+    with torch.no_grad():
+        sel = sae._select_active(x, sae.b_dec, sae.pre_acts(x))
+    return None if sel is None else sel[1].rows.numel() / x.shape[0]
 
 
 def worker_datawait(spec: dict) -> dict:
@@ -376,8 +423,11 @@ def build_rows(results: list[dict]) -> list[dict]:
     rows = []
     for r in results:
         ours, theirs = r["ours"], r["saelens"]
-        row = {"variant": r["arch"], "d_in": r["d_in"], "width": f"{r['expansion']}x ({r['expansion'] * r['d_in']})"}
+        row = {"variant": r.get("label", r["arch"]), "arch": r["arch"], "d_in": r["d_in"],
+               "width": f"{r['expansion']}x ({r['expansion'] * r['d_in']})"}
         if isinstance(ours, dict):
+            row.update(l0=ours.get("l0"), l0_fraction=ours.get("l0_fraction"), kernels=ours.get("kernels"),
+                       selected=ours.get("selected_per_token"))
             row.update(ours_ms=ours["median_step_s"] * 1e3, ours_tps=ours["tokens_per_s"],
                        floor_ms=ours["floor_s"] * 1e3, step_floor=ours["step_over_floor"],
                        step_floor_best=min(ours["step_s"]) / min(ours["floors_s"]), mem=ours["mem_ratio"],
@@ -401,24 +451,29 @@ def build_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
-HEAD = ["variant", "d_in", "width", "ours tok/s", "SAELens tok/s", "speedup", "best", "/floor", "fwd mm ms",
+HEAD = ["variant", "d_in", "width", "L0 (% width)", "ours tok/s", "SAELens tok/s", "speedup", "best", "/floor", "fwd mm ms",
         "step/fwd mm", "best", "GFLOP", "MB", "GEMM GFLOP/s", "GB/s", "floor ms", "step/floor", "mem ratio (SAELens)"]
 
 
 def table_lines(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
-        v = r["variant"]
+        v = r.get("arch", r["variant"])
         sp = r.get("speedup")
+        floor_target = TARGET_FLOOR.get(v)
+        if v in TARGET_FLOOR_LOW_L0 and r.get("kernels") == "sparse" and (r.get("l0_fraction") or 1) <= LOW_L0:
+            floor_target = TARGET_FLOOR_LOW_L0[v]
+        l0 = "-" if r.get("l0") is None else f"{r['l0']:.1f} ({100 * r['l0_fraction']:.2f}%)"
         out.append([
-            v, str(r["d_in"]), r["width"], _fmt(r.get("ours_tps"), ".0f") if "ours_error" not in r else "error",
+            r["variant"], str(r["d_in"]), r["width"], l0,
+            _fmt(r.get("ours_tps"), ".0f") if "ours_error" not in r else "error",
             _fmt(r.get("sl_tps"), ".0f") if "sl_error" not in r else "skipped",
             _fmt(sp, ".2f") + _mark(sp, TARGET_SPEEDUP.get(v), True),
             _fmt(r.get("speedup_best"), ".2f") + _mark(r.get("speedup_best"), TARGET_SPEEDUP.get(v), True),
             _fmt(r.get("speedup_norm"), ".2f") + _mark(r.get("speedup_norm"), TARGET_SPEEDUP.get(v), True),
             _fmt(r.get("floor_ms"), ".0f"),
-            _fmt(r.get("step_floor"), ".2f") + _mark(r.get("step_floor"), TARGET_FLOOR.get(v), False),
-            _fmt(r.get("step_floor_best"), ".2f") + _mark(r.get("step_floor_best"), TARGET_FLOOR.get(v), False),
+            _fmt(r.get("step_floor"), ".2f") + _mark(r.get("step_floor"), floor_target, False),
+            _fmt(r.get("step_floor_best"), ".2f") + _mark(r.get("step_floor_best"), floor_target, False),
             _fmt(r.get("gflop"), ".1f"), _fmt(r.get("mb"), ".0f"),
             _fmt(r.get("gemm_gflops"), ".1f") + (f" {r['precision']}" if "precision" in r else ""),
             _fmt(r.get("gbps"), ".1f"),
@@ -527,7 +582,14 @@ def main(argv: list[str] | None = None) -> int:
                         "autocast=auto would pick (SAELens and the data-wait run skipped)")
     p.add_argument("--compile", action="store_true", help="our trainer with torch.compile (config key compile)")
     p.add_argument("--dense", action="store_true",
-                   help="our TopK/BatchTopK through the dense reference path (config key sparse_kernels=false)")
+                   help="our TopK/BatchTopK through the dense reference path, Vanilla/JumpReLU never through "
+                        "their selected entries (config key sparse_kernels=false)")
+    p.add_argument("--compare-dense", action="store_true",
+                   help="measure every variant twice in the run, sparse kernels and then dense (sparse_kernels=false)")
+    p.add_argument("--l0", type=float, default=0.0,
+                   help="vanilla, jumprelu: before the warm-up, set each latent's encoder bias (vanilla) or "
+                        "threshold (jumprelu) from the first batch so that it fires on this fraction of the "
+                        "tokens (mean L0 = this x width; e.g. 0.015); 0: the variants' own init")
     p.add_argument("--nondeterministic", action="store_true",
                    help="our trainer with deterministic=false (CUDA: atomic adds allowed; no effect on CPU)")
     p.add_argument("--saelens-python", default=None,
@@ -557,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{'on' if args.thp else 'off'}, malloc cache {'on' if args.malloc_cache else 'off'}, device "
               f"{args.device}, dead fraction forced {args.dead_fraction}, ours: autocast {args.autocast}, compile "
               f"{'on' if args.compile else 'off'}, deterministic {'off' if args.nondeterministic else 'on'}, "
-              f"kernels {'dense' if args.dense else 'sparse'}")
+              f"kernels {'sparse and dense' if args.compare_dense else 'dense' if args.dense else 'sparse'}"
+              + (f", L0 set to {args.l0:g} of the width (vanilla, jumprelu)" if args.l0 else ""))
     print(header, flush=True)
     print("SAELens: " + (exe if exe else f"skipped: {why}"), flush=True)
     t_start = time.perf_counter()
@@ -572,17 +635,19 @@ def main(argv: list[str] | None = None) -> int:
             return _precision_report(args, cmdline, data, tmp, variants, d_ins, expansions, t_start)
         for d in d_ins:
             for e in expansions:
-                for v in variants:
-                    name = f"{v}_{d}_{e}x"
+                for v, sparse in [(v, s) for v in variants for s in ((True, False) if args.compare_dense else (not args.dense,))]:
+                    label = v if sparse or not args.compare_dense else f"{v} (dense)"
+                    name = f"{v}_{d}_{e}x" + ("" if sparse or not args.compare_dense else "_dense")
                     spec = {"arch": v, "expansion": e, "k": args.k, "batch_size": args.batch_size, "steps": args.steps,
                             "warmup": args.warmup, "threads": args.threads, "device": args.device,
                             "dead_fraction": args.dead_fraction, "data": str(data[d]), "autocast": args.autocast,
-                            "compile": args.compile, "deterministic": not args.nondeterministic, "sparse_kernels": not args.dense}
+                            "compile": args.compile, "deterministic": not args.nondeterministic, "sparse_kernels": sparse,
+                            "l0_fraction": args.l0 if v in ("vanilla", "jumprelu") else 0.0}
                     ours = run_ours(args, "ours", spec, tmp, f"ours_{name}")
                     theirs = run_saelens(args, exe, data[d], v, e, tmp, f"saelens_{name}") if exe else why
-                    results.append({"arch": v, "d_in": d, "expansion": e, "ours": ours, "saelens": theirs})
+                    results.append({"arch": v, "label": label, "d_in": d, "expansion": e, "ours": ours, "saelens": theirs})
                     row = build_rows(results[-1:])[0]
-                    print(f"  {name}: ours {_fmt(row.get('ours_ms'), '.0f')} ms/step "
+                    print(f"  {name}: L0 {_fmt(row.get('l0'), '.1f')}, ours {_fmt(row.get('ours_ms'), '.0f')} ms/step "
                           f"(fwd mm {_fmt(row.get('floor_ms'), '.0f')} ms, x{_fmt(row.get('step_floor'), '.2f')}; "
                           f"floor {_fmt(row.get('roof_ms'), '.1f')} ms, x{_fmt(row.get('step_roof'), '.2f')}), "
                           f"SAELens {_fmt(row.get('sl_ms'), '.0f')} ms/step, speedup {_fmt(row.get('speedup'), '.2f')}"
@@ -607,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     mem_method = next((r["ours"]["mem_method"] for r in results if isinstance(r["ours"], dict)), "n/a")
     notes = [f"Command: `{cmdline}`", "",
              "Targets: speedup >= 2.0 (topk, batchtopk), >= 1.2 (vanilla, jumprelu); step/fwd mm <= 1.3 (topk, "
-             "batchtopk); data wait < 5%. 'MISS' marks a missed target. speedup = our tokens/s over SAELens' "
+             "batchtopk), <= 2.5 (vanilla, jumprelu at L0 <= 2% of the width, sparse kernels); data wait < 5%. 'MISS' marks a missed target. speedup = our tokens/s over SAELens' "
              "(median steps); best: the fastest step of each side; /floor: each side's median step over its own "
              "process's dense forward matmul (cancels load drift between the two subprocesses). step/fwd mm: our "
              "median step over the median time of one dense [batch, d_in] x [d_in, width] product run after each "

@@ -7,9 +7,10 @@ FLOPs (multiply-adds x 2, the matrix products only; element-wise work is counted
   dense path (Vanilla, JumpReLU; TopK/BatchTopK with sparse_kernels=false): encoder forward 2Bdm,
     decoder forward 2Bmd, decoder weight and input gradients 2 x 2Bmd, encoder weight gradient
     2Bdm (b_dec's gradient is a matvec) = 10 B d m;
-  sparse kernels (TopK/BatchTopK): encoder forward 2Bdm (dense), then decode, decoder weight
-    gradient, active values' gradient and encoder weight gradient over the B k active entries,
-    4 x 2Bkd = 2 B d m + 8 B k d;
+  sparse kernels (TopK/BatchTopK; Vanilla/JumpReLU when their step took the selected-entries
+    path, k then the mean selected entries per token): encoder forward 2Bdm (dense), then decode,
+    decoder weight gradient, active values' gradient and encoder weight gradient over the B k
+    active entries, 4 x 2Bkd = 2 B d m + 8 B k d;
   AuxK on its block: the dense path's 10 B d n_dead.
 Bytes (a lower bound on memory traffic, each tensor moved once where it must be):
   parameters: W_enc and W_dec read by the forward (2 x 4dm) and their gradients written (2 x 4dm);
@@ -41,10 +42,12 @@ class StepCost(NamedTuple):
     bytes: float
 
 
-def step_cost(arch: str, B: int, d: int, m: int, k: int, *, sparse_kernels: bool = True, n_dead: int = 0,
-              act_bytes: int = 4) -> StepCost:
-    """FLOPs and bytes of one training step (module docstring)."""
-    sparse = sparse_kernels and arch in SPARSE_ARCHS
+def step_cost(arch: str, B: int, d: int, m: int, k: float, *, sparse_kernels: bool = True, n_dead: int = 0,
+              act_bytes: int = 4, selected: float | None = None) -> StepCost:
+    """FLOPs and bytes of one training step (module docstring). selected: a threshold rule's mean
+    selected entries per token when its step took the selected-entries path (it replaces k)."""
+    sparse = sparse_kernels and (arch in SPARSE_ARCHS or selected is not None)
+    k = k if selected is None else selected
     flops = (2 * B * d * m + 8 * B * k * d) if sparse else 10 * B * d * m
     flops += 10 * B * d * n_dead
     P = 2 * d * m + m + d

@@ -59,7 +59,7 @@ def legacy_config_hash(cfg: TrainConfig) -> str:
     compare the declared facts against."""
     skip = {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device", "eval_every",
             "eval_batches", "compile", "deterministic", "sparse_kernels", "store_threads", "store_io",
-            "memory_limit_gib"}  # memory_limit_gib: added later (issue 14), how much memory a run may take
+            "memory_limit_gib", "sparse_fraction"}  # added later (issues 14, 15): how a run computes
     defaults = get_default_cfg().to_dict()
     skip |= {k for k in ADDED_LATER if getattr(cfg, k) == defaults[k]}
     data = {k: v for k, v in cfg.to_dict().items() if k not in skip}
@@ -120,8 +120,8 @@ def test_the_declared_facts_are_the_lists_they_replaced():
                                    "mask_token_ids", "mask_norm_multiple", "mask_norm_threshold"}  # train.sweep; the row mask: issue 13
     not_identity = {k for k in field_names() if key_facts(k).identity is False}
     assert not_identity == {"run_name", "out", "wandb_mode", "wandb_project", "wandb_group", "log_every", "device",
-                            "eval_every", "eval_batches", "compile", "deterministic", "sparse_kernels", "store_threads",
-                            "store_io", "memory_limit_gib"}
+                            "eval_every", "eval_batches", "compile", "deterministic", "sparse_kernels", "sparse_fraction", "store_threads",
+                            "store_io", "memory_limit_gib", "sparse_fraction"}
     assert {k for k in field_names() if key_facts(k).identity == "when_set"} == {"autocast", "allow_unsealed",
                                                                               *ADDED_LATER, "in_site", "out_site",
                                                                               "sparsity"}

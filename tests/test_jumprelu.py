@@ -145,7 +145,8 @@ def test_options_are_checked_and_named(sparse_cache, tmp_path):
 
 def test_records_made_before_the_options_rebuild_the_sae_they_describe(sparse_cache, tmp_path):
     cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, arch="jumprelu", jumprelu_init_l0=0,
-                                jumprelu_threshold_lr_scale=1.0), d_in=16, site=SITE)  # the values runs used before
+                                jumprelu_threshold_lr_scale=1.0, sparse_fraction=0.0), d_in=16,
+                        site=SITE)  # the values runs used before
     record = sae_record(build_from_cfg(cfg))
     assert set(record["args"]) == {"d_in", "d_sae", "aux_k", "dead_tokens_threshold", "l0_coeff", "sparsity",
                                    "bandwidth", "threshold_init"}  # what checkpoints recorded before

@@ -20,6 +20,9 @@ def test_flops_of_the_dense_and_sparse_steps_and_auxk():
     sparse = step_cost("topk", B, d, m, k)
     assert sparse.flops == 2 * B * d * m + 8 * B * k * d == step_cost("batchtopk", B, d, m, k).flops
     assert step_cost("topk", B, d, m, k, n_dead=100).flops - sparse.flops == 10 * B * d * 100
+    # a threshold rule's selected-entries path: the sparse count with its mean selected entries per token
+    assert step_cost("vanilla", B, d, m, k, selected=50.0).flops == 2 * B * d * m + 8 * B * 50.0 * d
+    assert step_cost("jumprelu", B, d, m, k, selected=50.0, sparse_kernels=False).flops == 10 * B * d * m
 
 
 def test_bytes_count_parameters_adam_and_the_batch_sized_tensors():

@@ -227,6 +227,12 @@ class TrainConfig:
     latents; 4-6x SAELens' step on CPU). false uses the dense reference path (same function,
     float rounding aside), which may be the faster one on a GPU for small dictionaries: on an H100
     the sparse TopK step at 768 x 6144 measured 20 ms where the dense Vanilla step took 7 ms."""
+    sparse_fraction: float = _key(0.05, identity=False, legacy=0.0)
+    """vanilla, jumprelu (and transcoders with their rules), with sparse_kernels: a training step
+    goes through the sparse kernels when the batch's latents above the rule's floor (ReLU: z > 0;
+    JumpReLU: z > threshold - bandwidth, which covers the pseudo-gradient's kernel) number at most
+    this fraction of batch x dict_size (mean L0 against the width), else the dense path; the same
+    function up to float rounding. 0: always dense (what runs made before this key computed)."""
     deterministic: bool = _key(True, identity=False)
     """On CUDA, torch's deterministic kernels (no atomic adds in the sparse backward) and cuBLAS's
     fixed workspace, so that a run repeats and resumes bit for bit. Process-wide: it stays on in
@@ -446,6 +452,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
     if not 0 <= cfg.lr_decay_start <= 1:
         raise ConfigError(f"lr_decay_start={cfg.lr_decay_start} must be a fraction in [0, 1]")
+    if not 0 <= cfg.sparse_fraction <= 1:
+        raise ConfigError(f"sparse_fraction={cfg.sparse_fraction} must be a fraction in [0, 1] (0: always dense)")
     if cfg.micro_batch_size is not None and (cfg.micro_batch_size <= 0 or cfg.batch_size % cfg.micro_batch_size):
         raise ConfigError(
             f"batch_size={cfg.batch_size} is not divisible by micro_batch_size={cfg.micro_batch_size}"

@@ -10,6 +10,10 @@ The forward still forms the dense pre-activations (choosing the top k needs all 
 the backward touches only the n active entries: O(n*d) work instead of the dense O(B*m*d), and
 no [n, d] temporary, since every gradient is an embedding_bag or index_add reduction.
 
+Threshold rules (Vanilla's ReLU, JumpReLU) have no fixed k: `select_above` lists the entries
+of the dense pre-activations above a floor (row-sorted, as BatchTopK's), or gives None when they
+are more than a budget, and `SelectedEncode` gathers them with the same sparse backward.
+
 `CenteredEncode` is the dense encoder (x - b_dec) @ W_enc + b_enc with b_dec's gradient taken
 as a matvec instead of a [B, m] x [m, d] matmul. `batch_topk` selects BatchTopK's k*B entries
 (on the CPU through a sampled threshold, since a top-k over the flattened batch is one long
@@ -126,16 +130,29 @@ def _encoder_grads(ctx, grad_vals: Tensor):
     """Gradients of vals[j] = relu(x[rows[j]] @ W_enc[:, cols[j]] + b_enc[cols[j]]) for x, W_enc, b_enc."""
     x, W_enc, rows, cols, offsets, active = ctx.saved_tensors
     g = (grad_vals.reshape(-1) * active).to(W_enc.dtype)  # [n], zero where the ReLU is off
+    return _active_grads(x, W_enc, rows, cols, offsets, g, *ctx.needs_input_grad[:3])
+
+
+def column_order(cols: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The active entries by column: (order [n], the permutation sorting cols; by_col [m], each
+    column's start in cols[order])."""
+    order = torch.argsort(cols)
+    return order, row_offsets(cols[order], m)
+
+
+def _active_grads(x: Tensor, W_enc: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor, g: Tensor,
+                  need_x: bool, need_W: bool, need_b: bool, by_column: tuple[Tensor, Tensor] | None = None):
+    """Gradients for x, W_enc, b_enc (None where not needed) of sum_j g[j] * (x[rows[j]] @ W_enc[:, cols[j]] + b_enc[cols[j]]).
+    by_column: column_order(cols, m) when already computed."""
     grad_x = grad_W = grad_b = None
-    if ctx.needs_input_grad[0]:  # grad_x[b] = sum_j g[j] * W_enc[:, cols[j]] over row b's run
+    if need_x:  # grad_x[b] = sum_j g[j] * W_enc[:, cols[j]] over row b's run
         # A contiguous [m, d] copy: embedding_bag on the transposed view is several times slower.
         grad_x = F.embedding_bag(cols, W_enc.t().contiguous(), offsets, mode="sum", per_sample_weights=g)
     m = W_enc.shape[1]
-    if ctx.needs_input_grad[1]:  # grad_W[:, c] = sum_j g[j] * x[rows[j]] over entries with cols[j] = c
-        order = torch.argsort(cols)
-        by_col = row_offsets(cols[order], m)
+    if need_W:  # grad_W[:, c] = sum_j g[j] * x[rows[j]] over entries with cols[j] = c
+        order, by_col = by_column if by_column is not None else column_order(cols, m)
         grad_W = F.embedding_bag(rows[order], x, by_col, mode="sum", per_sample_weights=g[order]).t()
-    if ctx.needs_input_grad[2]:
+    if need_b:
         grad_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
     return grad_x, grad_W, grad_b
 
@@ -204,3 +221,91 @@ class GatherEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals):
         return *_encoder_grads(ctx, grad_vals), None, None
+
+
+SELECT_ROWS = 256  # rows per block of select_above's comparison: the block's bool mask stays in cache
+
+
+def select_above(pre: Tensor, floor: Tensor | float, max_n: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The entries of pre [B, m] with pre > floor (a scalar or [m]), row-sorted: (flat indices
+    b * m + i, rows, cols [n] int64, offsets [B]); None when there are more than max_n of them
+    (the count is one host sync). Not differentiated. Compared and listed by blocks of
+    SELECT_ROWS rows into one reused mask (on the CPU a [B, m] bool mask written and read back
+    costs twice the blocks' time)."""
+    B, m = pre.shape
+    with torch.no_grad():
+        flat = pre.reshape(-1)
+        block = SELECT_ROWS * m
+        mask = torch.empty(min(block, flat.numel()), dtype=torch.bool, device=pre.device)
+        # a block of floors, also for a scalar one: on the CPU gt against a Python number runs ~1.5x slower
+        floor = floor if isinstance(floor, Tensor) else torch.tensor(floor, dtype=pre.dtype, device=pre.device)
+        floor_row = floor.expand(m).repeat(min(SELECT_ROWS, B))  # a tensor floor keeps its dtype (no rounding)
+        parts, n = [], 0
+        for start in range(0, flat.numel(), block):
+            chunk = flat[start:start + block]
+            torch.gt(chunk, floor_row[:chunk.numel()], out=mask[:chunk.numel()])
+            idx = mask[:chunk.numel()].nonzero().squeeze(1)
+            n += idx.numel()
+            if n > max_n:
+                return None
+            parts.append(idx.add_(start))
+        idx = torch.cat(parts) if len(parts) > 1 else parts[0]
+        rows = idx.div(m, rounding_mode="floor")
+        return idx, rows, idx - rows * m, row_offsets(rows, B)
+
+
+class SelectedEncode(torch.autograd.Function):
+    """z = SelectedEncode.apply(x, center, W_enc, b_enc, pre, flat, rows, cols, offsets) = pre[rows, cols] [n].
+
+    pre [B, m] must equal (x - center) @ W_enc + b_enc at the listed entries (it is not
+    differentiated); flat = rows * m + cols, rows, cols [n] row-sorted with offsets [B]
+    (select_above). The gradient of z (the raw pre-activation, no ReLU) reaches W_enc and b_enc
+    through the n entries only, and center as the matvec -W_enc @ grad_b_enc (CenteredEncode's),
+    so no [B, d] gradient is formed unless x itself needs one.
+    """
+
+    @staticmethod
+    def forward(ctx, x, center, W_enc, b_enc, pre, flat, rows, cols, offsets, order, by_col):
+        ctx.save_for_backward(x - center, W_enc, rows, cols, offsets, order, by_col)
+        return pre.reshape(-1)[flat]
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, W_enc, rows, cols, offsets, order, by_col = ctx.saved_tensors
+        need_x, need_center, need_W, need_b = ctx.needs_input_grad[:4]
+        grad_x, grad_W, grad_b = _active_grads(xc, W_enc, rows, cols, offsets, grad.to(W_enc.dtype), need_x, need_W,
+                                               need_b or need_center, (order, by_col))
+        grad_center = -(W_enc @ grad_b) if need_center else None
+        return grad_x, grad_center, grad_W, grad_b if need_b else None, *[None] * 7
+
+
+class SelectedDecode(torch.autograd.Function):
+    """out = SelectedDecode.apply(vals, W_dec, rows, cols, offsets, order, by_col) [B, d]:
+    sparse_decode(vals, cols, W_dec, offsets) of a row-sorted flat list, with (order, by_col) =
+    column_order(cols, m) shared with SelectedEncode's backward.
+
+    The forward is embedding_bag without autograd (with it, torch keeps the bookkeeping of its own
+    backward: about 3x the time on the CPU); the backward gives vals the dots
+    <grad[rows[j]], W_dec[cols[j]]> (embedding_bag's per-sample-weight gradient, offset2bag = rows)
+    and W_dec the per-column sums of vals[j] grad[rows[j]] (an embedding_bag over grad by column).
+    Under autocast vals may be bfloat16: the sums are taken in W_dec's dtype."""
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, rows, cols, offsets, order, by_col):
+        w = vals.to(W_dec.dtype)
+        ctx.save_for_backward(w, W_dec, rows, cols, offsets, order, by_col)
+        ctx.vals_dtype = vals.dtype
+        # detached: embedding_bag picks its bookkeeping-free kernel only for inputs without requires_grad
+        return F.embedding_bag(cols, W_dec.detach(), offsets, mode="sum", per_sample_weights=w.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, W_dec, rows, cols, offsets, order, by_col = ctx.saved_tensors
+        grad = grad.to(W_dec.dtype).contiguous()
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad, W_dec, cols, offsets, rows, 0, -1).to(ctx.vals_dtype)  # mode 0: sum; no padding index
+        if ctx.needs_input_grad[1]:
+            grad_W = F.embedding_bag(rows[order], grad, by_col, mode="sum", per_sample_weights=w[order])
+        return grad_vals, grad_W, None, None, None, None, None

@@ -133,7 +133,8 @@ class Trainer:
         targets = y.split(self._micro) if y is not None else [None] * -(-n // self._micro)
         for micro, target in zip(x.split(self._micro), targets):
             with torch.autocast(micro.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
-                out = self._forward(micro, sparsity_coeff_scale=scale, **({} if target is None else {"target": target}))
+                out = self._forward(micro, sparsity_coeff_scale=scale, latents=False,  # the step reads none
+                                    **({} if target is None else {"target": target}))
             (out.loss * (micro.shape[0] / n)).backward()
             self.fire_counts += out.fired
             w = micro.shape[0] / n

@@ -25,8 +25,19 @@ before every step with the tokens seen so far; what it sets must be a pure funct
 that a resumed run repeats it). Cost of such a
 training forward: the batch's active latents stay a sparse list (`Active`), and the metrics, the
 dead-latent update and `SAEOutput.fired` are taken from it, so beyond the encoder matmul and the
-selection only `latents` (a zero fill and a scatter) touches [B, m] memory. The declarations the
-rest of train/ reads (config keys, run label, encodings, calibration, export form) have their
+selection only `latents` (a zero fill and a scatter) touches [B, m] memory.
+
+Threshold rules (f_i nonzero only where z_i is above a floor: Vanilla's ReLU, JumpReLU) set
+`selects_active` and define `active_floor()`, `active_values(z, cols)` and
+`active_sparsity_loss(active, n_rows)`. With `sparse_fraction` > 0 (config keys sparse_fraction
+and sparse_kernels) a training forward lists the entries above the floor; when they number at
+most sparse_fraction x B x m (the batch's mean selected count per token against the width: the
+sparse kernels' cost is their total, as the list is flat and unpadded), the decode, the decoder's
+gradient and the encoder's weight gradient go through them (train.kernels.SelectedEncode and
+SelectedDecode), the same function as the dense path up to float rounding, and with
+forward(latents=False) (the trainer's) no [B, m] latents are formed; otherwise, or when the floor
+is None (a loss term with dense gradients, e.g. JumpReLU's pre_act_coeff), the step is the dense
+one. The declarations the rest of train/ reads (config keys, run label, encodings, calibration, export form) have their
 defaults at the end of this class; the package docstring (train.sae) lists them.
 """
 
@@ -36,13 +47,13 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from train.kernels import CenteredEncode, sparse_decode
+from train.kernels import CenteredEncode, SelectedDecode, SelectedEncode, column_order, select_above, sparse_decode
 from train.sae.losses import auxk_loss, explained_variance
 
 
 class SAEOutput(NamedTuple):
     x_hat: Tensor  # [B, d] reconstruction
-    latents: Tensor  # [B, m] post-activation f
+    latents: Tensor | None  # [B, m] post-activation f; None when forward(latents=False) took a sparse path
     pre_acts: Tensor  # [B, m] pre-activations z (without grad on the fast TopK/BatchTopK paths)
     loss: Tensor  # scalar: losses["mse"] + losses["sparsity"] + losses["aux"] (+ a rule's reconstruction terms)
     losses: dict[str, Tensor]  # scalars: mse, sparsity, aux; detached l0, l1, explained_variance
@@ -51,11 +62,13 @@ class SAEOutput(NamedTuple):
 
 
 class Active(NamedTuple):
-    """A batch's selected latents, flat: vals [n] (differentiable), rows [n] and cols [n] int64."""
+    """A batch's selected latents, flat: vals [n] (differentiable), rows [n] and cols [n] int64;
+    on a threshold rule's selected-entries path also pre [n], their raw pre-activations (detached)."""
 
     vals: Tensor
     rows: Tensor
     cols: Tensor
+    pre: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -113,12 +126,15 @@ class BaseAutoencoder(nn.Module):
     Keyword args shared by every variant:
       aux_k: latents used by AuxK (default d_in // 2); aux_coeff: AuxK weight (0 disables);
       dead_tokens_threshold: tokens without firing before a latent counts as dead;
+      sparse_fraction: threshold rules only: the selected-entries path when the batch's entries
+        above the floor are at most this fraction of B x m (0: always dense; module docstring);
       generator: torch.Generator for the init (else the global RNG); device, dtype.
     """
 
     arch = "base"  # the registered name (train.sae.registry.register sets it, and `title`, the name for people)
     title = "base"
     fast = False  # True: train through sparse_encode (the sparse kernels of train.kernels)
+    selects_active = False  # True: a threshold rule (active_floor ...): the selected-entries path with sparse_fraction
     # Constructor keyword -> TrainConfig key, for the keys this variant reads beyond the shared ones.
     config_keys: dict[str, str] = {}
     # Keys added after checkpoints recorded their SAE's arguments: keyword -> (TrainConfig key, the
@@ -136,6 +152,8 @@ class BaseAutoencoder(nn.Module):
         args.update({kw: getattr(cfg, key) for kw, key in cls.config_keys.items()})
         args.update({kw: getattr(cfg, key) for kw, (key, legacy) in cls.late_config_keys.items()
                      if getattr(cfg, key) != legacy})
+        if cls.selects_active and cfg.sparse_kernels and cfg.sparse_fraction:  # recorded only when on
+            args["sparse_fraction"] = cfg.sparse_fraction
         return args
 
     @classmethod
@@ -162,8 +180,11 @@ class BaseAutoencoder(nn.Module):
 
     def __init__(self, d_in: int, d_sae: int, *, aux_k: int | None = None, aux_coeff: float = 0.0,
                  dead_tokens_threshold: int = 10_000_000, generator: torch.Generator | None = None,
-                 device=None, dtype: torch.dtype = torch.float32):
+                 device=None, dtype: torch.dtype = torch.float32, sparse_fraction: float = 0.0):
         super().__init__()
+        if not 0 <= sparse_fraction <= 1:
+            raise ValueError(f"sparse_fraction must be in [0, 1], got {sparse_fraction}")
+        self.sparse_fraction = sparse_fraction
         self.d_in, self.d_sae = d_in, d_sae
         self.aux_k = d_in // 2 if aux_k is None else aux_k
         self.aux_coeff = aux_coeff
@@ -203,27 +224,58 @@ class BaseAutoencoder(nn.Module):
         """x_hat = f @ W_dec + b_dec. f [..., m] -> [..., d]."""
         return f @ self.W_dec + self.b_dec
 
-    def _encode_decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Active | None]:
-        """Training path: (f [B, m], pre [B, m], x_hat [B, d], the active set if kept sparse, else None)."""
+    def _encode_decode(self, x: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Tensor, Active | None]:
+        """Training path: (f [B, m], pre [B, m], x_hat [B, d], the active set if kept sparse, else None);
+        latents=False: f is None on the selected-entries path (not formed)."""
         if self.fast:
             f, pre, active, (vals, idx, offsets) = self.sparse_encode(x - self.b_dec)
             return f, pre, sparse_decode(vals, idx, self.W_dec, offsets) + self.b_dec, active
         pre = self.pre_acts(x)
+        selected = self._select_active(x, self.b_dec, pre, latents)
+        if selected is not None:
+            f, active, decoded = selected
+            return f, pre.detach(), decoded + self.b_dec, active
         f = self.activation(pre)
         return f, pre, self.decode(f), None
 
+    def _select_active(self, x: Tensor, center: Tensor, pre: Tensor,
+                       latents: bool = True) -> tuple[Tensor | None, Active, Tensor] | None:
+        """A threshold rule's selected-entries path (module docstring): x [B, d], the encoder's
+        centre [d] (b_dec; a transcoder's b_in), pre [B, m] the pre-activations of x - center ->
+        (f [B, m] (None unless latents), the active set with its raw pre-activations, its decode
+        f @ W_dec [B, d_out] without bias); None: take the dense path."""
+        if not (self.selects_active and self.sparse_fraction):
+            return None
+        floor = self.active_floor()
+        if floor is None:
+            return None
+        sel = select_above(pre.detach(), floor, int(self.sparse_fraction * pre.numel()))
+        if sel is None:
+            return None
+        flat, rows, cols, offsets = sel
+        by_column = column_order(cols, self.d_sae)  # shared by the encoder's and the decoder's backward
+        z = SelectedEncode.apply(x, center, self.W_enc, self.b_enc, pre.detach(), flat, rows, cols, offsets, *by_column)
+        vals = self.active_values(z, cols)
+        f = None
+        if latents:
+            f = pre.new_zeros(pre.shape, dtype=vals.dtype)
+            f.view(-1).index_put_((flat,), vals)  # in place on the fresh zeros (index_put would copy them)
+        return f, Active(vals, rows, cols, z.detach()), SelectedDecode.apply(vals, self.W_dec, rows, cols, offsets, *by_column)
+
     @torch.no_grad()
-    def _batch_stats(self, f: Tensor, active: Active | None) -> tuple[Tensor, Tensor, Tensor]:
-        """(l0 [B] float, l1 scalar = mean_B sum_i |f_i|, fired [m] int64), from the sparse set when there is one."""
-        B = f.shape[0]
+    def _batch_stats(self, f: Tensor | None, active: Active | None, n_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(l0 [B] float, l1 scalar = mean_B sum_i |f_i|, fired [m] int64), from the sparse set when
+        there is one (then f may be None, with n_rows = B)."""
+        B = f.shape[0] if f is not None else n_rows
         if active is None:  # float reductions only: bool masks and integer casts of [B, m] are slow on the CPU
             on = f.abs()
             l1 = on.sum(-1).mean()
             on.sign_()  # 1 where f != 0; exact float counts (B < 2^24)
             return on.sum(-1), l1, on.sum(0).long()
         on = active.vals.detach() != 0
-        l0 = torch.zeros(B, dtype=f.dtype, device=f.device).index_add_(0, active.rows, on.to(f.dtype))
-        fired = torch.zeros(self.d_sae, dtype=torch.long, device=f.device).index_add_(0, active.cols, on.long())
+        dtype = active.vals.dtype  # f's
+        l0 = torch.zeros(B, dtype=dtype, device=on.device).index_add_(0, active.rows, on.to(dtype))
+        fired = torch.zeros(self.d_sae, dtype=torch.long, device=on.device).index_add_(0, active.cols, on.long())
         return l0, active.vals.detach().abs().sum() / B, fired
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -247,6 +299,20 @@ class BaseAutoencoder(nn.Module):
         """Unscaled sparsity penalty (scalar); zero for variants whose sparsity is structural."""
         return f.new_zeros(())
 
+    # ----- threshold rules' selected-entries path (selects_active; module docstring)
+    def active_floor(self) -> Tensor | float | None:
+        """A floor (scalar or [m], detached): f, the sparsity loss and their gradients depend only
+        on the entries with z > floor; None: this configuration needs the dense path."""
+        return None
+
+    def active_values(self, z: Tensor, cols: Tensor) -> Tensor:
+        """f at the selected entries: z [n] their raw pre-activations (differentiable), cols [n]."""
+        raise NotImplementedError(f"{type(self).__name__} sets selects_active but defines no active_values()")
+
+    def active_sparsity_loss(self, active: Active, n_rows: int) -> Tensor:
+        """sparsity_loss from the selected entries alone (active.pre set), over a batch of n_rows tokens."""
+        raise NotImplementedError(f"{type(self).__name__} sets selects_active but defines no active_sparsity_loss()")
+
     def reconstruction_losses(self, x: Tensor, x_hat: Tensor, f: Tensor, pre: Tensor,
                               active: Active | None) -> dict[str, Tensor]:
         """The loss's reconstruction terms, name -> scalar, all summed into the loss: "mse" (the
@@ -258,20 +324,25 @@ class BaseAutoencoder(nn.Module):
         """aux_coeff * normalised error of reconstructing x - x_hat.detach() from dead latents (train.sae.losses)."""
         return auxk_loss(self, x, x_hat, pre)
 
-    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0, target: Tensor | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0, target: Tensor | None = None,
+                latents: bool = True) -> SAEOutput:
         """x [B, d] -> SAEOutput. sparsity_coeff_scale multiplies the sparsity term (warm-up).
         target [B, d_out]: what the decoder predicts; None for an SAE, whose target is its input
-        (a transcoder, train.sae.transcoder, predicts another site).
+        (a transcoder, train.sae.transcoder, predicts another site). latents=False (the trainer's
+        steps, which read none): SAEOutput.latents is None where a path would form [B, m] only
+        for it (the selected-entries path); the loss and the metrics are the same.
 
         In training mode this also updates the dead-latent counters.
         """
-        f, pre, x_hat, active = self._encode_decode(x)
+        f, pre, x_hat, active = self._encode_decode(x, latents)
         y = x if target is None else target
-        l0, l1, fired = self._batch_stats(f, active)
+        l0, l1, fired = self._batch_stats(f, active, x.shape[0])
         if self.training:
             self._mark_fired(x.shape[0], fired)
         recon = self.reconstruction_losses(y, x_hat, f, pre, active)  # y: the target (an SAE's is x)
-        sparsity = sparsity_coeff_scale * self.sparsity_loss(f, pre)
+        selected = active is not None and active.pre is not None  # a threshold rule's selected-entries path
+        sparsity = sparsity_coeff_scale * (self.active_sparsity_loss(active, x.shape[0]) if selected
+                                           else self.sparsity_loss(f, pre))
         aux = self.auxk_loss(x, x_hat, pre) if target is None else self.auxk_loss(x, x_hat, pre, target=target)
         with torch.no_grad():
             metrics = {"l0": l0.mean(), "l1": l1, "explained_variance": explained_variance(y, x_hat)}

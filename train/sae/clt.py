@@ -223,9 +223,11 @@ class CrossLayerTranscoder(nn.Module):
             acc[:, l * d:] += flat[:, l] @ src.W_dec
         return (acc.view(-1, L, d) + self.b_dec).reshape(*lead, L, d)
 
-    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0, target: Tensor | None = None) -> SAEOutput:
+    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0, target: Tensor | None = None,
+                latents: bool = True) -> SAEOutput:
         """x, target [B, L, d] -> SAEOutput with x_hat [B, L, d], latents and pre_acts as tuples of
-        the layers' [B, m] tensors, l0 [B] (all layers), fired [L*m]; losses add fvu/<l> and l0/<l>."""
+        the layers' [B, m] tensors, l0 [B] (all layers), fired [L*m]; losses add fvu/<l> and l0/<l>.
+        latents: accepted for the trainer's call (BaseAutoencoder.forward); a clt forms every layer's."""
         if target is None:
             raise ValueError("a clt predicts its target sites: call it with target=[B, L, d] rows")
         B, L, d = x.shape[0], self.n_layers, self.d_in

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from train.sae.base import BaseAutoencoder
+from train.sae.base import Active, BaseAutoencoder
 from train.sae.functions import JumpReLUFn, StepFn
 from train.sae.registry import register
 
@@ -42,6 +42,13 @@ class JumpReLU:
     about lr per step whatever the loss's scale, so at lr 4e-4 the thresholds change by about 10%
     over 1M tokens of batches of 4096 (245 steps), too slowly for the L0 terms to steer L0.
     AuxK is off unless aux_coeff > 0.
+
+    A threshold rule (train.sae.base): with sparse_fraction set it trains through the entries with
+    z > theta - bandwidth when they are few enough. These hold every active one and every one the
+    kernel sees (|z - theta| < bandwidth / 2, with a margin of bandwidth / 2 against rounding), so
+    the jump, the L0, quadratic, tanh and frequency terms and all their gradients, the thresholds'
+    included, are computed on them alone. pre_act_coeff > 0 keeps the dense path: its gradient
+    reaches W_enc at every below-threshold entry.
     """
 
     config_keys = {"l0_coeff": "l0_coeff", "sparsity": "jumprelu_sparsity", "bandwidth": "jumprelu_bandwidth",
@@ -52,6 +59,7 @@ class JumpReLU:
                         "init_l0": ("jumprelu_init_l0", 0.0),  # resolved by config_args
                         "threshold_lr_scale": ("jumprelu_threshold_lr_scale", 1.0)}
     saelens_arch = "jumprelu"  # with threshold = exp(log_threshold)
+    selects_active = True
 
     @classmethod
     def config_error(cls, cfg) -> str | None:
@@ -151,6 +159,32 @@ class JumpReLU:
             if self.pre_act_silent_tokens:
                 weight = weight * (self.tokens_since_fired >= self.pre_act_silent_tokens)
             loss = loss + self.pre_act_coeff * ((theta - pre).relu() @ weight.to(pre.dtype)).mean()
+        return loss
+
+    def active_floor(self) -> Tensor | None:
+        if self.pre_act_coeff:
+            return None
+        return self.log_threshold.detach().exp() - self.bandwidth
+
+    def active_values(self, z: Tensor, cols: Tensor) -> Tensor:
+        return JumpReLUFn.apply(z, self.log_threshold.exp().index_select(0, cols), self.bandwidth)
+
+    def active_sparsity_loss(self, active: Active, n_rows: int) -> Tensor:
+        """sparsity_loss on the selected entries: the step's sums over rows and latents become index_adds."""
+        theta = self.log_threshold.exp().index_select(0, active.cols)
+        step = StepFn.apply(active.pre, theta, self.bandwidth) if self.sparsity == "l0" or self.freq_coeff else None
+        if self.sparsity == "tanh":
+            norms = self.W_dec.norm(dim=1).index_select(0, active.cols)
+            loss = self.l0_coeff * torch.tanh(self.tanh_c * active.vals.abs() * norms).sum() / n_rows
+        elif self.target_l0 is None:
+            loss = self.l0_coeff * step.sum() / n_rows
+        else:
+            t = self.target_l0
+            l0 = step.new_zeros(n_rows).index_add(0, active.rows, step)
+            loss = self.l0_coeff * ((2 / t) * (l0 - t).square()).mean()
+        if self.freq_coeff:
+            rate = step.new_zeros(self.d_sae).index_add(0, active.cols, step) / n_rows
+            loss = loss + self.freq_coeff * (rate - self.freq_max).relu().sum()
         return loss
 
     def inference_threshold(self) -> Tensor | None:

@@ -67,7 +67,8 @@ def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor, targe
 
     x [B, d_in] what the encoder reads, centred by `center` (default b_dec); x_hat [B, d_out];
     target [B, d_out] (default x: an SAE); pre [B, m] the pre-activations of x (read on the dense
-    path; the fast paths encode the candidate block afresh, since their pre carries no gradient).
+    path; the fast and selected-entries paths encode the candidate block afresh, since their pre
+    carries no gradient).
     A scalar."""
     if sae.aux_coeff == 0:
         return x.new_zeros(())
@@ -77,7 +78,7 @@ def auxk_loss(sae: BaseAutoencoder, x: Tensor, x_hat: Tensor, pre: Tensor, targe
     if cand.numel() == 0:
         return x.new_zeros(())  # no latent is dead: exactly the loss's value, without computing it
     dead = sae.dead_mask().index_select(0, cand)  # [n_cand] bool, on the device: no sync
-    if sae.fast:
+    if sae.fast or not pre.requires_grad:  # pre without grad: the sparse paths' (or no grad wanted)
         z = CenteredEncode.apply(x, sae.b_dec if center is None else center, sae.W_enc.index_select(1, cand), sae.b_enc.index_select(0, cand))
     else:
         z = pre.index_select(1, cand)

@@ -165,21 +165,27 @@ class Transcoder(BaseAutoencoder):
             raise ValueError(f"a {self.title}'s prediction needs its input: call decode(f, x)")
         return x @ self.W_skip.t()
 
-    def _encode_decode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Active | None]:
+    def _encode_decode(self, x: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Tensor, Active | None]:
         if self.fast:
             f, pre, active, (vals, idx, offsets) = self.sparse_encode(x - self.b_in)
             y = sparse_decode(vals, idx, self.W_dec, offsets) + self.b_dec
         else:
             pre = self.pre_acts(x)
-            f, active = self.activation(pre), None
-            y = f @ self.W_dec + self.b_dec
+            selected = self._select_active(x, self.b_in, pre, latents)
+            if selected is None:
+                f, active = self.activation(pre), None
+                y = f @ self.W_dec + self.b_dec
+            else:
+                (f, active, decoded), pre = selected, pre.detach()
+                y = decoded + self.b_dec
         return f, pre, (y if not self.skip else y + self._skip(x)), active
 
-    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0, target: Tensor | None = None):
+    def forward(self, x: Tensor, sparsity_coeff_scale: float | Tensor = 1.0, target: Tensor | None = None,
+                latents: bool = True):
         """x [B, d_in], target [B, d_out] -> SAEOutput (BaseAutoencoder.forward's loss against target)."""
         if target is None:
             raise ValueError(f"a {self.title} predicts another site: call it with target=[B, {self.d_out}] rows")
-        return super().forward(x, sparsity_coeff_scale, target=target)
+        return super().forward(x, sparsity_coeff_scale, target=target, latents=latents)
 
     def auxk_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, target: Tensor | None = None) -> Tensor:
         return auxk_loss(self, x, x_hat, pre, target=target, center=self.b_in)
