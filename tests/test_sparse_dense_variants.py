@@ -26,7 +26,9 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 # in the kernel (their threshold gradient needs the decode's gradient at entries where f = 0)
 JUMPRELU = {"l0": dict(sparsity="l0"), "tanh": dict(sparsity="tanh"),
             "target_l0": dict(sparsity="l0", target_l0=3.0),
-            "freq": dict(sparsity="l0", freq_coeff=0.5, freq_max=0.02)}
+            "freq": dict(sparsity="l0", freq_coeff=0.5, freq_max=0.02),
+            # the pre-activation loss on silent latents: their block encoded afresh (_pair marks some silent)
+            "pre_act_silent": dict(sparsity="l0", pre_act_coeff=0.1, pre_act_silent_tokens=500)}
 
 
 def _batch(sae) -> torch.Tensor:
@@ -51,6 +53,7 @@ def _pair(arch: str, **kw):
         else:
             dense.b_enc.copy_(torch.randn(M, generator=g) * 0.3)
             dense.log_threshold.copy_((2.0 + 0.3 * torch.rand(M, generator=g)).log())
+        dense.tokens_since_fired[::4] = 10_000  # a quarter of the latents silent for 10k tokens
     sparse = copy.deepcopy(dense)
     sparse.sparse_fraction = 1.0
     return sparse, dense

@@ -63,12 +63,16 @@ class SAEOutput(NamedTuple):
 
 class Active(NamedTuple):
     """A batch's selected latents, flat: vals [n] (differentiable), rows [n] and cols [n] int64;
-    on a threshold rule's selected-entries path also pre [n], their raw pre-activations (detached)."""
+    on a threshold rule's selected-entries path also pre [n], their raw pre-activations (detached),
+    and what the encoder read, x [B, d_in] and its centre [d_in], so that a loss can encode a block
+    of columns afresh (`BaseAutoencoder.encode_columns`)."""
 
     vals: Tensor
     rows: Tensor
     cols: Tensor
     pre: Tensor | None = None
+    x: Tensor | None = None
+    center: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -260,7 +264,14 @@ class BaseAutoencoder(nn.Module):
         if latents:
             f = pre.new_zeros(pre.shape, dtype=vals.dtype)
             f.view(-1).index_put_((flat,), vals)  # in place on the fresh zeros (index_put would copy them)
-        return f, Active(vals, rows, cols, z.detach()), SelectedDecode.apply(vals, self.W_dec, rows, cols, offsets, *by_column)
+        active = Active(vals, rows, cols, z.detach(), x, center)
+        return f, active, SelectedDecode.apply(vals, self.W_dec, rows, cols, offsets, *by_column)
+
+    def encode_columns(self, active: Active, cols: Tensor) -> Tensor:
+        """The pre-activations of the selected-entries path's batch at latents cols [n] int64,
+        differentiable: (x - center) @ W_enc[:, cols] + b_enc[cols] -> [B, n]."""
+        return CenteredEncode.apply(active.x, active.center, self.W_enc.index_select(1, cols),
+                                    self.b_enc.index_select(0, cols))
 
     @torch.no_grad()
     def _batch_stats(self, f: Tensor | None, active: Active | None, n_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:

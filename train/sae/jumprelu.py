@@ -162,7 +162,7 @@ class JumpReLU:
         return loss
 
     def active_floor(self) -> Tensor | None:
-        if self.pre_act_coeff:
+        if self.pre_act_coeff and not self.pre_act_silent_tokens:
             return None
         return self.log_threshold.detach().exp() - self.bandwidth
 
@@ -185,6 +185,12 @@ class JumpReLU:
         if self.freq_coeff:
             rate = step.new_zeros(self.d_sae).index_add(0, active.cols, step) / n_rows
             loss = loss + self.freq_coeff * (rate - self.freq_max).relu().sum()
+        if self.pre_act_coeff:  # on the silent latents only (active_floor): their block, encoded afresh
+            silent = (self.tokens_since_fired >= self.pre_act_silent_tokens).nonzero().squeeze(1)
+            if silent.numel():
+                z = self.encode_columns(active, silent)  # [B, n_silent]
+                weight = self.W_dec.index_select(0, silent).norm(dim=1)
+                loss = loss + self.pre_act_coeff * ((self.log_threshold.exp().index_select(0, silent) - z).relu() @ weight.to(z.dtype)).mean()
         return loss
 
     def inference_threshold(self) -> Tensor | None:
