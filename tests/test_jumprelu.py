@@ -145,8 +145,8 @@ def test_options_are_checked_and_named(sparse_cache, tmp_path):
 
 def test_records_made_before_the_options_rebuild_the_sae_they_describe(sparse_cache, tmp_path):
     cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, arch="jumprelu", jumprelu_init_l0=0,
-                                jumprelu_threshold_lr_scale=1.0, sparse_fraction=0.0), d_in=16,
-                        site=SITE)  # the values runs used before
+                                jumprelu_threshold_lr_scale=1.0, sparse_fraction=0.0, jumprelu_pre_act_coeff=0.0,
+                                jumprelu_pre_act_silent_tokens=0), d_in=16, site=SITE)  # the values runs used before
     record = sae_record(build_from_cfg(cfg))
     assert set(record["args"]) == {"d_in", "d_sae", "aux_k", "dead_tokens_threshold", "l0_coeff", "sparsity",
                                    "bandwidth", "threshold_init"}  # what checkpoints recorded before
@@ -155,7 +155,8 @@ def test_records_made_before_the_options_rebuild_the_sae_they_describe(sparse_ca
     new = sae_record(build_from_cfg(update_cfg(cfg, target_l0=4, jumprelu_freq_coeff=0.5, jumprelu_init_l0=None)))["args"]
     assert new["target_l0"] == 4 and new["freq_coeff"] == 0.5 and new["init_l0"] == 4
     # a config.json written before the keys existed takes the values its run computed with
-    gone = ("jumprelu_init_l0", "jumprelu_pre_act_coeff", "jumprelu_threshold_lr_scale", "target_l0")
+    gone = ("jumprelu_init_l0", "jumprelu_pre_act_coeff", "jumprelu_threshold_lr_scale", "target_l0",
+            "jumprelu_pre_act_silent_tokens", "sparse_fraction")
     saved = {k: v for k, v in cfg.to_dict().items() if k not in gone}
     again = cfg_from_saved(saved)
     assert again.jumprelu_init_l0 == 0 and again.jumprelu_pre_act_coeff == 0.0 and again.jumprelu_threshold_lr_scale == 1
@@ -164,6 +165,7 @@ def test_records_made_before_the_options_rebuild_the_sae_they_describe(sparse_ca
     fresh = sae_record(build_from_cfg(post_init_cfg(cfg_for(sparse_cache, tmp_path, arch="jumprelu"), d_in=16,
                                                     site=SITE)))["args"]
     assert fresh["init_l0"] == 64 / 16 and fresh["threshold_lr_scale"] == 10.0
+    assert (fresh["pre_act_coeff"], fresh["pre_act_silent_tokens"]) == (0.03, 20_000)  # silent latents revived
     big = post_init_cfg(update_cfg(cfg_for(sparse_cache, tmp_path, arch="jumprelu"), dict_size=4608), d_in=16, site=SITE)
     assert build_from_cfg(big).init_l0 == 32
     assert "init_l0" not in sae_record(build_from_cfg(update_cfg(big, threshold_init=0.05)))["args"]  # a threshold asked for
