@@ -210,11 +210,11 @@ def test_nan_loss_stops_with_last_good_checkpoint(sparse_cache, tmp_path, monkey
     original = sae_mod.BaseAutoencoder.forward
     calls = {"n": 0}
 
-    def poisoned(self, x, sparsity_coeff_scale=1.0):
+    def poisoned(self, x, sparsity_coeff_scale=1.0, **kw):
         calls["n"] += 1
         if calls["n"] > 22:
             x = x * float("nan")
-        return original(self, x, sparsity_coeff_scale)
+        return original(self, x, sparsity_coeff_scale, **kw)
 
     monkeypatch.setattr(sae_mod.BaseAutoencoder, "forward", poisoned)
     with pytest.raises(TrainingError, match="NaN or inf.*last good checkpoint: .*step-000000020"):
