@@ -260,9 +260,9 @@ def test_a_diverging_learning_rate_stops_naming_the_step_and_keeps_the_last_good
 
     original, calls = sae_mod.BaseAutoencoder.forward, {"n": 0}
 
-    def blows_up(self, x, sparsity_coeff_scale=1.0):  # a finite loss, an infinite gradient from step 23 on
+    def blows_up(self, x, sparsity_coeff_scale=1.0, **kw):  # a finite loss, an infinite gradient from step 23 on
         calls["n"] += 1
-        return original(self, x * (1e30 if calls["n"] > 22 else 1.0), sparsity_coeff_scale)
+        return original(self, x * (1e30 if calls["n"] > 22 else 1.0), sparsity_coeff_scale, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sae_mod.BaseAutoencoder, "forward", blows_up)
