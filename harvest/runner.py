@@ -33,6 +33,7 @@ from harvest.pipeline import ShardAssembler, background
 from harvest.selection import select_sites
 from harvest.space import plan_space
 from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, ShardWriter, SiteRecord
+from shared.cache_writer import StagedShard
 from shared.hook_sites import MLP_IO_KINDS, capture
 from shared.models import check_context_length, load_model
 from shared.remote import RemoteCacheWriter, is_remote
@@ -123,24 +124,55 @@ def writer_lock(root: Path, rank: int) -> Iterator[None]:
 class ShardWriterThread:
     """Writes finished shards in the background so disk I/O overlaps the model's compute.
 
+    Pipelined: shard k+1 is staged (files written, fsyncs started, statistics and checksums
+    computed: `ShardWriter.stage_shard`) before shard k is committed (its fsyncs waited for, its
+    record written), so one shard's fsyncs overlap the next one's writing. Records are written in
+    submission order, each only after its own files are durable. When no shard is waiting, the
+    staged one is committed at once rather than held.
+
     The queue holds at most `depth` shards; an error in the thread is re-raised on the caller's
-    next `submit` or at `close`.
+    next `submit` or at `close`. A shard staged before an error is still committed.
     """
 
     def __init__(self, writer: ShardWriter, depth: int = 2):
         self.writer = writer
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self._staged: StagedShard | None = None
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                self._guard(self._commit_staged)  # nothing to overlap its fsyncs with
+                item = self.queue.get()
+            if item is None:
+                break
             if self.error is None:
-                try:
-                    self.writer.write_shard(*item)
-                except BaseException as e:  # surfaced in the main thread
-                    self.error = e
+                self._guard(lambda: self._stage(item))
+        self._guard(self._commit_staged)
+
+    def _guard(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except BaseException as e:  # surfaced in the main thread
+            if self.error is None:
+                self.error = e
+
+    def _stage(self, item) -> None:
+        try:
+            staged = self.writer.stage_shard(*item)
+        finally:  # shard k-1 is committed after shard k is staged, or failed to be
+            self._commit_staged()
+        self._staged = staged
+
+    def _commit_staged(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None and self.error is None:
+            staged.commit()
 
     def _raise(self) -> None:
         if self.error is not None:
