@@ -7,6 +7,8 @@ go straight from the device into their shard's host buffer without stopping the 
   CUDA, copied without blocking). A batch counts as landed only `depth` batches later (CUDA), so
   batch i+1's forward is launched while batch i is still being copied; on the CPU it lands at
   once. A shard whose rows have all landed goes to `emit`.
+- `AssemblyThread`: a ShardAssembler run in a thread of its own, for the CPU, where its min/max,
+  conversion and copies are real work that would otherwise hold up the launching thread.
 
 Every batch's min and max travel with it, and the NaN/inf/float16-overflow check runs on them
 before any of its rows can be emitted: a bad batch stops the harvest before it is stored.
@@ -73,6 +75,61 @@ def background(items: Iterable[T], depth: int = 4) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
+
+
+_FINISH = object()
+
+
+class AssemblyThread:
+    """`assembler` (a ShardAssembler) run in a daemon thread: `submit` only hands the batch over
+    (at most `depth` batches wait), so the thread that launches the forward does none of the
+    assembly. The captured activations are held until assembled (the forward that made them is
+    over: nothing writes them again).
+
+    An error in the thread (a bad batch, a failed emit) is raised at the next `submit` or at
+    `finish`; after it, the batches still queued are dropped. `close` stops the thread (after the
+    batches already handed over, without emitting short shards) and raises nothing.
+    """
+
+    def __init__(self, assembler: "ShardAssembler", depth: int = 2):
+        self.assembler = assembler
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-assembly", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                with torch.inference_mode():  # thread-local: the activations are inference tensors
+                    if job is _FINISH:
+                        self.assembler.finish()
+                    else:
+                        self.assembler.submit(*job)
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+                self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, batch: list[tuple[int, np.ndarray]], acts: dict[str, torch.Tensor]) -> None:
+        """As ShardAssembler.submit, assembled in the thread."""
+        self._raise()
+        self.queue.put((batch, acts))
+
+    def finish(self) -> None:
+        """As ShardAssembler.finish: everything handed over is assembled and emitted when this returns."""
+        self.queue.put(_FINISH)
+        self.close()
+        self._raise()
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
 
 
 class ShardBuffer:

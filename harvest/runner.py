@@ -1,6 +1,6 @@
 """The harvest loop: tokens (packed ahead in a thread) -> LM (stopped after the last hooked layer)
--> hooks -> shard buffers (harvest.pipeline.ShardAssembler, no device sync per batch) -> shard
-writer thread.
+-> hooks -> shard buffers (harvest.pipeline.ShardAssembler, no device sync per batch; on the CPU
+in a thread of its own) -> shard writer thread (pipelined: shard k+1 staged before k commits).
 
 Shard k always holds contexts [k * C, (k + 1) * C) of the deterministic token stream (C contexts
 per shard), so a run can resume from the ledger, and ranks can split shards (k mod R) and still
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from shared.autocast import autocast_dtype as resolve_autocast
 from shared.devices import resolve_device as resolve_any_device
-from harvest.pipeline import ShardAssembler, background
+from harvest.pipeline import AssemblyThread, ShardAssembler, background
 from harvest.selection import select_sites
 from harvest.space import plan_space
 from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, ShardWriter, SiteRecord
@@ -278,6 +278,8 @@ def _harvest_shards(cfg, spec, writer: ShardWriter, model, tokenizer, documents,
     writer_thread = ShardWriterThread(writer)
     where = {s.name: f"layer {s.layer} site {s.name}" for s in sites}
     assembler = ShardAssembler(spec.dtype, device, where, spec.d_model, ctx, spec.rows_per_shard, writer_thread.submit)
+    # On CUDA the assembler only queues copies; on the CPU it does the copying: in its own thread.
+    assembly = nullcontext(assembler) if device.type == "cuda" else closing(AssemblyThread(assembler))
     n_contexts = 0
 
     def wanted() -> Iterator[tuple[int, np.ndarray]]:
@@ -297,14 +299,14 @@ def _harvest_shards(cfg, spec, writer: ShardWriter, model, tokenizer, documents,
 
     autocast = torch.autocast(device.type, dtype=compute) if compute else nullcontext()
     try:
-        with closing(background(token_batches(), depth=4)) as batches:
+        with assembly as assembler, closing(background(token_batches(), depth=4)) as batches:
             for batch, ids in batches:
                 with torch.inference_mode():
                     with autocast:
                         captured = capture(model, sites, ids.to(device, non_blocking=True))
                     assembler.submit(batch, captured)
                 bar.update(len(batch) * ctx)
-        assembler.finish()
+            assembler.finish()
     finally:
         writer_thread.close()
         bar.close()

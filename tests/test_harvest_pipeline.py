@@ -1,11 +1,13 @@
 """The harvest's assembly of batches into shards (harvest.pipeline): rows land where their context
 index says, whatever the batching; bad values stop the shard; the token thread hands errors on."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
-from harvest.pipeline import ShardAssembler, background
+from harvest.pipeline import AssemblyThread, ShardAssembler, background
 from shared.cache import CacheError
 
 T, D, PER_SHARD = 4, 3, 5  # context length, d_model, contexts per shard
@@ -105,3 +107,67 @@ def test_background_stops_its_thread_when_closed():
     it.close()
     n = len(produced)
     assert n <= 5  # the thread stopped (it had at most depth + 2 items made)
+
+
+def threaded(indices, batch_size, dtype="float32", emit=None, bad=None):
+    """assemble() through an AssemblyThread; the launching thread never emits."""
+    emitted, launcher = [], threading.get_ident()
+
+    def record(*shard):
+        assert threading.get_ident() != launcher
+        emitted.append(shard)
+
+    asm = AssemblyThread(ShardAssembler(dtype, torch.device("cpu"), SITES, D, T, PER_SHARD * T, emit or record))
+    batch, acts = contexts(indices)
+    if bad is not None:
+        acts["b"][bad] = acts["b"][bad].clone()
+        acts["b"][bad][2, 1] = float("nan")
+    try:
+        for j in range(0, len(batch), batch_size):
+            part = batch[j : j + batch_size]
+            asm.submit(part, {s: torch.stack([acts[s][i] for i, _ in part]) for s in SITES})
+        asm.finish()
+    finally:
+        asm.close()
+    assert not asm.thread.is_alive()
+    return emitted, acts
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_assembly_thread_emits_what_the_assembler_emits(batch_size, dtype):
+    indices = [*range(0, 5), *range(10, 15), *range(15, 18)]
+    got, _ = threaded(indices, batch_size, dtype)
+    want, _ = assemble(indices, batch_size, 0, dtype)
+    assert [e[0] for e in got] == [0, 2, 3]
+    for (shard, acts, tokens, positions), (w_shard, w_acts, w_tokens, w_positions) in zip(got, want, strict=True):
+        assert shard == w_shard
+        for s in SITES:
+            assert acts[s].dtype == w_acts[s].dtype and np.array_equal(acts[s], w_acts[s])
+        assert np.array_equal(tokens, w_tokens) and np.array_equal(positions, w_positions)
+
+
+def test_assembly_thread_raises_a_bad_batch_and_stops():
+    emitted = []
+    with pytest.raises(CacheError, match="layer 1 site b: .*NaN or inf"):
+        threaded(range(15), 2, emit=lambda *s: emitted.append(s), bad=7)
+    assert [e[0] for e in emitted] == [0]  # shard 1 holds the bad row; shard 2 comes after the error
+
+
+def test_assembly_thread_raises_an_emit_error():
+    def emit(*shard):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        threaded(range(10), 3, emit=emit)
+
+
+def test_assembly_thread_close_stops_without_emitting_short_shards():
+    emitted = []
+    asm = AssemblyThread(ShardAssembler("float32", torch.device("cpu"), SITES, D, T, PER_SHARD * T,
+                                        lambda *s: emitted.append(s)))
+    batch, acts = contexts(range(7))
+    asm.submit(batch, {s: torch.stack([acts[s][i] for i in range(7)]) for s in SITES})
+    asm.close()
+    assert not asm.thread.is_alive()
+    assert [e[0] for e in emitted] == [0]  # the whole shard 0; shard 1 (2 of 5 contexts) is not emitted
