@@ -8,7 +8,9 @@ go straight from the device into their shard's host buffer without stopping the 
   batch i+1's forward is launched while batch i is still being copied; on the CPU it lands at
   once. A shard whose rows have all landed goes to `emit`.
 - `AssemblyThread`: a ShardAssembler run in a thread of its own, for the CPU, where its min/max,
-  conversion and copies are real work that would otherwise hold up the launching thread.
+  conversion and copies are real work that would otherwise hold up the launching thread. It also
+  computes each shard's statistics (shared.cache_stats.shard_statistics) before handing it on,
+  which takes them out of the writer thread.
 
 Every batch's min and max travel with it, and the NaN/inf/float16-overflow check runs on them
 before any of its rows can be emitted: a bad batch stops the harvest before it is stored.
@@ -25,6 +27,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 
+from shared.cache_stats import shard_statistics
 from shared.cache_storage import check_storage_range, storage_numpy, torch_storage_dtype
 
 T = TypeVar("T")
@@ -86,12 +89,18 @@ class AssemblyThread:
     assembly. The captured activations are held until assembled (the forward that made them is
     over: nothing writes them again).
 
+    The assembler's `emit` gets a fifth argument: {site: shard_statistics(acts[site])}, computed
+    in this thread (the same function the writer would otherwise run on the same arrays).
+
     An error in the thread (a bad batch, a failed emit) is raised at the next `submit` or at
     `finish`; after it, the batches still queued are dropped. `close` stops the thread (after the
     batches already handed over, without emitting short shards) and raises nothing.
     """
 
     def __init__(self, assembler: "ShardAssembler", depth: int = 2):
+        emit = assembler.emit
+        assembler.emit = lambda shard, acts, tokens, positions: emit(
+            shard, acts, tokens, positions, {s: shard_statistics(a) for s, a in acts.items()})
         self.assembler = assembler
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None

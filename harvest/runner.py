@@ -178,9 +178,10 @@ class ShardWriterThread:
         if self.error is not None:
             raise self.error
 
-    def submit(self, shard: int, acts, tokens, positions) -> None:
+    def submit(self, shard: int, acts, tokens, positions, stats=None) -> None:
+        """ShardWriter.write_shard's arguments; written in the thread."""
         self._raise()
-        self.queue.put((shard, acts, tokens, positions))
+        self.queue.put((shard, acts, tokens, positions, stats))
 
     def close(self) -> None:
         self.queue.put(None)

@@ -30,7 +30,7 @@ import zarr
 
 from shared.cache_errors import CacheError
 from shared.cache_layout import Layout, set_array_rows
-from shared.cache_records import Seal, ShardRecord, read_ledger
+from shared.cache_records import Seal, ShardRecord, ShardStatistics, read_ledger
 from shared.cache_spec import FORMAT_VERSION, CacheSpec, check_same_spec, read_group_spec, software_version
 from shared.cache_stats import merge_statistics, shard_statistics
 from shared.cache_storage import compressors, numpy_storage_dtype, zarr_dtype
@@ -55,16 +55,17 @@ class ShardWriter(ABC):
 
     @abstractmethod
     def write_shard(self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray,
-                    positions: np.ndarray) -> ShardRecord:
+                    positions: np.ndarray, stats: dict[str, ShardStatistics] | None = None) -> ShardRecord:
         """Write and commit one shard. acts[site]: [rows, d_model] in storage dtype; tokens,
-        positions: int32 [rows]. Returns the shard's ledger record."""
+        positions: int32 [rows]; stats: {site: shard_statistics(acts[site])} when the caller has
+        already computed them (default: computed here). Returns the shard's ledger record."""
 
     def stage_shard(self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray,
-                    positions: np.ndarray) -> "StagedShard":
+                    positions: np.ndarray, stats: dict[str, ShardStatistics] | None = None) -> "StagedShard":
         """First half of `write_shard` (same arguments): the part that may run while the previous
         shard's files are still being made durable. This default writes and commits the whole
         shard here; its `commit()` only returns the record."""
-        record = self.write_shard(shard, acts, tokens, positions)
+        record = self.write_shard(shard, acts, tokens, positions, stats)
         return StagedShard(shard, lambda: record)
 
     @abstractmethod
@@ -191,17 +192,20 @@ class CacheWriter(ShardWriter):
         return read_ledger(self.layout.root).keys() & set(range(self.spec.n_shards))
 
     def write_shard(
-        self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, positions: np.ndarray
+        self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, positions: np.ndarray,
+        stats: dict[str, ShardStatistics] | None = None,
     ) -> ShardRecord:
-        """Write and commit one shard. acts[site]: [rows, d] in storage dtype; tokens, positions: [rows].
+        """Write and commit one shard. acts[site]: [rows, d] in storage dtype; tokens, positions: [rows];
+        stats: {site: shard_statistics(acts[site])} if already computed.
 
         rows may be fewer than the shard's planned rows only for the last shard of a short corpus;
         the rest of the chunk is zero padding, removed by `seal`.
         """
-        return self.stage_shard(shard, acts, tokens, positions).commit()
+        return self.stage_shard(shard, acts, tokens, positions, stats).commit()
 
     def stage_shard(
-        self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, positions: np.ndarray
+        self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, positions: np.ndarray,
+        stats: dict[str, ShardStatistics] | None = None,
     ) -> StagedShard:
         """Write one shard's chunk files, start their fsyncs (in the background) and compute its
         statistics and checksums; the returned StagedShard's `commit()` writes the record.
@@ -213,8 +217,9 @@ class CacheWriter(ShardWriter):
         rows = len(tokens)
         if not 0 < rows <= stop - start or len(positions) != rows:
             raise CacheError(f"shard {shard}: got {rows} rows, expected 1..{stop - start}")
-        if set(acts) != set(spec.site_names):
-            raise CacheError(f"shard {shard}: sites {sorted(acts)} do not match the cache's {spec.site_names}")
+        if set(acts) != set(spec.site_names) or (stats is not None and set(stats) != set(acts)):
+            raise CacheError(f"shard {shard}: sites {sorted(acts)} (statistics of {sorted(stats or acts)}) "
+                             f"do not match the cache's {spec.site_names}")
         storage = numpy_storage_dtype(spec.dtype)
         for site, a in acts.items():
             if a.shape != (rows, spec.d_model) or a.dtype != storage:
@@ -250,7 +255,8 @@ class CacheWriter(ShardWriter):
             finally:
                 pool.shutdown(wait=False)  # the submitted fsyncs still run; commit waits for them
             try:
-                stats = {site: shard_statistics(a) for site, a in acts.items()}
+                if stats is None:
+                    stats = {site: shard_statistics(a) for site, a in acts.items()}
                 sizes = {name: path.stat().st_size for name, path in files.items()}
                 checksums = {name: _chunk_checksum(path, chunks[name], sizes[name], spec.compression)
                              for name, path in files.items()}

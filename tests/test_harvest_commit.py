@@ -127,3 +127,21 @@ def test_kill9_between_stage_and_commit_resumes_byte_identical(reference_cache, 
     assert second.returncode == 0, second.stderr
     assert cache_bytes(out) == cache_bytes(reference_cache)
     assert Cache.open(out).verify() == []
+
+
+def test_statistics_handed_in_give_the_same_record_and_sites_must_match(tmp_path):
+    from shared.cache_stats import shard_statistics
+
+    s = spec()
+    computed = CacheWriter.create_or_open(tmp_path / "a", s)
+    handed = CacheWriter.create_or_open(tmp_path / "b", s)
+    for k in range(N_SHARDS):
+        acts, tokens, positions = shard_arrays(s, k, normal)
+        computed.write_shard(k, acts, tokens, positions)
+        handed.write_shard(k, acts, tokens, positions, {site: shard_statistics(a) for site, a in acts.items()})
+    assert cache_bytes(tmp_path / "a") == cache_bytes(tmp_path / "b")
+    other = CacheWriter.create_or_open(tmp_path / "c", s)
+    acts, tokens, positions = shard_arrays(s, 0, normal)
+    with pytest.raises(CacheError, match="statistics of"):
+        other.write_shard(0, acts, tokens, positions, {"blocks.9.hook_resid_pre": shard_statistics(acts[s.site_names[0]])})
+    assert other.done_shards() == set()

@@ -9,6 +9,7 @@ import torch
 
 from harvest.pipeline import AssemblyThread, ShardAssembler, background
 from shared.cache import CacheError
+from shared.cache_stats import shard_statistics
 
 T, D, PER_SHARD = 4, 3, 5  # context length, d_model, contexts per shard
 SITES = {"a": "layer 0 site a", "b": "layer 1 site b"}
@@ -140,10 +141,17 @@ def test_assembly_thread_emits_what_the_assembler_emits(batch_size, dtype):
     got, _ = threaded(indices, batch_size, dtype)
     want, _ = assemble(indices, batch_size, 0, dtype)
     assert [e[0] for e in got] == [0, 2, 3]
-    for (shard, acts, tokens, positions), (w_shard, w_acts, w_tokens, w_positions) in zip(got, want, strict=True):
+    for (shard, acts, tokens, positions, stats), (w_shard, w_acts, w_tokens, w_positions) in zip(got, want, strict=True):
         assert shard == w_shard
         for s in SITES:
             assert acts[s].dtype == w_acts[s].dtype and np.array_equal(acts[s], w_acts[s])
+            # what the writer would have computed, and a naive float64 reference
+            assert stats[s] == shard_statistics(w_acts[s])
+            x = np.asarray(w_acts[s], np.float64)
+            assert stats[s].count == len(x)
+            np.testing.assert_allclose(stats[s].sum, x.sum(0), rtol=1e-6)
+            np.testing.assert_allclose(stats[s].sum_sq_norm, (x**2).sum(), rtol=1e-6)
+            assert stats[s].max_abs == np.abs(x).max()
         assert np.array_equal(tokens, w_tokens) and np.array_equal(positions, w_positions)
 
 
