@@ -6,7 +6,10 @@ go straight from the device into their shard's host buffer without stopping the 
   each run of rows directly into the buffer of the shard it belongs to (pinned host memory on
   CUDA, copied without blocking). A batch counts as landed only `depth` batches later (CUDA), so
   batch i+1's forward is launched while batch i is still being copied; on the CPU it lands at
-  once. A shard whose rows have all landed goes to `emit`.
+  once. A shard whose rows have all landed goes to `emit`. With `recycle`, a shard's buffers are
+  reused for a later shard once `emit`'s consumer calls the `release` it was handed (a fresh 75 MB
+  buffer costs its page faults on the first copy, about as much as the copy; pinned ones on CUDA
+  also a host allocation on the launching thread).
 - `AssemblyThread`: a ShardAssembler run in a thread of its own, for the CPU, where its min/max,
   conversion and copies are real work that would otherwise hold up the launching thread. It also
   computes each shard's statistics (shared.cache_stats.shard_statistics) before handing it on,
@@ -99,8 +102,8 @@ class AssemblyThread:
 
     def __init__(self, assembler: "ShardAssembler", depth: int = 2):
         emit = assembler.emit
-        assembler.emit = lambda shard, acts, tokens, positions: emit(
-            shard, acts, tokens, positions, {s: shard_statistics(a) for s, a in acts.items()})
+        assembler.emit = lambda shard, acts, tokens, positions, **kw: emit(
+            shard, acts, tokens, positions, {s: shard_statistics(a) for s, a in acts.items()}, **kw)
         self.assembler = assembler
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -145,10 +148,14 @@ class ShardBuffer:
     """One shard's rows while they arrive: acts[site] [rows_per_shard, d] (torch, storage dtype;
     pinned for CUDA), tokens [rows_per_shard] int32, and how many rows have landed."""
 
-    def __init__(self, shard: int, rows: int, sites: list[str], d_model: int, dtype: torch.dtype, pin: bool):
+    def __init__(self, shard: int, rows: int, sites: list[str], d_model: int, dtype: torch.dtype, pin: bool,
+                 reuse: "ShardBuffer | None" = None):
         self.shard = shard
-        self.acts = {s: torch.empty((rows, d_model), dtype=dtype, pin_memory=pin) for s in sites}
-        self.tokens = np.empty(rows, np.int32)
+        if reuse is None:
+            self.acts = {s: torch.empty((rows, d_model), dtype=dtype, pin_memory=pin) for s in sites}
+            self.tokens = np.empty(rows, np.int32)
+        else:  # a released buffer's memory: every row is overwritten before it is emitted again
+            self.acts, self.tokens = reuse.acts, reuse.tokens
         self.landed = 0
         self.end = 0  # one past the highest row written
 
@@ -175,13 +182,15 @@ class ShardAssembler:
     """
 
     def __init__(self, storage: str, device: torch.device, where: dict[str, str], d_model: int,
-                 context_length: int, rows_per_shard: int, emit, depth: int = 2):
+                 context_length: int, rows_per_shard: int, emit, depth: int = 2, recycle: bool = False):
         self.storage, self.where, self.d_model = storage, where, d_model
         self.ctx, self.rows_per_shard, self.emit = context_length, rows_per_shard, emit
         self.cuda = device.type == "cuda"
         self.depth = depth if self.cuda else 0
         self._dtype = torch_storage_dtype(storage)
         self._open: dict[int, ShardBuffer] = {}
+        self.recycle = recycle
+        self._released: deque[ShardBuffer] = deque()  # appended by the consumer's thread, popped here
         self._inflight: deque[_InFlight] = deque()
 
     def submit(self, batch: list[tuple[int, np.ndarray]], acts: dict[str, torch.Tensor]) -> None:
@@ -212,7 +221,7 @@ class ShardAssembler:
         while self._inflight:
             self._land(self._inflight.popleft())
         for shard in sorted(self._open):
-            self.emit(*self._open.pop(shard).contents(self.ctx))
+            self._emit(self._open.pop(shard))
 
     def _runs(self, batch: list[tuple[int, np.ndarray]]):
         """(buffer, first batch row, first shard row, rows) per run of consecutive contexts of one shard;
@@ -227,8 +236,9 @@ class ShardAssembler:
                 n += 1
             buf = self._open.get(shard)
             if buf is None:
+                reuse = self._released.popleft() if self._released else None
                 buf = self._open[shard] = ShardBuffer(shard, self.rows_per_shard, list(self.where), self.d_model,
-                                                      self._dtype, self.cuda)
+                                                      self._dtype, self.cuda, reuse)
             dst = (first % per_shard) * self.ctx
             for m in range(n):
                 buf.tokens[dst + m * self.ctx : dst + (m + 1) * self.ctx] = batch[j + m][1]
@@ -245,4 +255,12 @@ class ShardAssembler:
             buf.landed += n
             if buf.landed == self.rows_per_shard:
                 del self._open[buf.shard]
-                self.emit(*buf.contents(self.ctx))
+                self._emit(buf)
+
+    def _emit(self, buf: ShardBuffer) -> None:
+        """emit(shard, acts, tokens, positions), and with `recycle` release=: a callable (any thread)
+        after which the arrays handed over are no longer read, so the buffer is reused."""
+        if self.recycle:
+            self.emit(*buf.contents(self.ctx), release=lambda: self._released.append(buf))
+        else:
+            self.emit(*buf.contents(self.ctx))

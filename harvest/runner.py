@@ -151,8 +151,13 @@ class ShardWriterThread:
                 item = self.queue.get()
             if item is None:
                 break
-            if self.error is None:
-                self._guard(lambda: self._stage(item))
+            *args, release = item
+            try:
+                if self.error is None:
+                    self._guard(lambda: self._stage(args))
+            finally:
+                if release is not None:
+                    release()  # staged (or skipped): its arrays are not read again
         self._guard(self._commit_staged)
 
     def _guard(self, step: Callable[[], None]) -> None:
@@ -178,10 +183,11 @@ class ShardWriterThread:
         if self.error is not None:
             raise self.error
 
-    def submit(self, shard: int, acts, tokens, positions, stats=None) -> None:
-        """ShardWriter.write_shard's arguments; written in the thread."""
+    def submit(self, shard: int, acts, tokens, positions, stats=None, release: Callable[[], None] | None = None) -> None:
+        """ShardWriter.write_shard's arguments; written in the thread. release: called (in the thread)
+        once the arrays are no longer read: after the shard is staged, or skipped after an error."""
         self._raise()
-        self.queue.put((shard, acts, tokens, positions, stats))
+        self.queue.put((shard, acts, tokens, positions, stats, release))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -278,7 +284,8 @@ def _harvest_shards(cfg, spec, writer: ShardWriter, model, tokenizer, documents,
     )
     writer_thread = ShardWriterThread(writer)
     where = {s.name: f"layer {s.layer} site {s.name}" for s in sites}
-    assembler = ShardAssembler(spec.dtype, device, where, spec.d_model, ctx, spec.rows_per_shard, writer_thread.submit)
+    assembler = ShardAssembler(spec.dtype, device, where, spec.d_model, ctx, spec.rows_per_shard, writer_thread.submit,
+                               recycle=True)
     # On CUDA the assembler only queues copies; on the CPU it does the copying: in its own thread.
     assembly = nullcontext(assembler) if device.type == "cuda" else closing(AssemblyThread(assembler))
     n_contexts = 0

@@ -145,3 +145,28 @@ def test_statistics_handed_in_give_the_same_record_and_sites_must_match(tmp_path
     with pytest.raises(CacheError, match="statistics of"):
         other.write_shard(0, acts, tokens, positions, {"blocks.9.hook_resid_pre": shard_statistics(acts[s.site_names[0]])})
     assert other.done_shards() == set()
+
+
+def test_writer_releases_each_shard_after_staging_it_or_skipping_it(tmp_path, fault):
+    s = spec()
+    writer = CacheWriter.create_or_open(tmp_path / "c", s)
+    released = []
+
+    def release(k):
+        # staged: its chunk files are on disk (whether or not committed yet)
+        files = writer.layout.chunk_files(s.site_names, k).values()
+        released.append((k, all(p.exists() for p in files)))
+
+    fault("shard_mid_write@2:enospc")  # staging shard 1 fails; shards 2 and 3 are skipped
+    thread = ShardWriterThread(writer, depth=N_SHARDS)
+    submitted = 0
+    with pytest.raises(CacheError, match="disk full while writing shard 1"):
+        try:
+            for k in range(N_SHARDS):
+                thread.submit(k, *shard_arrays(s, k, normal), release=lambda k=k: release(k))
+                submitted += 1  # a submit after the failure raises instead
+        finally:
+            thread.close()
+    assert submitted >= 2
+    assert released == [(0, True), (1, False)] + [(k, False) for k in range(2, submitted)]
+    assert writer.done_shards() == {0}

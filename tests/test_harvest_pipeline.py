@@ -179,3 +179,33 @@ def test_assembly_thread_close_stops_without_emitting_short_shards():
     asm.close()
     assert not asm.thread.is_alive()
     assert [e[0] for e in emitted] == [0]  # the whole shard 0; shard 1 (2 of 5 contexts) is not emitted
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_recycled_buffers_are_reused_only_once_released(release):
+    emitted, held = [], []
+
+    def emit(shard, acts, tokens, positions, release=None):
+        emitted.append((shard, {s: a.copy() for s, a in acts.items()}, tokens.copy(), positions.copy()))
+        held.append(acts["a"])
+        if release_now:
+            release()
+
+    release_now = release
+    asm = ShardAssembler("float16", torch.device("cpu"), SITES, D, T, PER_SHARD * T, emit, recycle=True)
+    indices = [*range(0, 5), *range(10, 15), *range(15, 18)]
+    batch, acts = contexts(indices)
+    for j in range(0, len(batch), 3):
+        part = batch[j : j + 3]
+        asm.submit(part, {s: torch.stack([acts[s][i] for i, _ in part]) for s in SITES})
+    asm.finish()
+    want, _ = assemble(indices, 3, 0, "float16")
+    assert [e[0] for e in emitted] == [0, 2, 3]
+    for (shard, got, tokens, positions), (w_shard, w_acts, w_tokens, w_positions) in zip(emitted, want, strict=True):
+        assert shard == w_shard and np.array_equal(tokens, w_tokens) and np.array_equal(positions, w_positions)
+        for s in SITES:
+            assert np.array_equal(got[s], w_acts[s])
+    # shard 2's buffer is opened (by the batch of contexts 3, 4, 10) before shard 0 is emitted: new
+    # memory; shard 3 reuses shard 0's once released, and only then
+    assert not np.shares_memory(held[0], held[1])
+    assert np.shares_memory(held[0], held[2]) == release and not np.shares_memory(held[1], held[2])
