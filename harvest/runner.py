@@ -1,6 +1,6 @@
 """The harvest loop: tokens (packed ahead in a thread) -> LM (stopped after the last hooked layer)
--> hooks -> shard buffers (harvest.pipeline.ShardAssembler, no device sync per batch) -> shard
-writer thread.
+-> hooks -> shard buffers (harvest.pipeline.ShardAssembler, no device sync per batch; on the CPU
+in a thread of its own) -> shard writer thread (pipelined: shard k+1 staged before k commits).
 
 Shard k always holds contexts [k * C, (k + 1) * C) of the deterministic token stream (C contexts
 per shard), so a run can resume from the ledger, and ranks can split shards (k mod R) and still
@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 
 from shared.autocast import autocast_dtype as resolve_autocast
 from shared.devices import resolve_device as resolve_any_device
-from harvest.pipeline import ShardAssembler, background
+from harvest.pipeline import AssemblyThread, ShardAssembler, background
 from harvest.selection import select_sites
 from harvest.space import plan_space
 from shared.cache import Cache, CacheError, CacheSpec, CacheWriter, ShardWriter, SiteRecord
+from shared.cache_writer import StagedShard
 from shared.hook_sites import MLP_IO_KINDS, capture
 from shared.models import check_context_length, load_model
 from shared.remote import RemoteCacheWriter, is_remote
@@ -123,32 +124,70 @@ def writer_lock(root: Path, rank: int) -> Iterator[None]:
 class ShardWriterThread:
     """Writes finished shards in the background so disk I/O overlaps the model's compute.
 
+    Pipelined: shard k+1 is staged (files written, fsyncs started, statistics and checksums
+    computed: `ShardWriter.stage_shard`) before shard k is committed (its fsyncs waited for, its
+    record written), so one shard's fsyncs overlap the next one's writing. Records are written in
+    submission order, each only after its own files are durable. When no shard is waiting, the
+    staged one is committed at once rather than held.
+
     The queue holds at most `depth` shards; an error in the thread is re-raised on the caller's
-    next `submit` or at `close`.
+    next `submit` or at `close`. A shard staged before an error is still committed.
     """
 
     def __init__(self, writer: ShardWriter, depth: int = 2):
         self.writer = writer
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self._staged: StagedShard | None = None
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                self._guard(self._commit_staged)  # nothing to overlap its fsyncs with
+                item = self.queue.get()
+            if item is None:
+                break
+            *args, release = item
+            try:
+                if self.error is None:
+                    self._guard(lambda: self._stage(args))
+            finally:
+                if release is not None:
+                    release()  # staged (or skipped): its arrays are not read again
+        self._guard(self._commit_staged)
+
+    def _guard(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except BaseException as e:  # surfaced in the main thread
             if self.error is None:
-                try:
-                    self.writer.write_shard(*item)
-                except BaseException as e:  # surfaced in the main thread
-                    self.error = e
+                self.error = e
+
+    def _stage(self, item) -> None:
+        try:
+            staged = self.writer.stage_shard(*item)
+        finally:  # shard k-1 is committed after shard k is staged, or failed to be
+            self._commit_staged()
+        self._staged = staged
+
+    def _commit_staged(self) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None and self.error is None:
+            staged.commit()
 
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
 
-    def submit(self, shard: int, acts, tokens, positions) -> None:
+    def submit(self, shard: int, acts, tokens, positions, stats=None, release: Callable[[], None] | None = None) -> None:
+        """ShardWriter.write_shard's arguments; written in the thread. release: called (in the thread)
+        once the arrays are no longer read: after the shard is staged, or skipped after an error."""
         self._raise()
-        self.queue.put((shard, acts, tokens, positions))
+        self.queue.put((shard, acts, tokens, positions, stats, release))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -245,7 +284,10 @@ def _harvest_shards(cfg, spec, writer: ShardWriter, model, tokenizer, documents,
     )
     writer_thread = ShardWriterThread(writer)
     where = {s.name: f"layer {s.layer} site {s.name}" for s in sites}
-    assembler = ShardAssembler(spec.dtype, device, where, spec.d_model, ctx, spec.rows_per_shard, writer_thread.submit)
+    assembler = ShardAssembler(spec.dtype, device, where, spec.d_model, ctx, spec.rows_per_shard, writer_thread.submit,
+                               recycle=True)
+    # On CUDA the assembler only queues copies; on the CPU it does the copying: in its own thread.
+    assembly = nullcontext(assembler) if device.type == "cuda" else closing(AssemblyThread(assembler))
     n_contexts = 0
 
     def wanted() -> Iterator[tuple[int, np.ndarray]]:
@@ -265,14 +307,14 @@ def _harvest_shards(cfg, spec, writer: ShardWriter, model, tokenizer, documents,
 
     autocast = torch.autocast(device.type, dtype=compute) if compute else nullcontext()
     try:
-        with closing(background(token_batches(), depth=4)) as batches:
+        with assembly as assembler, closing(background(token_batches(), depth=4)) as batches:
             for batch, ids in batches:
                 with torch.inference_mode():
                     with autocast:
                         captured = capture(model, sites, ids.to(device, non_blocking=True))
                     assembler.submit(batch, captured)
                 bar.update(len(batch) * ctx)
-        assembler.finish()
+            assembler.finish()
     finally:
         writer_thread.close()
         bar.close()

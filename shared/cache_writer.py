@@ -5,6 +5,12 @@ Safe under kill -9. A shard is written in this order: its chunk files (temporary
 an fsync of each file and folder, an xxh3-128 checksum of each file, then its ledger record
 (write-once). A shard is committed when its record exists; `seal` writes seal.json last, once
 shards 0..n-1 are all committed. docs/CACHE_FORMAT.md describes the files.
+
+Writing is split in two so the disk and the CPU overlap across shards: `stage_shard` writes the
+chunk files, starts their fsyncs and computes statistics and checksums; `StagedShard.commit`
+waits for those fsyncs and writes the record. Harvest's writer thread stages shard k+1 before
+it commits shard k (records still in shard order, each after its own files are durable);
+`write_shard` is the two back to back.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import errno
 import os
 import uuid
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import xxhash
@@ -22,7 +30,7 @@ import zarr
 
 from shared.cache_errors import CacheError
 from shared.cache_layout import Layout, set_array_rows
-from shared.cache_records import Seal, ShardRecord, read_ledger
+from shared.cache_records import Seal, ShardRecord, ShardStatistics, read_ledger
 from shared.cache_spec import FORMAT_VERSION, CacheSpec, check_same_spec, read_group_spec, software_version
 from shared.cache_stats import merge_statistics, shard_statistics
 from shared.cache_storage import compressors, numpy_storage_dtype, zarr_dtype
@@ -47,9 +55,18 @@ class ShardWriter(ABC):
 
     @abstractmethod
     def write_shard(self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray,
-                    positions: np.ndarray) -> ShardRecord:
+                    positions: np.ndarray, stats: dict[str, ShardStatistics] | None = None) -> ShardRecord:
         """Write and commit one shard. acts[site]: [rows, d_model] in storage dtype; tokens,
-        positions: int32 [rows]. Returns the shard's ledger record."""
+        positions: int32 [rows]; stats: {site: shard_statistics(acts[site])} when the caller has
+        already computed them (default: computed here). Returns the shard's ledger record."""
+
+    def stage_shard(self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray,
+                    positions: np.ndarray, stats: dict[str, ShardStatistics] | None = None) -> "StagedShard":
+        """First half of `write_shard` (same arguments): the part that may run while the previous
+        shard's files are still being made durable. This default writes and commits the whole
+        shard here; its `commit()` only returns the record."""
+        record = self.write_shard(shard, acts, tokens, positions, stats)
+        return StagedShard(shard, lambda: record)
 
     @abstractmethod
     def seal(self, n_shards: int | None = None) -> Seal:
@@ -59,6 +76,21 @@ class ShardWriter(ABC):
         """[start, stop) rows of a shard in the planned array."""
         start = shard * self.spec.rows_per_shard
         return start, min(start + self.spec.rows_per_shard, self.spec.planned_rows)
+
+
+class StagedShard:
+    """A shard whose chunk files are written, checksummed and being fsynced, but not committed.
+
+    `commit()` (once) waits for its files to be durable, writes its ledger record and returns it.
+    Never committed (a kill, an error), the files are what a resumed harvest overwrites.
+    """
+
+    def __init__(self, shard: int, commit: Callable[[], ShardRecord]):
+        self.shard = shard
+        self._commit = commit
+
+    def commit(self) -> ShardRecord:
+        return self._commit()
 
 
 def _chunk_checksum(path: Path, chunk: np.ndarray, size: int, compression: str) -> str:
@@ -160,13 +192,24 @@ class CacheWriter(ShardWriter):
         return read_ledger(self.layout.root).keys() & set(range(self.spec.n_shards))
 
     def write_shard(
-        self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, positions: np.ndarray
+        self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, positions: np.ndarray,
+        stats: dict[str, ShardStatistics] | None = None,
     ) -> ShardRecord:
-        """Write and commit one shard. acts[site]: [rows, d] in storage dtype; tokens, positions: [rows].
+        """Write and commit one shard. acts[site]: [rows, d] in storage dtype; tokens, positions: [rows];
+        stats: {site: shard_statistics(acts[site])} if already computed.
 
         rows may be fewer than the shard's planned rows only for the last shard of a short corpus;
         the rest of the chunk is zero padding, removed by `seal`.
         """
+        return self.stage_shard(shard, acts, tokens, positions, stats).commit()
+
+    def stage_shard(
+        self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, positions: np.ndarray,
+        stats: dict[str, ShardStatistics] | None = None,
+    ) -> StagedShard:
+        """Write one shard's chunk files, start their fsyncs (in the background) and compute its
+        statistics and checksums; the returned StagedShard's `commit()` writes the record.
+        Arguments as `write_shard`; the arrays are not used after this returns."""
         spec = self.spec
         if self.layout.record(shard).exists():  # one stat, not a re-read of the whole ledger
             raise CacheError(f"shard {shard} of {self.layout.where} is already committed")
@@ -174,8 +217,9 @@ class CacheWriter(ShardWriter):
         rows = len(tokens)
         if not 0 < rows <= stop - start or len(positions) != rows:
             raise CacheError(f"shard {shard}: got {rows} rows, expected 1..{stop - start}")
-        if set(acts) != set(spec.site_names):
-            raise CacheError(f"shard {shard}: sites {sorted(acts)} do not match the cache's {spec.site_names}")
+        if set(acts) != set(spec.site_names) or (stats is not None and set(stats) != set(acts)):
+            raise CacheError(f"shard {shard}: sites {sorted(acts)} (statistics of {sorted(stats or acts)}) "
+                             f"do not match the cache's {spec.site_names}")
         storage = numpy_storage_dtype(spec.dtype)
         for site, a in acts.items():
             if a.shape != (rows, spec.d_model) or a.dtype != storage:
@@ -189,33 +233,54 @@ class CacheWriter(ShardWriter):
             # so any such file is debris.
             for stray in path.parent.glob(f"{path.name}.*.partial"):
                 stray.unlink(missing_ok=True)
-        try:
+        with self._disk_errors(shard):
             fault_point("shard_write")
             # The fsyncs run together (one journal commit rather than one per file and directory)
-            # while this thread computes the statistics and checksums: CPU work overlapping the
-            # disk, not zarr's write (which also needs the GIL: on tmpfs it took 60-70 ms per
-            # 75 MB shard next to the statistics, 42 ms alone).
-            with ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-commit") as pool:
-                files = self.layout.chunk_files(spec.site_names, shard)
-                chunks: dict[str, np.ndarray] = {}  # what each chunk file holds, padded
-                for site, a in acts.items():
-                    data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
-                    chunks[f"acts/{site}"] = self._write_chunk(f"acts/{site}", files, start, stop, data)
-                    fault_point("site_write")  # some of a multi-site shard's chunk files written
-                fault_point("shard_mid_write")
-                chunks["tokens"] = self._write_chunk("tokens", files, start, stop, np.asarray(tokens, np.int32))
-                chunks["positions"] = self._write_chunk("positions", files, start, stop,
-                                                        np.asarray(positions, np.int32))
+            # while this thread computes the statistics and checksums, and, in harvest, while it
+            # writes the next shard: CPU work overlapping the disk, not zarr's write (which also
+            # needs the GIL: on tmpfs it took 60-70 ms per 75 MB shard next to the statistics, 42 ms alone).
+            files = self.layout.chunk_files(spec.site_names, shard)
+            chunks: dict[str, np.ndarray] = {}  # what each chunk file holds, padded
+            for site, a in acts.items():
+                data = a.view(np.uint16) if spec.dtype == "bfloat16" else a
+                chunks[f"acts/{site}"] = self._write_chunk(f"acts/{site}", files, start, stop, data)
+                fault_point("site_write")  # some of a multi-site shard's chunk files written
+            fault_point("shard_mid_write")
+            chunks["tokens"] = self._write_chunk("tokens", files, start, stop, np.asarray(tokens, np.int32))
+            chunks["positions"] = self._write_chunk("positions", files, start, stop,
+                                                    np.asarray(positions, np.int32))
+            pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shard-commit")
+            try:
                 synced = [pool.submit(fsync_path, p) for p in {*files.values(), *(f.parent for f in files.values())}]
-                stats = {site: shard_statistics(a) for site, a in acts.items()}
+            finally:
+                pool.shutdown(wait=False)  # the submitted fsyncs still run; commit waits for them
+            try:
+                if stats is None:
+                    stats = {site: shard_statistics(a) for site, a in acts.items()}
                 sizes = {name: path.stat().st_size for name, path in files.items()}
                 checksums = {name: _chunk_checksum(path, chunks[name], sizes[name], spec.compression)
                              for name, path in files.items()}
-                for done in synced:
-                    done.result()
+            except BaseException:
+                _wait_all(synced)  # no fsync outlives a failed stage
+                raise
+        record = ShardRecord(shard=shard, rows=rows, checksums=checksums, sizes=sizes, stats=stats)
+        return StagedShard(shard, lambda: self._commit(record, synced))
+
+    def _commit(self, record: ShardRecord, synced: list[Future]) -> ShardRecord:
+        """Wait for a staged shard's fsyncs, then write its ledger record (write-once)."""
+        with self._disk_errors(record.shard):
+            fault_point("shard_commit")  # staged (the next shard may be too), not yet durable
+            for done in synced:
+                done.result()
             fault_point("ledger_record")
-            record = ShardRecord(shard=shard, rows=rows, checksums=checksums, sizes=sizes, stats=stats)
-            write_atomic(self.layout.record(shard), record.to_json(), exclusive=True)
+            write_atomic(self.layout.record(record.shard), record.to_json(), exclusive=True)
+        return record
+
+    @contextmanager
+    def _disk_errors(self, shard: int) -> Iterator[None]:
+        """Disk full and a record committed meanwhile -> CacheError naming the shard."""
+        try:
+            yield
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise CacheError(
@@ -227,7 +292,6 @@ class CacheWriter(ShardWriter):
                     f"shard {shard} of {self.layout.where} was committed by another process meanwhile"
                 ) from None
             raise
-        return record
 
     def _write_chunk(self, name: str, files: dict[str, Path], start: int, stop: int, data: np.ndarray) -> np.ndarray:
         """Write rows [start, stop) of array `name` (one chunk) from `data` (zero-padded); returns
@@ -282,6 +346,15 @@ class CacheWriter(ShardWriter):
         seal = Seal(n_rows=n_rows, n_shards=n, stats=stats, software_version=software_version())
         write_atomic(self.layout.seal, seal.to_json())
         return seal
+
+
+def _wait_all(futures: list[Future]) -> None:
+    """Wait for every future, ignoring their errors (the caller is already raising one)."""
+    for f in futures:
+        try:
+            f.result()
+        except BaseException:  # noqa: BLE001
+            pass
 
 
 def _pad(a: np.ndarray, rows: int) -> np.ndarray:

@@ -106,12 +106,12 @@ class RemoteCacheWriter(ShardWriter):
     def _record_key(self, shard: int) -> str:
         return self.layout.key(self.layout.record(shard))
 
-    def write_shard(self, shard: int, acts, tokens, positions) -> ShardRecord:
+    def write_shard(self, shard: int, acts, tokens, positions, stats=None) -> ShardRecord:
         """Write the shard into staging (CacheWriter.write_shard), upload it, put its record."""
         if self.remote.store.exists(self._record_key(shard)):  # committed by another writer meanwhile
             self.remote.pull_ledger(self.spec)
             return read_record(self.layout.record(shard))
-        record = self.local.write_shard(shard, acts, tokens, positions)
+        record = self.local.write_shard(shard, acts, tokens, positions, stats)
         self._publish(shard)
         return record
 

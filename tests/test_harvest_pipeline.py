@@ -1,12 +1,15 @@
 """The harvest's assembly of batches into shards (harvest.pipeline): rows land where their context
 index says, whatever the batching; bad values stop the shard; the token thread hands errors on."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
-from harvest.pipeline import ShardAssembler, background
+from harvest.pipeline import AssemblyThread, ShardAssembler, background
 from shared.cache import CacheError
+from shared.cache_stats import shard_statistics
 
 T, D, PER_SHARD = 4, 3, 5  # context length, d_model, contexts per shard
 SITES = {"a": "layer 0 site a", "b": "layer 1 site b"}
@@ -105,3 +108,104 @@ def test_background_stops_its_thread_when_closed():
     it.close()
     n = len(produced)
     assert n <= 5  # the thread stopped (it had at most depth + 2 items made)
+
+
+def threaded(indices, batch_size, dtype="float32", emit=None, bad=None):
+    """assemble() through an AssemblyThread; the launching thread never emits."""
+    emitted, launcher = [], threading.get_ident()
+
+    def record(*shard):
+        assert threading.get_ident() != launcher
+        emitted.append(shard)
+
+    asm = AssemblyThread(ShardAssembler(dtype, torch.device("cpu"), SITES, D, T, PER_SHARD * T, emit or record))
+    batch, acts = contexts(indices)
+    if bad is not None:
+        acts["b"][bad] = acts["b"][bad].clone()
+        acts["b"][bad][2, 1] = float("nan")
+    try:
+        for j in range(0, len(batch), batch_size):
+            part = batch[j : j + batch_size]
+            asm.submit(part, {s: torch.stack([acts[s][i] for i, _ in part]) for s in SITES})
+        asm.finish()
+    finally:
+        asm.close()
+    assert not asm.thread.is_alive()
+    return emitted, acts
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_assembly_thread_emits_what_the_assembler_emits(batch_size, dtype):
+    indices = [*range(0, 5), *range(10, 15), *range(15, 18)]
+    got, _ = threaded(indices, batch_size, dtype)
+    want, _ = assemble(indices, batch_size, 0, dtype)
+    assert [e[0] for e in got] == [0, 2, 3]
+    for (shard, acts, tokens, positions, stats), (w_shard, w_acts, w_tokens, w_positions) in zip(got, want, strict=True):
+        assert shard == w_shard
+        for s in SITES:
+            assert acts[s].dtype == w_acts[s].dtype and np.array_equal(acts[s], w_acts[s])
+            # what the writer would have computed, and a naive float64 reference
+            assert stats[s] == shard_statistics(w_acts[s])
+            x = np.asarray(w_acts[s], np.float64)
+            assert stats[s].count == len(x)
+            np.testing.assert_allclose(stats[s].sum, x.sum(0), rtol=1e-6)
+            np.testing.assert_allclose(stats[s].sum_sq_norm, (x**2).sum(), rtol=1e-6)
+            assert stats[s].max_abs == np.abs(x).max()
+        assert np.array_equal(tokens, w_tokens) and np.array_equal(positions, w_positions)
+
+
+def test_assembly_thread_raises_a_bad_batch_and_stops():
+    emitted = []
+    with pytest.raises(CacheError, match="layer 1 site b: .*NaN or inf"):
+        threaded(range(15), 2, emit=lambda *s: emitted.append(s), bad=7)
+    assert [e[0] for e in emitted] == [0]  # shard 1 holds the bad row; shard 2 comes after the error
+
+
+def test_assembly_thread_raises_an_emit_error():
+    def emit(*shard):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        threaded(range(10), 3, emit=emit)
+
+
+def test_assembly_thread_close_stops_without_emitting_short_shards():
+    emitted = []
+    asm = AssemblyThread(ShardAssembler("float32", torch.device("cpu"), SITES, D, T, PER_SHARD * T,
+                                        lambda *s: emitted.append(s)))
+    batch, acts = contexts(range(7))
+    asm.submit(batch, {s: torch.stack([acts[s][i] for i in range(7)]) for s in SITES})
+    asm.close()
+    assert not asm.thread.is_alive()
+    assert [e[0] for e in emitted] == [0]  # the whole shard 0; shard 1 (2 of 5 contexts) is not emitted
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_recycled_buffers_are_reused_only_once_released(release):
+    emitted, held = [], []
+
+    def emit(shard, acts, tokens, positions, release=None):
+        emitted.append((shard, {s: a.copy() for s, a in acts.items()}, tokens.copy(), positions.copy()))
+        held.append(acts["a"])
+        if release_now:
+            release()
+
+    release_now = release
+    asm = ShardAssembler("float16", torch.device("cpu"), SITES, D, T, PER_SHARD * T, emit, recycle=True)
+    indices = [*range(0, 5), *range(10, 15), *range(15, 18)]
+    batch, acts = contexts(indices)
+    for j in range(0, len(batch), 3):
+        part = batch[j : j + 3]
+        asm.submit(part, {s: torch.stack([acts[s][i] for i, _ in part]) for s in SITES})
+    asm.finish()
+    want, _ = assemble(indices, 3, 0, "float16")
+    assert [e[0] for e in emitted] == [0, 2, 3]
+    for (shard, got, tokens, positions), (w_shard, w_acts, w_tokens, w_positions) in zip(emitted, want, strict=True):
+        assert shard == w_shard and np.array_equal(tokens, w_tokens) and np.array_equal(positions, w_positions)
+        for s in SITES:
+            assert np.array_equal(got[s], w_acts[s])
+    # shard 2's buffer is opened (by the batch of contexts 3, 4, 10) before shard 0 is emitted: new
+    # memory; shard 3 reuses shard 0's once released, and only then
+    assert not np.shares_memory(held[0], held[1])
+    assert np.shares_memory(held[0], held[2]) == release and not np.shares_memory(held[1], held[2])
