@@ -284,3 +284,21 @@ def test_selected_path_resumes_bit_identically_after_kill9(sparse_cache, tmp_pat
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
     assert [m.get("l0") for m in steps] == [m.get("l0") for m in want]
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_sparse_kernel_paths_without_latents_form_none_and_give_the_same_loss_and_gradients(arch):
+    g = torch.Generator().manual_seed(3)
+    kw = {"widths": (24, 96)} if arch == "matryoshka" else {}
+    lean = build_sae(arch, d_in=D, d_sae=M, k=4, generator=g, fast=True, **kw)
+    full = copy.deepcopy(lean)
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(4))
+    a, b = lean(x, latents=False), full(x)
+    assert a.latents is None and b.latents is not None and b.latents.shape == (B, M)  # [B, m] not formed
+    a.loss.backward()
+    b.loss.backward()
+    for k in b.losses:
+        torch.testing.assert_close(a.losses[k], b.losses[k], **TOL, msg=k)
+    for (name, p), q in zip(lean.named_parameters(), full.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=name)
+    assert torch.equal(a.fired, b.fired) and torch.equal(a.l0, b.l0)

@@ -214,9 +214,10 @@ class BaseAutoencoder(nn.Module):
         """f from z, [B, m] -> [B, m]; defined by each variant."""
         raise NotImplementedError(f"{type(self).__name__} must define activation()")
 
-    def sparse_encode(self, centered: Tensor) -> tuple[Tensor, Tensor, Active, tuple]:
+    def sparse_encode(self, centered: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Active, tuple]:
         """Fast training path of a sparsity rule: centered = x - b_dec [B, d] ->
-        (f [B, m], pre [B, m], the active set, (vals, idx, offsets) for train.kernels.sparse_decode)."""
+        (f [B, m] (None unless latents), pre [B, m], the active set, (vals, idx, offsets) for
+        train.kernels.sparse_decode)."""
         raise NotImplementedError(f"{type(self).__name__} sets fast but defines no sparse_encode()")
 
     def encode(self, x: Tensor) -> Tensor:
@@ -230,9 +231,9 @@ class BaseAutoencoder(nn.Module):
 
     def _encode_decode(self, x: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Tensor, Active | None]:
         """Training path: (f [B, m], pre [B, m], x_hat [B, d], the active set if kept sparse, else None);
-        latents=False: f is None on the selected-entries path (not formed)."""
+        latents=False: f is None on the sparse-kernel and selected-entries paths (not formed)."""
         if self.fast:
-            f, pre, active, (vals, idx, offsets) = self.sparse_encode(x - self.b_dec)
+            f, pre, active, (vals, idx, offsets) = self.sparse_encode(x - self.b_dec, latents)
             return f, pre, sparse_decode(vals, idx, self.W_dec, offsets) + self.b_dec, active
         pre = self.pre_acts(x)
         selected = self._select_active(x, self.b_dec, pre, latents)
@@ -307,8 +308,8 @@ class BaseAutoencoder(nn.Module):
 
     # ----- losses -----
     def sparsity_loss(self, f: Tensor, pre: Tensor) -> Tensor:
-        """Unscaled sparsity penalty (scalar); zero for variants whose sparsity is structural."""
-        return f.new_zeros(())
+        """Unscaled sparsity penalty (scalar); zero for variants whose sparsity is structural (f may be None)."""
+        return pre.new_zeros(())
 
     # ----- threshold rules' selected-entries path (selects_active; module docstring)
     def active_floor(self) -> Tensor | float | None:

@@ -109,9 +109,11 @@ class MatryoshkaBatchTopK(BatchTopK):
         return {**super().describe(), "widths": list(self.widths)}
 
     # ----- training: one reconstruction term per inner prefix
-    def prefix_reconstructions(self, f: Tensor, active: Active | None = None) -> list[tuple[int, Tensor]]:
+    def prefix_reconstructions(self, f: Tensor | None, active: Active | None = None,
+                               n_rows: int | None = None) -> list[tuple[int, Tensor]]:
         """(m_i, f[:, :m_i] @ W_dec[:m_i] + b_dec [B, d]) for each inner prefix m_i < m, built band by
-        band; from the sparse active set when given (its flat rows / cols / vals), else from f [B, m]."""
+        band; from the sparse active set when given (its flat rows / cols / vals; f may then be None,
+        with n_rows = B), else from f [B, m]."""
         inner = self.widths[:-1]
         out: list[tuple[int, Tensor]] = []
         recon: Tensor = self.b_dec
@@ -122,7 +124,7 @@ class MatryoshkaBatchTopK(BatchTopK):
                 out.append((w, recon))
                 lo = w
             return out
-        B = f.shape[0]
+        B = f.shape[0] if f is not None else n_rows
         band = torch.bucketize(active.cols, torch.tensor(inner, device=active.cols.device), right=True)
         for j, w in enumerate(inner):
             sel = (band == j).nonzero().squeeze(1)  # still row-sorted
@@ -135,7 +137,7 @@ class MatryoshkaBatchTopK(BatchTopK):
     def reconstruction_losses(self, x: Tensor, x_hat: Tensor, f: Tensor, pre: Tensor,
                               active: Active | None) -> dict[str, Tensor]:
         terms = super().reconstruction_losses(x, x_hat, f, pre, active)
-        for w, recon in self.prefix_reconstructions(f, active):
+        for w, recon in self.prefix_reconstructions(f, active, x.shape[0]):
             terms[f"mse_prefix/{w}"] = (recon - x).pow(2).sum(-1).mean()
         return terms
 
