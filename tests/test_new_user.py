@@ -62,7 +62,8 @@ PAIRS = {"site": ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"), "micro_
          "device": ("auto", "cpu"), "k": (32, 16), "lr_decay_start": (0.8, 0.5), "beta1": (0.9, 0.8),
          "beta2": (0.999, 0.99), "k_anneal_start": (128, 64), "target_l0": (32.0, 16.0),
          "jumprelu_init_l0": (32.0, 16.0), "memory_limit_gib": (8.0, 4.0), "in_site": ("mlp_in", "resid_mid"),
-         "out_site": ("mlp_out", "resid_mid")}
+         "out_site": ("mlp_out", "resid_mid"), "mask_token_ids": ("default", "0,7"),
+         "mask_norm_multiple": (4.0, 8.0), "mask_norm_threshold": (30.0, 60.0)}
 TRANSCODER_KEYS = ("in_site", "out_site", "sparsity")  # keys only a transcoder takes: the spec's arch is one
 
 
@@ -122,7 +123,8 @@ COUNT_KEYS = [k for k in field_names() if key_facts(k).count]
 
 def test_the_token_count_keys_are_the_ones_that_count_tokens():
     assert set(COUNT_KEYS) == {"batch_size", "micro_batch_size", "tokens", "dead_tokens_threshold", "lr_warmup_tokens",
-                               "sparsity_warmup_tokens", "eval_every", "checkpoint_every"}
+                               "sparsity_warmup_tokens", "eval_every", "checkpoint_every",
+                               "jumprelu_pre_act_silent_tokens"}
 
 
 @pytest.mark.parametrize("key", COUNT_KEYS)
