@@ -186,6 +186,43 @@ def train_cli_run(store, out, fault=None, arch="batchtopk", extra=()):
                           capture_output=True, text=True)
 
 
+def kill9_and_resume(store, tmp_path, arch: str, over: dict) -> tuple[Path, Path]:
+    """A reference run of cfg_for(arch, **over), and the same run from the CLI killed with -9 after
+    optimizer step 17, then `train resume`d: (resumed run folder, reference run folder)."""
+    import signal
+
+    from train.training import train_sae
+
+    _, ref = train_sae(None, cfg_for(store, tmp_path / "ref", arch=arch, **over), progress=False)
+    extra = [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
+    first = train_cli_run(store, tmp_path / "cli", "after_optimizer_step@17", arch=arch, extra=extra)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    run_dir = next((tmp_path / "cli").iterdir())
+    r = subprocess.run([sys.executable, "-m", "train", "resume", str(run_dir), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return run_dir, ref
+
+
+def harvest_killed_then_rerun(args: list[str], fault: str, between=None) -> None:
+    """Run the harvest command `args` with SAEFORGE_FAULT=fault (it must die by SIGKILL), call
+    between() if given, then run it again to completion."""
+    import signal
+
+    env = dict(os.environ, SAEFORGE_FAULT=fault)
+    first = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    if between is not None:
+        between()
+    env.pop("SAEFORGE_FAULT")
+    second = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+
+
+def not_sealed(cache: Path) -> None:
+    """Assert that the cache folder has no seal (an interrupted harvest)."""
+    assert not (cache / "seal.json").exists(), cache
+
+
 def final_weights(run_dir: Path) -> dict:
     """The tensors of a run's newest checkpoint (sae.safetensors)."""
     from safetensors.torch import load_file

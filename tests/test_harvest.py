@@ -16,7 +16,8 @@ from harvest.runner import run_harvest, writer_lock
 from shared.cache import Cache, CacheError
 from shared.models import load_model
 from shared.tokens import load_documents, pack_contexts
-from tests.helpers import HARVEST_CTX, cache_bytes, harvest_cli_args, harvest_config
+from tests.helpers import (HARVEST_CTX, cache_bytes, harvest_cli_args, harvest_config,
+                           harvest_killed_then_rerun, not_sealed)
 
 # reference_cache: tests/conftest.py
 
@@ -62,13 +63,7 @@ def test_rerun_is_byte_identical_and_noop_when_sealed(reference_cache, tmp_path,
 def test_kill9_then_resume_is_byte_identical(reference_cache, tmp_path, tiny_llama_dir, tiny_corpus, fault):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "harvest", *harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out)]
-    env = dict(os.environ, SAEFORGE_FAULT=fault)
-    first = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert first.returncode == -signal.SIGKILL, first.stderr
-    assert not (out / "seal.json").exists()
-    env.pop("SAEFORGE_FAULT")
-    second = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr
+    harvest_killed_then_rerun(args, fault, between=lambda: not_sealed(out))
     assert cache_bytes(out) == cache_bytes(reference_cache)
     assert Cache.open(out).verify() == []
 

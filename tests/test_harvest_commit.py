@@ -3,9 +3,6 @@ CacheWriter.stage_shard / StagedShard.commit): shard k+1 is staged before shard 
 records are written in shard order and each only after its own files are fsynced; a kill between
 a stage and its commit resumes to the bytes of an uninterrupted harvest."""
 
-import os
-import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -17,7 +14,7 @@ import shared.cache_writer as cache_writer
 from harvest.runner import ShardWriterThread
 from shared.cache import Cache, CacheError, CacheWriter
 from shared.synthetic import shard_arrays, synthetic_spec
-from tests.helpers import cache_bytes, harvest_cli_args
+from tests.helpers import cache_bytes, harvest_cli_args, harvest_killed_then_rerun
 
 # reference_cache: tests/conftest.py
 
@@ -116,15 +113,12 @@ def test_kill9_between_stage_and_commit_resumes_byte_identical(reference_cache, 
                                                                tiny_corpus, point):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "harvest", *harvest_cli_args(tiny_llama_dir, tiny_corpus["jsonl"], out)]
-    env = dict(os.environ, SAEFORGE_FAULT=point)
-    first = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert first.returncode == -signal.SIGKILL, first.stderr
     n = int(point.split("@")[1])
-    # killed in the n-th commit: exactly the shards before it have records, in order
-    assert sorted(p.name for p in (out / "ledger").iterdir()) == [f"shard-{k:06d}.json" for k in range(n - 1)]
-    env.pop("SAEFORGE_FAULT")
-    second = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr
+
+    def records_in_order():  # killed in the n-th commit: exactly the shards before it have records, in order
+        assert sorted(p.name for p in (out / "ledger").iterdir()) == [f"shard-{k:06d}.json" for k in range(n - 1)]
+
+    harvest_killed_then_rerun(args, point, between=records_in_order)
     assert cache_bytes(out) == cache_bytes(reference_cache)
     assert Cache.open(out).verify() == []
 

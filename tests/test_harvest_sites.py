@@ -4,10 +4,7 @@ resume, --layer values, the disk-space check, and the refusals of sites an archi
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from collections import namedtuple
 from pathlib import Path
@@ -27,7 +24,8 @@ from harvest.selection import expand_layers, format_layers, layer_selection, par
 from shared.cache import Cache
 from shared.hook_sites import HookSiteError, find_block_list
 from shared.models import load_model
-from tests.helpers import HARVEST_CTX, N_LAYERS, cache_bytes, harvest_cli_args, harvest_config
+from tests.helpers import (HARVEST_CTX, N_LAYERS, cache_bytes, harvest_cli_args, harvest_config,
+                           harvest_killed_then_rerun, not_sealed)
 from train.activation_store import ActivationStore
 
 KINDS = ["mlp_in", "mlp_out"]
@@ -121,13 +119,7 @@ def test_kill9_then_resume_is_byte_identical(multi_cache, tmp_path, tiny_llama_d
     """site_write@13: killed in shard 1 with 5 of its 8 site chunk files written."""
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "harvest", *multi_args(tiny_llama_dir, tiny_corpus["jsonl"], out)]
-    env = dict(os.environ, SAEFORGE_FAULT=fault)
-    first = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert first.returncode == -signal.SIGKILL, first.stderr
-    assert not (out / "seal.json").exists()
-    env.pop("SAEFORGE_FAULT")
-    second = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert second.returncode == 0, second.stderr
+    harvest_killed_then_rerun(args, fault, between=lambda: not_sealed(out))
     assert cache_bytes(out) == cache_bytes(multi_cache)
     assert Cache.open(out).verify() == []
 

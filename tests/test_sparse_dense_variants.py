@@ -5,14 +5,11 @@ path on and off, and exact resume after kill -9 with it on."""
 
 import copy
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import cfg_for, final_weights, train_cli_run
+from tests.helpers import cfg_for, final_weights, kill9_and_resume
 from train.config import cfg_from_dict, cfg_from_saved, get_default_cfg, post_init_cfg, update_cfg
 from train.kernels import SelectedDecode, SelectedEncode, column_order, select_above
 from train.sae import build_sae
@@ -271,14 +268,7 @@ def test_training_with_the_selected_path_gives_the_dense_runs_weights(sparse_cac
 
 @pytest.mark.parametrize("arch", list(RUNS))
 def test_selected_path_resumes_bit_identically_after_kill9(sparse_cache, tmp_path, arch):
-    over = {**RUNS[arch], "sparse_fraction": 1.0}
-    _, ref = train_sae(None, cfg_for(sparse_cache, tmp_path / "ref", arch=arch, **over), progress=False)
-    extra = [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
-    first = train_cli_run(sparse_cache, tmp_path / "cli", "after_optimizer_step@17", arch=arch, extra=extra)
-    assert first.returncode == -signal.SIGKILL, first.stderr
-    run_dir = next((tmp_path / "cli").iterdir())
-    r = subprocess.run([sys.executable, "-m", "train", "resume", str(run_dir), "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    run_dir, ref = kill9_and_resume(sparse_cache, tmp_path, arch, {**RUNS[arch], "sparse_fraction": 1.0})
     a, b = final_weights(run_dir), final_weights(ref)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from tests.helpers import SITE, SPARSE_D, cfg_for, final_weights, train_cli_run
+from tests.helpers import SITE, SPARSE_D, cfg_for, final_weights, kill9_and_resume, train_cli_run
 from train.checkpoints import create_run_dir, latest_checkpoint, list_checkpoints, read_checkpoint
 from train.cli import main as train_cli
 from train.config import ConfigError, get_default_cfg, load_toml, parse_set, post_init_cfg, update_cfg
@@ -166,13 +166,7 @@ NEWER = {"matryoshka": {"k_anneal_tokens": 6000, "k_anneal_start": 12}, "gated":
 @pytest.mark.parametrize("arch", list(NEWER))
 def test_newer_variants_resume_bit_identically_after_kill9(sparse_cache, tmp_path, arch):
     over = NEWER[arch]
-    _, ref = train_sae(None, cfg_for(sparse_cache, tmp_path / "ref", arch=arch, **over), progress=False)
-    extra = [a for k, v in over.items() for a in ("--set", f"{k}={v}")]
-    first = train_cli_run(sparse_cache, tmp_path / "cli", "after_optimizer_step@17", arch=arch, extra=extra)
-    assert first.returncode == -signal.SIGKILL, first.stderr
-    run_dir = next((tmp_path / "cli").iterdir())
-    r = subprocess.run([sys.executable, "-m", "train", "resume", str(run_dir), "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    run_dir, ref = kill9_and_resume(sparse_cache, tmp_path, arch, over)
     _assert_same(final_weights(run_dir), final_weights(ref))
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
