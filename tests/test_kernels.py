@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from train.kernels import BatchTopKEncode, GatherEncode, TopKEncode, sparse_decode
-from train.sae import BatchTopKSAE, TopKSAE
+from train.sae import BatchTopKSAE, MatryoshkaSAE, TopKSAE
 
 B, D, M, K = 12, 10, 40, 5
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
@@ -130,3 +130,35 @@ def test_sae_fast_path_matches_dense(cls, dtype, with_dead):
     torch.testing.assert_close(fast.latents, dense.latents, **TOL[dtype])
     assert_close_all(grads[0], grads[1], dtype)
     assert torch.equal(saes[0].tokens_since_fired, saes[1].tokens_since_fired)
+
+
+class _BigOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op whose output has at least `n` elements."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.ops = n, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.n:
+                self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("cls,extra", [(TopKSAE, {}), (BatchTopKSAE, {}), (MatryoshkaSAE, {"widths": "1/4"})])
+def test_sparse_backward_forms_nothing_of_batch_by_width(cls, extra):
+    """The step's backward touches only the active entries: autograd must not fill a [B, m] zero
+    gradient for the returned pre-activations (a custom Function materialises one by default)."""
+    b, m = 64, 512  # B * m larger than every other tensor here (W_enc is d x m = 10 x 512)
+    sae = cls(D, m, k=K, fast=True, aux_coeff=0.0, generator=torch.Generator().manual_seed(0), **extra)
+    sae.train()
+    x = torch.randn(b, D, generator=torch.Generator().manual_seed(1))
+    out = sae(x, latents=False)
+    assert out.latents is None
+    spy = _BigOutputs(b * m)
+    with spy:
+        out.loss.backward()
+    assert spy.ops == [], f"the backward formed [B, m] tensors: {spy.ops}"
+    assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0

@@ -166,6 +166,7 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k):
+        ctx.set_materialize_grads(False)  # else autograd fills a [B, m] zero gradient for pre every step
         pre = torch.addmm(b_enc, x, W_enc)
         top, idx = pre.topk(k, dim=1, sorted=False)
         B = x.shape[0]
@@ -177,6 +178,8 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_vals, _grad_idx, _grad_pre):
+        if grad_vals is None:  # vals reached no loss
+            return None, None, None, None
         return *_encoder_grads(ctx, grad_vals), None
 
 
@@ -189,6 +192,7 @@ class BatchTopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k):
+        ctx.set_materialize_grads(False)  # else autograd fills a [B, m] zero gradient for pre every step
         pre = torch.addmm(b_enc, x, W_enc)
         B, m = pre.shape
         top, flat = batch_topk(pre, k * B)
@@ -200,6 +204,8 @@ class BatchTopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_vals, *_unused):
+        if grad_vals is None:  # vals reached no loss
+            return None, None, None, None
         return *_encoder_grads(ctx, grad_vals), None
 
 
