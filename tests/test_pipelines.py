@@ -59,6 +59,16 @@ def test_bench_train_step_compares_precisions(tmp_path):
     assert "| topk | 32 | 2x (64) |" in md.read_text()
 
 
+def test_profile_train_step_lists_the_ops_against_the_dense_product(tmp_path):
+    out = _run(["pipelines/profile_train_step.py", "--variant", "jumprelu", "--d-in", "32", "--expansion", "2",
+                "--batch-size", "128", "--steps", "2", "--profile-steps", "1", "--l0", "0.2", "--rows", "5"], tmp_path)
+    assert float(out.split("step / product ")[1].split()[0]) > 0
+    table = out.split("input shapes\n")[1].strip().splitlines()
+    assert len(table) == 5 and any(line.startswith("aten::") for line in table)
+    ms = [float(line[44:].split()[0]) for line in table]  # ms per step, most first
+    assert ms == sorted(ms, reverse=True) and ms[0] > 0
+
+
 def test_bench_store_prints_ratios_for_mapped_copied_and_cold_windows(tmp_path):
     out = _run(["pipelines/bench_store.py", "--shards", "3", "--rows-per-shard", "2048", "--d-model", "64",
                 "--batch-size", "512", "--window-shards", "2", "--rss-window-shards", "1", "--repeats", "1",
