@@ -10,7 +10,8 @@ MALLOC_TRIM_THRESHOLD_), times --steps steps without the profiler, then profiles
 steps with torch.profiler and prints the ops with the most self time per step, each with its
 input shapes, ms per step and that time over one dense torch.mm([batch, d_in] x [d_in, width])
 timed in the same process ("x mm"). The profiled ms are slightly inflated by the profiler; the
-unprofiled step / mm ratio printed first is bench_train_step.py's "step/fwd mm".
+unprofiled step / mm ratio printed first is bench_train_step.py's "step/fwd mm" (under
+--autocast bf16 the product is timed in bfloat16, its operands cast beforehand).
 """
 
 from __future__ import annotations
@@ -66,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         def step(i: int) -> None:
             trainer.after_step(trainer.train_step(batches[i % len(batches)]))
 
-        def mm_seconds() -> float:
-            t0 = time.perf_counter()
-            torch.mm(batches[0], sae.W_enc.detach())
-            return time.perf_counter() - t0
+        def mm_seconds() -> float:  # in the step's precision (autocast casts both sides to bf16 first)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+                x, W = batches[0], sae.W_enc.detach()
+                if args.autocast == "bf16":
+                    x, W = x.bfloat16(), W.bfloat16()
+                t0 = time.perf_counter()
+                torch.mm(x, W)
+                return time.perf_counter() - t0
 
         for i in range(3):
             step(i)
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     for e in events[:args.rows]:
         ms = e.self_cpu_time_total / n / 1e3
         shapes = ", ".join(str(s) for s in e.input_shapes if s)[:70]
-        print(f"{e.key[:44]:44s} {ms:8.1f} {ms / 1e3 / mm:6.2f} {e.count // n:6d}  {shapes}")
+        print(f"{e.key[:44]:44s} {ms:8.1f} {ms / 1e3 / mm:6.2f} {e.count / n:6.1f}  {shapes}")
     return 0
 
 
