@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from train.kernels import BatchTopKEncode, GatherEncode, TopKEncode, sparse_decode
+from train.kernels import BatchTopKEncode, TopKEncode, sparse_decode
 from train.sae import BatchTopKSAE, MatryoshkaSAE, TopKSAE
 
 B, D, M, K = 12, 10, 40, 5
@@ -16,7 +16,8 @@ def leaves(dtype, seed=0):
     x = torch.randn(B, D, generator=g, dtype=dtype).requires_grad_()
     W = torch.randn(D, M, generator=g, dtype=dtype).requires_grad_()
     b = (0.1 * torch.randn(M, generator=g, dtype=dtype)).requires_grad_()
-    return x, W, b
+    c = (0.3 * torch.randn(D, generator=g, dtype=dtype)).requires_grad_()  # the encoder's centre (b_dec)
+    return x, c, W, b
 
 
 def grads_of(out, inputs, seed=1):
@@ -51,14 +52,16 @@ def test_sparse_decode_matches_dense(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_encode_matches_dense(dtype):
-    x, W, b = leaves(dtype)
-    with torch.no_grad():  # two rows whose top k are all negative, to exercise the ReLU branch
-        x[:2] *= 0.01
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_topk_encode_matches_dense(dtype, x_grad):
+    x, c, W, b = leaves(dtype)
+    x.requires_grad_(x_grad)
+    with torch.no_grad():  # two rows whose top k are all negative (x - c = 0 there), to exercise the ReLU branch
+        x[:2] = c
         b -= 1
-    vals, idx, pre = TopKEncode.apply(x, W, b, K)
+    vals, idx, pre = TopKEncode.apply(x, c, W, b, K)
     assert not pre.requires_grad and idx.shape == (B, K)
-    dense_pre = x @ W + b
+    dense_pre = (x - c) @ W + b
     ref_top, ref_idx = dense_pre.topk(K, dim=1)
     torch.testing.assert_close(pre, dense_pre.detach(), **TOL[dtype])
     assert torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
@@ -67,38 +70,27 @@ def test_topk_encode_matches_dense(dtype):
     dense = torch.zeros(B, M, dtype=dtype).scatter(1, ref_idx, ref_top.relu())
     assert 0 < (dense > 0).sum() < B * K
     torch.testing.assert_close(fast, dense, **TOL[dtype])
-    assert_close_all(grads_of(fast, (x, W, b)), grads_of(dense, (x, W, b)), dtype)
+    inputs = (x, c, W, b) if x_grad else (c, W, b)
+    assert_close_all(grads_of(fast, inputs), grads_of(dense, inputs), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_batchtopk_encode_matches_dense(dtype):
-    x, W, b = leaves(dtype, seed=3)
-    vals, rows, cols, offsets, pre = BatchTopKEncode.apply(x, W, b, K)
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_batchtopk_encode_matches_dense(dtype, x_grad):
+    x, c, W, b = leaves(dtype, seed=3)
+    x.requires_grad_(x_grad)
+    vals, rows, cols, offsets, pre = BatchTopKEncode.apply(x, c, W, b, K)
     assert vals.shape == rows.shape == cols.shape == (B * K,)
     assert torch.all(rows[1:] >= rows[:-1]), "flat list must be row-sorted"
     assert torch.equal(offsets, (rows[None, :] < torch.arange(B)[:, None]).sum(1))
-    z = (x @ W + b).relu().flatten()
+    z = ((x - c) @ W + b).relu().flatten()
     top, flat = z.topk(B * K)
     dense = torch.zeros_like(z).scatter(0, flat, top).view(B, M)
     fast = torch.zeros(B, M, dtype=dtype).index_put((rows, cols), vals)
     assert len(set((dense > 0).sum(1).tolist())) > 1, "want a variable number of latents per row"
     torch.testing.assert_close(fast, dense, **TOL[dtype])
-    assert_close_all(grads_of(fast, (x, W, b)), grads_of(dense, (x, W, b)), dtype)
-
-
-def test_gather_encode_matches_dense_and_ignores_masked():
-    x, W, b = leaves(torch.float64, seed=5)
-    pre = (x @ W + b).detach()
-    live = torch.zeros(M, dtype=torch.bool)
-    live[::3] = True
-    masked = torch.where(live, -torch.inf, pre)
-    idx = masked.topk(M, dim=1).indices  # includes every masked (-inf) column
-    fast = GatherEncode.apply(x, W, b, masked, idx)
-    dense = torch.where(live, -torch.inf, x @ W + b).gather(1, idx).relu()
-    torch.testing.assert_close(fast, dense, rtol=1e-10, atol=1e-10)
-    gx, gW, gb = grads_of(fast, (x, W, b))
-    assert_close_all((gx, gW, gb), grads_of(dense, (x, W, b)), torch.float64)
-    assert torch.all(gW[:, live] == 0) and torch.all(gb[live] == 0)
+    inputs = (x, c, W, b) if x_grad else (c, W, b)
+    assert_close_all(grads_of(fast, inputs), grads_of(dense, inputs), dtype)
 
 
 @pytest.mark.parametrize("cls", [TopKSAE, BatchTopKSAE])

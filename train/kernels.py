@@ -121,16 +121,30 @@ def batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return top[order], idx
 
 
-def _save_active(ctx, x: Tensor, W_enc: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor, pre_sel: Tensor):
-    """Keep what the sparse backward needs; pre_sel [n] are the selected pre-activations (pre-ReLU)."""
-    ctx.save_for_backward(x, W_enc, rows, cols, offsets, pre_sel > 0)
+def _save_active(ctx, xc: Tensor, W_enc: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor, pre_sel: Tensor):
+    """Keep what the sparse backward needs: xc = x - center [B, d]; pre_sel [n] the selected
+    pre-activations (pre-ReLU)."""
+    ctx.save_for_backward(xc, W_enc, rows, cols, offsets, pre_sel > 0)
 
 
 def _encoder_grads(ctx, grad_vals: Tensor):
-    """Gradients of vals[j] = relu(x[rows[j]] @ W_enc[:, cols[j]] + b_enc[cols[j]]) for x, W_enc, b_enc."""
-    x, W_enc, rows, cols, offsets, active = ctx.saved_tensors
+    """Gradients of vals[j] = relu((x - center)[rows[j]] @ W_enc[:, cols[j]] + b_enc[cols[j]]) for
+    x, center, W_enc, b_enc (the Function's first four inputs)."""
+    xc, W_enc, rows, cols, offsets, active = ctx.saved_tensors
     g = (grad_vals.reshape(-1) * active).to(W_enc.dtype)  # [n], zero where the ReLU is off
-    return _active_grads(x, W_enc, rows, cols, offsets, g, *ctx.needs_input_grad[:3])
+    return _centered_grads(xc, W_enc, rows, cols, offsets, g, ctx.needs_input_grad[:4])
+
+
+def _centered_grads(xc: Tensor, W_enc: Tensor, rows: Tensor, cols: Tensor, offsets: Tensor, g: Tensor,
+                    needs: tuple[bool, bool, bool, bool], by_column: tuple[Tensor, Tensor] | None = None):
+    """Gradients for (x, center, W_enc, b_enc) of sum_j g[j] * z_j, z_j = (x - center)[rows[j]] @
+    W_enc[:, cols[j]] + b_enc[cols[j]], None where not needed: center's is the matvec
+    -W_enc @ grad_b_enc (as CenteredEncode's), so no [B, d] gradient is formed unless x needs one."""
+    need_x, need_center, need_W, need_b = needs
+    grad_x, grad_W, grad_b = _active_grads(xc, W_enc, rows, cols, offsets, g, need_x, need_W, need_b or need_center,
+                                           by_column)
+    grad_center = -(W_enc @ grad_b) if need_center else None
+    return grad_x, grad_center, grad_W, grad_b if need_b else None
 
 
 def column_order(cols: Tensor, m: int) -> tuple[Tensor, Tensor]:
@@ -158,15 +172,17 @@ def _active_grads(x: Tensor, W_enc: Tensor, rows: Tensor, cols: Tensor, offsets:
 
 
 class TopKEncode(torch.autograd.Function):
-    """vals, idx, pre = TopKEncode.apply(x, W_enc, b_enc, k).
+    """vals, idx, pre = TopKEncode.apply(x, center, W_enc, b_enc, k).
 
-    pre = x @ W_enc + b_enc [B, m] (returned without grad); idx [B, k] the k largest per row;
-    vals = relu(pre.gather(1, idx)) [B, k]. Backward is sparse in the B*k active entries.
+    pre = (x - center) @ W_enc + b_enc [B, m] (returned without grad); idx [B, k] the k largest
+    per row; vals = relu(pre.gather(1, idx)) [B, k]. Backward is sparse in the B*k active entries
+    (center's gradient a matvec: _centered_grads).
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k):
+    def forward(ctx, x, center, W_enc, b_enc, k):
         ctx.set_materialize_grads(False)  # else autograd fills a [B, m] zero gradient for pre every step
+        x = x - center
         pre = torch.addmm(b_enc, x, W_enc)
         top, idx = pre.topk(k, dim=1, sorted=False)
         B = x.shape[0]
@@ -179,20 +195,21 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals, _grad_idx, _grad_pre):
         if grad_vals is None:  # vals reached no loss
-            return None, None, None, None
+            return None, None, None, None, None
         return *_encoder_grads(ctx, grad_vals), None
 
 
 class BatchTopKEncode(torch.autograd.Function):
-    """vals, rows, cols, offsets, pre = BatchTopKEncode.apply(x, W_enc, b_enc, k).
+    """vals, rows, cols, offsets, pre = BatchTopKEncode.apply(x, center, W_enc, b_enc, k).
 
-    Keeps the k*B largest entries of relu(x @ W_enc + b_enc) over the whole batch, as a flat
-    row-sorted list: vals, rows, cols [k*B], offsets [B]; pre [B, m] is returned without grad.
+    Keeps the k*B largest entries of relu((x - center) @ W_enc + b_enc) over the whole batch, as a
+    flat row-sorted list: vals, rows, cols [k*B], offsets [B]; pre [B, m] is returned without grad.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k):
+    def forward(ctx, x, center, W_enc, b_enc, k):
         ctx.set_materialize_grads(False)  # else autograd fills a [B, m] zero gradient for pre every step
+        x = x - center
         pre = torch.addmm(b_enc, x, W_enc)
         B, m = pre.shape
         top, flat = batch_topk(pre, k * B)
@@ -205,28 +222,8 @@ class BatchTopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals, *_unused):
         if grad_vals is None:  # vals reached no loss
-            return None, None, None, None
+            return None, None, None, None, None
         return *_encoder_grads(ctx, grad_vals), None
-
-
-class GatherEncode(torch.autograd.Function):
-    """vals = GatherEncode.apply(x, W_enc, b_enc, pre, idx) = relu(pre.gather(1, idx)) [B, j].
-
-    pre [B, m] must equal x @ W_enc + b_enc wherever idx points (it is not differentiated; -inf
-    entries give 0 with no gradient); gradients reach x, W_enc and b_enc sparsely. Used by AuxK.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, pre, idx):
-        B, j = idx.shape
-        sel = pre.gather(1, idx)
-        rows = torch.arange(B, device=x.device)[:, None].expand(B, j).reshape(-1)
-        _save_active(ctx, x, W_enc, rows, idx.reshape(-1), torch.arange(B, device=x.device) * j, sel.reshape(-1))
-        return sel.relu()
-
-    @staticmethod
-    def backward(ctx, grad_vals):
-        return *_encoder_grads(ctx, grad_vals), None, None
 
 
 SELECT_ROWS = 256  # rows per block of select_above's comparison: the block's bool mask stays in cache
@@ -278,11 +275,8 @@ class SelectedEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xc, W_enc, rows, cols, offsets, order, by_col = ctx.saved_tensors
-        need_x, need_center, need_W, need_b = ctx.needs_input_grad[:4]
-        grad_x, grad_W, grad_b = _active_grads(xc, W_enc, rows, cols, offsets, grad.to(W_enc.dtype), need_x, need_W,
-                                               need_b or need_center, (order, by_col))
-        grad_center = -(W_enc @ grad_b) if need_center else None
-        return grad_x, grad_center, grad_W, grad_b if need_b else None, *[None] * 7
+        return *_centered_grads(xc, W_enc, rows, cols, offsets, grad.to(W_enc.dtype), ctx.needs_input_grad[:4],
+                                (order, by_col)), *[None] * 7
 
 
 class SelectedDecode(torch.autograd.Function):

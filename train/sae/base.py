@@ -19,7 +19,7 @@ non-zero. forward() updates it in training mode; a latent is dead once the count
 
 What a sparsity rule (a mixin placed before this class, e.g. train.sae.topk.TopK) provides:
 `activation(pre) -> f`, optionally `sparsity_loss(f, pre)` and `reconstruction_losses(x, x_hat,
-f, pre, active)`, with `fast = True` a `sparse_encode(centered)` that selects the active latents
+f, pre, active)`, with `fast = True` a `sparse_encode(x, center)` that selects the active latents
 through train.kernels, and with a schedule `set_training_tokens(tokens)` (the trainer calls it
 before every step with the tokens seen so far; what it sets must be a pure function of them, so
 that a resumed run repeats it). Cost of such a
@@ -126,7 +126,7 @@ class BaseAutoencoder(nn.Module):
 
     Variants define `activation(pre) -> f` and may override `sparsity_loss(f, pre)`,
     `reconstruction_losses(...)`, `set_training_tokens(tokens)` and, with fast = True,
-    `sparse_encode(centered)` (the sparse-kernel training path).
+    `sparse_encode(x, center)` (the sparse-kernel training path).
     Keyword args shared by every variant:
       aux_k: latents used by AuxK (default d_in // 2); aux_coeff: AuxK weight (0 disables);
       dead_tokens_threshold: tokens without firing before a latent counts as dead;
@@ -214,8 +214,9 @@ class BaseAutoencoder(nn.Module):
         """f from z, [B, m] -> [B, m]; defined by each variant."""
         raise NotImplementedError(f"{type(self).__name__} must define activation()")
 
-    def sparse_encode(self, centered: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Active, tuple]:
-        """Fast training path of a sparsity rule: centered = x - b_dec [B, d] ->
+    def sparse_encode(self, x: Tensor, center: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Active, tuple]:
+        """Fast training path of a sparsity rule: x [B, d] and the encoder's centre [d] (b_dec; a
+        transcoder's b_in), encoded as x - center ->
         (f [B, m] (None unless latents), pre [B, m], the active set, (vals, idx, offsets) for
         train.kernels.sparse_decode)."""
         raise NotImplementedError(f"{type(self).__name__} sets fast but defines no sparse_encode()")
@@ -233,7 +234,7 @@ class BaseAutoencoder(nn.Module):
         """Training path: (f [B, m], pre [B, m], x_hat [B, d], the active set if kept sparse, else None);
         latents=False: f is None on the sparse-kernel and selected-entries paths (not formed)."""
         if self.fast:
-            f, pre, active, (vals, idx, offsets) = self.sparse_encode(x - self.b_dec, latents)
+            f, pre, active, (vals, idx, offsets) = self.sparse_encode(x, self.b_dec, latents)
             return f, pre, sparse_decode(vals, idx, self.W_dec, offsets) + self.b_dec, active
         pre = self.pre_acts(x)
         selected = self._select_active(x, self.b_dec, pre, latents)

@@ -64,8 +64,8 @@ class BatchTopK(TopK):
         z = self.pre_acts(x.reshape(-1, self.d_in)).relu()
         return (z * (z > self.threshold)).reshape(*x.shape[:-1], self.d_sae)
 
-    def sparse_encode(self, centered: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Active, tuple]:
-        vals, rows, cols, offsets, pre = BatchTopKEncode.apply(centered, self.W_enc, self.b_enc, self.k_now)
+    def sparse_encode(self, x: Tensor, center: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Active, tuple]:
+        vals, rows, cols, offsets, pre = BatchTopKEncode.apply(x, center, self.W_enc, self.b_enc, self.k_now)
         f = torch.zeros_like(pre).index_put_((rows, cols), vals) if latents else None
         return f, pre, Active(vals, rows, cols), (vals, cols, offsets)
 

@@ -78,11 +78,11 @@ class TopK:
         top, idx = pre.topk(self.k_now, dim=1, sorted=False)
         return torch.zeros_like(pre).scatter_(1, idx, top.relu())
 
-    def sparse_encode(self, centered: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Active, tuple]:
+    def sparse_encode(self, x: Tensor, center: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Active, tuple]:
         k = self.k_now
-        vals, idx, pre = TopKEncode.apply(centered, self.W_enc, self.b_enc, k)
+        vals, idx, pre = TopKEncode.apply(x, center, self.W_enc, self.b_enc, k)
         f = torch.zeros_like(pre).scatter_(1, idx, vals) if latents else None
-        rows = torch.arange(centered.shape[0], device=centered.device).repeat_interleave(k)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
         return f, pre, Active(vals.reshape(-1), rows, idx.reshape(-1)), (vals, idx, None)
 
 

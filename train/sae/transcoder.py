@@ -167,7 +167,7 @@ class Transcoder(BaseAutoencoder):
 
     def _encode_decode(self, x: Tensor, latents: bool = True) -> tuple[Tensor | None, Tensor, Tensor, Active | None]:
         if self.fast:
-            f, pre, active, (vals, idx, offsets) = self.sparse_encode(x - self.b_in, latents)
+            f, pre, active, (vals, idx, offsets) = self.sparse_encode(x, self.b_in, latents)
             y = sparse_decode(vals, idx, self.W_dec, offsets) + self.b_dec
         else:
             pre = self.pre_acts(x)
