@@ -368,3 +368,30 @@ def test_a_tf32_run_resumes_in_tf32_and_is_refused_where_tf32_does_not_exist(fak
     assert seen and set(seen) == {("high", True)}
     _, explicit = train_sae(None, cfg_for(sparse_cache, tmp_path / "tf32", autocast="tf32", **SHORT), progress=False)
     _same(final_weights(run_dir), final_weights(explicit))
+
+
+def test_a_sweep_asking_tf32_off_cuda_is_refused_before_any_run_folder(sparse_cache, tmp_path):
+    from train.sweep import run_sweep
+
+    spec = write_sweep_spec(tmp_path / "spec.toml", sparse_cache, tmp_path / "runs", "lr = [1e-3, 3e-3]",
+                            autocast="tf32", tokens=256 * 4)
+    with pytest.raises(precision.UnavailablePrecision, match="autocast='tf32' needs a CUDA GPU"):
+        run_sweep(spec, progress=False)
+    assert not list((tmp_path / "runs").rglob("config.json"))
+
+
+@pytest.mark.parametrize("value", ["none", "bf16"])
+def test_configs_from_before_tf32_load_and_step_as_they_did(sparse_cache, tmp_path, process_precision, value):
+    """A config.json written before tf32 (autocast none or bf16) loads unchanged, keeps its run
+    identity and steps at torch's default float32 precision ("highest"), as it did."""
+    from train.config import cfg_from_saved, config_hash
+
+    cfg = post_init_cfg(cfg_for(sparse_cache, tmp_path, autocast=value), SPARSE_D, SITE)
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    loaded = cfg_from_saved(saved)
+    assert loaded.autocast == value and config_hash(loaded) == config_hash(cfg)
+    precision.check_available(loaded, torch.device("cpu"))
+    torch.set_float32_matmul_precision("high")  # whatever the process set
+    with precision.step_precision(loaded):
+        assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.get_float32_matmul_precision() == "high"
