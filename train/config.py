@@ -223,9 +223,10 @@ class TrainConfig:
     on CUDA whichever of none, tf32 and bf16 (those the GPU has) a few timed steps of this run's
     model found fastest, tf32 or bf16 only when under 0.95x float32's step; on a CPU none without
     bf16 matrix units (AMX), else the faster of none and bf16 by the same rule. config.json records
-    the choice, so a resume computes the same; precision.json the timings. Evaluation computes in
-    exact float32 whatever the run trained in. Off by default: exact float32, and bf16 measured
-    slower on CPUs without bf16 matrix units (pipelines/bench_train_step.py --compare-precision)."""
+    the choice, so a resume computes the same; precision.json the timings. Evaluation computes
+    without autocast or TF32 (torch's default precision) whatever the run trained in. Off by
+    default: exact float32, and bf16 measured slower on CPUs without bf16 matrix units
+    (pipelines/bench_train_step.py --compare-precision)."""
     sparse_kernels: bool = _key(True, identity=False)
     """TopK/BatchTopK: train through the sparse kernels (backward and decode over the B*k active
     latents; 4-6x SAELens' step on CPU). false uses the dense reference path (same function,

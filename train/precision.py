@@ -11,21 +11,24 @@ measurement, once, when the run is created.
 `step_precision(cfg)` is the context Trainer.train_step runs each step in: it sets the matmul
 precision for the step and restores the process's own afterwards, so nothing leaks into other
 code (evaluation, other runs in the process). Evaluation (held-out figures, calibration, `train
-eval`) computes in exact float32 for every precision, as it always has for bf16 runs: a run's
-figures measure the SAE it trained, not its training arithmetic.
+eval`) runs outside the steps, without autocast and at the process's float32 matmul precision
+(torch's default "highest": exact float32) whatever the run trained in, as it always has for bf16
+runs: a run's figures measure the SAE it trained, not its training arithmetic. What tf32 changes
+is bounded as bf16's is: the products' inputs are rounded to TF32's 10-bit mantissa (float32
+accumulation) while weights, gradients, Adam state and the loss stay float32.
 
 `resolve_autocast(cfg, store, device)` returns (cfg with autocast none, tf32 or bf16, Measurement):
 
 * CUDA: the candidates float32, tf32 (compute capability >= 8.0) and bf16
   (torch.cuda.is_bf16_supported()) are each timed as below; the fastest candidate other than float32
   is chosen when its median step took under BF16_MARGIN of float32's, else none;
-* a device without bfloat16 matrix units (`bf16_matrix_units`: a CPU without AMX tiles, which
-  torch reports as torch.cpu._is_amx_tile_supported(); a GPU for which torch.cuda.is_bf16_supported()
-  is false) -> none, without timing: bf16 there only costs the casts;
-* otherwise a few training steps of the real model (this config's SAE, width, k, batch and
+* a CPU (no TF32) without bfloat16 matrix units (`bf16_matrix_units`: no AMX tiles, as torch
+  reports torch.cpu._is_amx_tile_supported()) -> none, without timing: bf16 there only costs the
+  casts; a GPU without either (before sm_80) likewise;
+* each candidate is timed by a few training steps of the real model (this config's SAE, width, k, batch and
   kernels, built on a throwaway copy: `Trainer.train_step`, the trainer's own step) on the store's
-  first batch, in float32 and then in bf16 autocast -> bf16 when its median step took under
-  BF16_MARGIN of float32's, else none (exact float32 keeps ties and near-ties).
+  first batch; on a CPU with AMX float32 and then bf16 autocast -> bf16 when its median step took
+  under BF16_MARGIN of float32's, else none (exact float32 keeps ties and near-ties).
 
 What bf16 changes is numerically bounded: autocast runs the matrix products in bfloat16 while
 weights, Adam state, the loss, the sparse gradients and JumpReLU's threshold stay float32
