@@ -4,7 +4,7 @@
     python pipelines/bench_train_step.py --variants topk,batchtopk --d-in 768 --expansions 8,32 \
         --steps 5 --warmup 2 --markdown bench.md --json bench.json
     python pipelines/bench_train_step.py --no-saelens                      # our side only
-    python pipelines/bench_train_step.py --compare-precision --no-saelens  # ours in fp32 and bf16 (autocast=auto)
+    python pipelines/bench_train_step.py --compare-precision --no-saelens  # ours in fp32, tf32 (CUDA) and bf16
 
 For every (variant, d_in, expansion) of the grid, on the same machine in one run, with the same
 activations (pre-generated, see `make_activations`), batch --batch-size (4096) and k (32 for
@@ -41,11 +41,14 @@ topk / batchtopk):
    shared.synthetic, normalisation on) feeding Trainer.train_step + after_step; the
    fraction of the wall time spent inside store.next_batch(). Target < 5%.
 
---compare-precision (issue 15): every variant of the grid, ours only, once with autocast none and
-once with bf16, each in a fresh subprocess, one after the other: median ms per step of each, the
-ratio bf16 / fp32, and what autocast=auto would pick from these figures (train.precision: none
-without bf16 matrix units, else bf16 when under its margin of fp32's step). SAELens and the
-data-wait run are skipped in this mode.
+--compare-precision (issue 15): every variant of the grid, ours only, once with autocast none,
+once with tf32 (on CUDA of compute capability >= 8.0 only) and once with bf16, each in a fresh
+subprocess, one after the other: median ms per step of each, the ratios to fp32, and what
+autocast=auto would pick from these figures (train.precision.choose: bf16 counts only on a device
+with bf16 matrix units; the fastest of tf32 and bf16 when under its margin of fp32's step, else
+none). SAELens and the data-wait run are skipped in this mode. --autocast tf32 (CUDA >= sm_80)
+measures the step table in tf32: the floor's GEMM rate is then timed with TF32 matmuls, as the
+step's own products run (train.precision.step_precision).
 
 Activations (`make_activations`): anisotropic Gaussian directions (random rotation, power-law
 spectrum), log-normal norms with a Student-t tail, plus a shared mean offset, then scaled so
@@ -172,6 +175,8 @@ def worker_ours(spec: dict) -> dict:
     """Our Trainer's step on in-memory batches; floor; peak memory. Runs in a fresh subprocess."""
     import torch
 
+    from train.precision import step_precision
+
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = spec["device"]
@@ -183,7 +188,8 @@ def worker_ours(spec: dict) -> dict:
     # for the computed floor (pipelines/step_floor.py), made before the memory baseline: the GEMM
     # rate in the step's precision and the bandwidth of a large copy, timed right after every
     # measured step (the fastest kept)
-    bf16 = spec.get("autocast", "none") == "bf16"
+    precision = spec.get("autocast", "none")
+    bf16 = precision == "bf16"
     m_width = spec["expansion"] * d
     x_mm, W_mm = (torch.randn(B, d, device=device, dtype=torch.bfloat16),
                   torch.randn(d, m_width, device=device, dtype=torch.bfloat16)) if bf16 else (None, None)
@@ -214,8 +220,14 @@ def worker_ours(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         sampler.start()
-    if bf16:
-        _time_floor(x_mm, W_mm, device)
+    def gemm_s() -> float:
+        """One product [B, d] x [d, width] in the step's precision: bf16 operands, TF32 or exact float32."""
+        if bf16:
+            return _time_floor(x_mm, W_mm, device)
+        with step_precision(cfg):
+            return _time_floor(batches[0], sae.W_enc.detach(), device)
+
+    gemm_s()
     times, floors, mms, copies = [], [], [], []
     l0s, selected = [], []
     for i in range(spec["warmup"], spec["warmup"] + spec["steps"]):
@@ -227,7 +239,7 @@ def worker_ours(spec: dict) -> dict:
         l0s.append(l0)
         selected.append(selected_per_token(sae, batches[i % len(batches)]))
         floors.append(_time_floor(batches[0], sae.W_enc.detach(), device))  # right after: same machine state
-        mms.append(_time_floor(x_mm, W_mm, device) if bf16 else floors[-1])
+        mms.append(gemm_s() if precision != "none" else floors[-1])
         copies.append(probe.seconds())
     peak = torch.cuda.max_memory_allocated() if cuda else sampler.stop()
     rate, bandwidth = 2.0 * B * d * sae.d_sae / min(mms), 2.0 * (256 << 20) / min(copies)
@@ -250,7 +262,7 @@ def worker_ours(spec: dict) -> dict:
             "step_peak_bytes": step_peak, "mem_ratio": step_peak / (params + adam + batch_bytes),
             "mem_method": "cuda max_memory_allocated" if cuda else "RSS sampled every 1 ms",
             "dead_forced": n_dead, "dead_latents_end": int(sae.dead_mask().sum()),
-            "precision": "bf16" if bf16 else "fp32", "flops": cost.flops, "bytes": cost.bytes,
+            "precision": {"none": "fp32"}.get(precision, precision), "flops": cost.flops, "bytes": cost.bytes,
             "gemm_flops_per_s": rate, "bandwidth_bytes_per_s": bandwidth, "roof_s": roof_s, "roof_bound": bound,
             "step_over_roof": med / roof_s, "l0": statistics.median(l0s), "l0_fraction": statistics.median(l0s) / sae.d_sae,
             "selected_steps": len(took), "selected_per_token": statistics.median(took) if took else None,
@@ -497,26 +509,29 @@ def markdown(lines: list[list[str]], header: str, notes: list[str]) -> str:
     return "\n".join(md + [""] + notes) + "\n"
 
 
-PRECISION_HEAD = ["variant", "d_in", "width", "fp32 ms/step", "bf16 ms/step", "bf16/fp32", "fp32 best", "bf16 best",
-                  "auto would pick"]
+PRECISION_HEAD = ["variant", "d_in", "width", "fp32 ms/step", "tf32 ms/step", "bf16 ms/step", "tf32/fp32", "bf16/fp32",
+                  "fp32 best", "tf32 best", "bf16 best", "auto would pick"]
 
 
 def compare_precision(args, data: dict, tmp: Path, variants: list[str], d_ins: list[int],
                       expansions: list[int]) -> tuple[list[dict], list[list[str]], str]:
-    """Ours in fp32 and in bf16 for every grid point (fresh subprocesses); rows, table lines and the
-    device's bf16 units as train.precision reads them (in this process)."""
+    """Ours in fp32, tf32 (where the device has it) and bf16 for every grid point (fresh
+    subprocesses); rows, table lines and the device's units as train.precision reads them (in this
+    process)."""
     import torch
 
-    from train.precision import bf16_matrix_units, choose
+    from train.precision import bf16_matrix_units, choose, tf32_matrix_units
 
     has, units = bf16_matrix_units(torch.device(args.device))
+    tf32, _ = tf32_matrix_units(torch.device(args.device))
+    modes = ("none", *(("tf32",) if tf32 else ()), "bf16")
     rows, lines = [], []
     for d in d_ins:
         for e in expansions:
             for v in variants:
                 name = f"{v}_{d}_{e}x"
                 res = {}
-                for mode in ("none", "bf16"):
+                for mode in modes:
                     spec = {"arch": v, "expansion": e, "k": args.k, "batch_size": args.batch_size, "steps": args.steps,
                             "warmup": args.warmup, "threads": args.threads, "device": args.device,
                             "dead_fraction": args.dead_fraction, "data": str(data[d]), "autocast": mode,
@@ -526,21 +541,26 @@ def compare_precision(args, data: dict, tmp: Path, variants: list[str], d_ins: l
                 ok = all(isinstance(r, dict) for r in res.values())
                 row = {"variant": v, "d_in": d, "expansion": e, "raw": res}
                 if ok:
-                    f32, b16 = (res[m]["median_step_s"] * 1e3 for m in ("none", "bf16"))
-                    row.update(fp32_ms=f32, bf16_ms=b16, ratio=b16 / f32, fp32_best_ms=min(res["none"]["step_s"]) * 1e3,
-                               bf16_best_ms=min(res["bf16"]["step_s"]) * 1e3,
-                               auto=choose(f32, b16) if has else "none")
+                    ms = {m: res[m]["median_step_s"] * 1e3 for m in modes}
+                    best = {m: min(res[m]["step_s"]) * 1e3 for m in modes}
+                    row.update(fp32_ms=ms["none"], tf32_ms=ms.get("tf32"), bf16_ms=ms["bf16"],
+                               ratio=ms["bf16"] / ms["none"],
+                               tf32_ratio=ms["tf32"] / ms["none"] if tf32 else None,
+                               fp32_best_ms=best["none"], tf32_best_ms=best.get("tf32"), bf16_best_ms=best["bf16"],
+                               auto=choose(ms["none"], ms["bf16"] if has else None, ms.get("tf32")))
                 rows.append(row)
+
+                def cell(key: str, spec: str = ".0f") -> str:
+                    return "-" if row.get(key) is None else format(row[key], spec)
                 line = [v, str(d), f"{e}x ({e * d})"] + (
-                    [f"{row['fp32_ms']:.0f}", f"{row['bf16_ms']:.0f}", f"{row['ratio']:.2f}", f"{row['fp32_best_ms']:.0f}",
-                     f"{row['bf16_best_ms']:.0f}", row["auto"]] if ok else
-                    ["error" if isinstance(res["none"], str) else "", "error" if isinstance(res["bf16"], str) else "",
-                     "-", "-", "-", "-"])
+                    [cell("fp32_ms"), cell("tf32_ms"), cell("bf16_ms"), cell("tf32_ratio", ".2f"), cell("ratio", ".2f"),
+                     cell("fp32_best_ms"), cell("tf32_best_ms"), cell("bf16_best_ms"), row["auto"]] if ok else
+                    ["error" if isinstance(res.get(m), str) else "" for m in ("none", "tf32", "bf16")] + ["-"] * 6)
                 lines.append(line)
-                print(f"  {name}: " + (f"fp32 {row['fp32_ms']:.0f} ms/step, bf16 {row['bf16_ms']:.0f} ms/step, "
-                                       f"bf16/fp32 {row['ratio']:.2f}, auto would pick {row['auto']}" if ok else
-                                       f"failed: {res}"), flush=True)
-    return rows, lines, units if has else f"{units} (no bf16 matrix units: auto picks none without timing)"
+                print(f"  {name}: " + (", ".join(f"{m if m != 'none' else 'fp32'} {ms[m]:.0f} ms/step" for m in modes)
+                                       + f", auto would pick {row['auto']}" if ok else f"failed: {res}"), flush=True)
+    units = units if has else f"{units} (no bf16 matrix units: bf16 does not count for auto)"
+    return rows, lines, units + (", tf32 timed (compute capability >= 8.0)" if tf32 else ", no tf32")
 
 
 def _print_rows(head: list[str], lines: list[list[str]]) -> None:
@@ -575,11 +595,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="MALLOC_MMAP_MAX_=0 and a huge MALLOC_TRIM_THRESHOLD_ in every subprocess: freed tensors "
                         "are reused instead of unmapped, so large allocations stop page-faulting")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+    p.add_argument("--autocast", choices=("none", "tf32", "bf16"), default="none",
                    help="our trainer's autocast setting (train config key autocast); SAELens runs as it defaults")
     p.add_argument("--compare-precision", action="store_true",
-                   help="ours only, each variant in fp32 and in bf16: ms/step of each, the ratio and what "
-                        "autocast=auto would pick (SAELens and the data-wait run skipped)")
+                   help="ours only, each variant in fp32, tf32 (CUDA >= sm_80) and bf16: ms/step of each, the "
+                        "ratios and what autocast=auto would pick (SAELens and the data-wait run skipped)")
     p.add_argument("--compile", action="store_true", help="our trainer with torch.compile (config key compile)")
     p.add_argument("--dense", action="store_true",
                    help="our TopK/BatchTopK through the dense reference path, Vanilla/JumpReLU never through "
@@ -610,6 +630,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
     d_ins = [int(v) for v in args.d_in.split(",")]
     expansions = [int(v) for v in args.expansions.split(",")]
+    if args.autocast == "tf32":
+        import torch
+
+        from train.precision import tf32_matrix_units
+        has, units = tf32_matrix_units(torch.device(args.device))
+        if not has:
+            p.error(f"--autocast tf32 needs CUDA of compute capability >= 8.0; --device {args.device}: {units}")
     exe, why = saelens_python(args) if not args.compare_precision else (None, "--compare-precision")
     tmp = args.keep or Path(tempfile.mkdtemp(prefix="bench_train_step_"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -709,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
 def _precision_report(args, cmdline: str, data: dict, tmp: Path, variants, d_ins, expansions, t_start: float) -> int:
     """--compare-precision: the table, printed, and as Markdown / JSON when asked."""
     rows, lines, units = compare_precision(args, data, tmp, variants, d_ins, expansions)
-    header = (f"Precision comparison (ours, autocast none vs bf16): batch {args.batch_size}, k {args.k}, {args.steps} "
+    header = (f"Precision comparison (ours, autocast none vs tf32 vs bf16): batch {args.batch_size}, k {args.k}, {args.steps} "
               f"measured steps after {args.warmup} warm-up (medians), threads {args.threads or 'default'}, device "
               f"{args.device}: {units}")
     print()

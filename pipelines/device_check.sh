@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine: the CUDA tests, then the CUDA benchmarks, logs into $OUT.
+# One prepared run on a GPU machine, within BUDGET_S seconds (default 540): the CUDA tests, the
+# training-step table per precision (fp32, tf32, bf16) with floors, sparse vs dense, the
+# precision comparison autocast=auto decides by, the harvest against its limit, logs into $OUT.
 #
 #   bash pipelines/device_check.sh [OUTDIR]
 #
@@ -16,19 +18,49 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-step() { echo; echo "=== $1 ($(date +%T))"; }
+step() { echo; echo "=== $1 ($(date +%T), ${SECONDS}s of ${BUDGET_S}s)"; }
+# The whole run fits BUDGET_S seconds (default 540: a lent GPU's 15 minutes, less its start and a
+# rerun's margin): each section runs under min(its own limit, what is left), and a section with
+# under 20 s left is skipped and says so, so the later ones never push the run past the budget.
+BUDGET_S=${BUDGET_S:-540}
+limit() {  # limit SECONDS -> the timeout to use now, or nothing (skip) when under 20 s are left
+    local left=$((BUDGET_S - SECONDS))
+    [ "$left" -lt 20 ] && { echo "  (skipped: ${left}s of the budget left)" >&2; return 1; }
+    echo $(( $1 < left ? $1 : left ))
+}
 
 step "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers, zarr; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'tf32 matmul', torch.backends.cuda.matmul.allow_tf32)"
+python3 -c "import torch, transformers, zarr; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), 'sm_%d%d' % torch.cuda.get_device_capability(0)); print('transformers', transformers.__version__, 'zarr', zarr.__version__, 'tf32 matmul', torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())"
 nproc; df -h /tmp | tail -1
 python3 -c "import harvest.runner, train.training, train.evaluation" || { echo "the package does not import here"; exit 1; }
 
 step "CUDA tests"
 # CUDA_TESTS: pytest selection (default: tests/test_cuda.py and AuxK's device-independent skip), e.g.
 # "tests/test_cuda.py -k harvest"
-timeout 240 python3 -m pytest -q -p no:cacheprovider ${CUDA_TESTS:-tests/test_cuda.py tests/test_auxk.py} -o addopts="" \
-    -rA 2>&1 | tail -40 | tee "$OUT/tests.log"
+# (with tf32: TF32 products inside the steps only, tf32 runs of every variant, auto's three timings)
+T=$(limit 150) && timeout $T python3 -m pytest -q -p no:cacheprovider ${CUDA_TESTS:-tests/test_cuda.py tests/test_auxk.py} \
+    -o addopts="" -rA 2>&1 | tail -45 | tee "$OUT/tests.log"
+
+# the step table: FLOPs, bytes, GEMM rate (in the step's precision: fp32 with TF32 off, TF32, bf16)
+# and bandwidth measured in the same process, floor and step/floor, at the issue's GPU target
+# 768 x 24576 (32x), batch 4096: TopK/BatchTopK sparse kernels against the dense path, and
+# Vanilla/JumpReLU at L0 1.5% of the width through the selected-entries path against dense
+# (--compare-dense: each variant twice, sparse then dense), one run per precision
+for prec in none tf32 bf16; do
+    step "training-step table (CUDA, autocast $prec, 768 x 24576, sparse vs dense, L0 1.5% for vanilla/jumprelu)"
+    T=$(limit 80) && timeout $T python3 pipelines/bench_train_step.py --device cuda --no-saelens --d-in 768 --expansions 32 \
+        --variants topk,batchtopk,vanilla,jumprelu --l0 0.015 --compare-dense --steps 10 --warmup 3 --threads 0 \
+        --autocast $prec --data-wait-steps 0 --timeout 60 --markdown "$OUT/train_step_$prec.md" \
+        --json "$OUT/train_step_$prec.json" 2>&1 | tee "$OUT/bench_train_step_$prec.log" | tail -12
+done
+
+# what autocast=auto would pick per variant on this GPU: fp32, tf32 and bf16, each in a fresh process
+step "precision comparison (CUDA: fp32, tf32, bf16; what autocast=auto picks)"
+T=$(limit 70) && timeout $T python3 pipelines/bench_train_step.py --compare-precision --device cuda --no-saelens \
+    --d-in 768 --expansions 32 --variants topk,batchtopk,vanilla,jumprelu --steps 6 --warmup 2 --threads 0 \
+    --timeout 40 --markdown "$OUT/compare_precision.md" --json "$OUT/compare_precision.json" 2>&1 \
+    | tee "$OUT/compare_precision.log" | tail -8
 
 ASSETS=/tmp/assets
 if [ -f .devassets/smollm2/config.json ]; then
@@ -48,28 +80,14 @@ PY
     # tokenizer may use several cores); the false exported above is for the tests' forks. On this
     # 2-core development machine tokenising was a third of the host ceiling's window (README)
     step "harvest benchmark (CUDA) + cache writes"
-    TOKENIZERS_PARALLELISM=true timeout 200 python3 pipelines/bench_harvest.py --assets $ASSETS --devices cuda --repeats 2 \
-        --dir /tmp 2>&1 | tee "$OUT/bench_harvest.log" | grep -v "it/s\]"
+    T=$(limit 120) && TOKENIZERS_PARALLELISM=true timeout $T python3 pipelines/bench_harvest.py --assets $ASSETS \
+        --devices cuda --repeats 1 --cuda-tokens 491520 --dir /tmp 2>&1 | tee "$OUT/bench_harvest.log" | grep -v "it/s\]"
 fi
 step "harvest host ceiling (free forward vs raw writes of the same bytes, same disk)"
-TOKENIZERS_PARALLELISM=true timeout 90 python3 pipelines/bench_harvest.py --synthetic-model --assets ${ASSETS} --repeats 3 --dir /tmp \
+T=$(limit 60) && TOKENIZERS_PARALLELISM=true timeout $T python3 pipelines/bench_harvest.py --synthetic-model --assets ${ASSETS} --repeats 2 --dir /tmp \
     --ceiling-tokens 1048576 2>&1 | tee "$OUT/bench_harvest_ceiling.log" | tail -8
 
-# the step table: FLOPs, bytes, GEMM rate and bandwidth measured in the same process, floor and
-# step/floor, per precision (fp32 with TF32 off, bf16 autocast) and kernel choice (sparse, dense);
-# the issue's GPU target is TopK/BatchTopK at 768 x 24576 (32x), batch 4096
-for prec in none bf16; do
-    step "training-step benchmark (CUDA, autocast $prec, sparse kernels)"
-    timeout 120 python3 pipelines/bench_train_step.py --device cuda --no-saelens --d-in 768 --expansions 8,32 \
-        --steps 10 --warmup 3 --threads 0 --autocast $prec --data-wait-steps 0 \
-        --markdown "$OUT/train_step_$prec.md" 2>&1 | tee "$OUT/bench_train_step_$prec.log" | tail -14
-    step "training-step benchmark (CUDA, autocast $prec, dense path, TopK/BatchTopK)"
-    timeout 60 python3 pipelines/bench_train_step.py --device cuda --no-saelens --d-in 768 --expansions 32 \
-        --steps 10 --warmup 3 --threads 0 --autocast $prec --variants topk,batchtopk --data-wait-steps 0 --dense \
-        --markdown "$OUT/train_step_${prec}_dense.md" 2>&1 | tee "$OUT/bench_train_step_${prec}_dense.log" | tail -6
-done
-
 step "store benchmark (serving to CUDA)"
-timeout 90 python3 pipelines/bench_store.py --device cuda --shards 8 --window-shards 2 --repeats 2 --dir /tmp \
+T=$(limit 60) && timeout $T python3 pipelines/bench_store.py --device cuda --shards 8 --window-shards 2 --repeats 1 --dir /tmp \
     2>&1 | tee "$OUT/bench_store.log" | tail -20
 step "done"

@@ -5,8 +5,11 @@ products) and eval (the LM's forward), so that a setting reads the same everywhe
     bf16  bfloat16 autocast (torch.autocast(device, dtype=torch.bfloat16))
     auto  what the caller defines as its default: harvest bf16 on CUDA and float32 on the CPU;
           eval as the cache was harvested (bf16 on CUDA when its compute dtype was bfloat16);
-          training measures once, when a run is created, and records none or bf16 in the run's
+          training measures once, when a run is created, and records none, tf32 or bf16 in the run's
           config (train.precision), so that what a run computes does not depend on where it resumes.
+
+Training's key also takes tf32 (float32 tensors, TF32 tensor-core matrix products on CUDA >= sm_80,
+train.precision); the LM's forward in harvest and eval takes this vocabulary only.
 
 `bfloat16`, the spelling harvest and eval used before, is accepted as an alias of bf16, so that
 older command lines and scripts keep working.

@@ -181,9 +181,11 @@ def test_a_new_variant_is_a_choice_of_arch(monkeypatch):
 def test_train_autocast_speaks_the_shared_vocabulary():
     assert update_cfg(get_default_cfg(), autocast="bfloat16").autocast == "bf16"  # the harvest's older spelling
     assert named(autocast="bfloat16", expansion=4).run_name == PINNED_NAMES[4][1]
-    # auto is accepted here and resolved to none or bf16 when the run is created (train.precision, tests/test_precision.py)
+    # auto is accepted here and resolved to none, tf32 or bf16 when the run is created (train.precision,
+    # tests/test_precision.py); tf32 is training's own value (TF32 matmuls on CUDA >= sm_80)
     assert update_cfg(get_default_cfg(), autocast="auto").autocast == "auto"
-    with pytest.raises(ConfigError, match=r"^autocast='fp32' is not one of none, bf16, auto"):
+    assert update_cfg(get_default_cfg(), autocast="tf32").autocast == "tf32"
+    with pytest.raises(ConfigError, match=r"^autocast='fp32' is not one of none, tf32, bf16, auto"):
         update_cfg(get_default_cfg(), autocast="fp32")
 
 

@@ -1,6 +1,7 @@
 """The CUDA path, checked against the CPU path: harvest values, store batches (bit for bit), the
 sparse kernels against the dense reference, training of every variant, bit-identical resume with
-deterministic kernels, bf16 autocast, and LM evaluation on the device.
+deterministic kernels, bf16 and tf32 autocast (and what auto measures there), and LM evaluation on
+the device.
 
 Skipped without CUDA (CI and the development machines have none); run on a GPU machine with
 `python -m pytest tests/test_cuda.py` (pipelines/device_check.sh does, with the CUDA benchmarks).
@@ -146,6 +147,62 @@ def test_bf16_autocast_on_cuda(sparse_cache, tmp_path, arch, extra):
     held = json.loads((run_dir / "done.json").read_text())["results"]["heldout"]
     assert all(p.dtype == torch.float32 for p in sae.parameters())
     assert held["explained_variance"] > 0.5, held
+
+
+TF32 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                          reason="TF32 needs compute capability >= 8.0")
+
+
+@TF32
+def test_tf32_steps_multiply_on_tf32_tensor_cores():
+    """Inside a tf32 step the float32 product carries TF32's rounding (10-bit mantissa inputs);
+    inside a none step exact float32's; the process's own setting is back after each."""
+    from train.config import get_default_cfg, update_cfg
+    from train.precision import step_precision
+
+    before = torch.get_float32_matmul_precision()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.randn(1024, 1024, device="cuda", generator=g) for _ in range(2))
+    exact = (a.double() @ b.double())
+    with step_precision(update_cfg(get_default_cfg(), autocast="tf32")):
+        tf32 = a @ b
+    with step_precision(update_cfg(get_default_cfg(), autocast="none")):
+        fp32 = a @ b
+    assert rel_err(tf32, exact) > 20 * rel_err(fp32, exact), (rel_err(tf32, exact), rel_err(fp32, exact))
+    assert rel_err(fp32, exact) < 1e-5 and rel_err(tf32, exact) < 1e-2
+    assert torch.get_float32_matmul_precision() == before
+
+
+@TF32
+@pytest.mark.parametrize("arch,extra", ARCHS)
+def test_tf32_autocast_on_cuda(sparse_cache, tmp_path, arch, extra):
+    sae, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path, arch=arch, device="cuda", autocast="tf32", **extra),
+                             progress=False)
+    held = json.loads((run_dir / "done.json").read_text())["results"]["heldout"]
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    assert held["explained_variance"] > 0.5, held
+    assert json.loads((run_dir / "config.json").read_text())["autocast"] == "tf32"
+
+
+def test_auto_on_cuda_times_every_precision_the_gpu_has(sparse_cache, tmp_path):
+    from train import precision
+
+    _, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path, device="cuda", autocast="auto"), progress=False)
+    record = json.loads((run_dir / "precision.json").read_text())
+    tf32 = torch.cuda.get_device_capability() >= (8, 0)
+    assert record["tf32_units"] is tf32 and (record["ms_tf32"] is not None) is tf32
+    assert record["bf16_units"] is torch.cuda.is_bf16_supported() and record["ms_fp32"] > 0
+    assert record["chosen"] == precision.choose(record["ms_fp32"], record["ms_bf16"], record["ms_tf32"])
+    assert json.loads((run_dir / "config.json").read_text())["autocast"] == record["chosen"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (8, 0),
+                    reason="a GPU before compute capability 8.0")
+def test_tf32_is_refused_before_sm80(sparse_cache, tmp_path):
+    from train.precision import UnavailablePrecision
+
+    with pytest.raises(UnavailablePrecision, match="compute capability >= 8.0"):
+        train_sae(None, cfg_for(sparse_cache, tmp_path, device="cuda", autocast="tf32"), progress=False)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -54,9 +54,18 @@ def test_bench_train_step_compares_precisions(tmp_path):
     has = bf16_matrix_units(torch.device("cpu"))[0]
     for r in rows:
         assert r["raw"]["none"]["precision"] == "fp32" and r["raw"]["bf16"]["precision"] == "bf16"
+        assert "tf32" not in r["raw"] and r["tf32_ms"] is None and r["tf32_ratio"] is None  # no TF32 on a CPU
         assert r["ratio"] == pytest.approx(r["bf16_ms"] / r["fp32_ms"])
         assert r["auto"] == (choose(r["fp32_ms"], r["bf16_ms"]) if has else "none")
-    assert "| topk | 32 | 2x (64) |" in md.read_text()
+    table = md.read_text()
+    assert "| topk | 32 | 2x (64) |" in table and "tf32 ms/step" in table and "no tf32" in table
+
+
+def test_bench_train_step_refuses_tf32_off_cuda(tmp_path):
+    r = subprocess.run([sys.executable, "pipelines/bench_train_step.py", "--autocast", "tf32", "--device", "cpu",
+                        "--no-saelens"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "--autocast tf32 needs CUDA of compute capability >= 8.0" in r.stderr, r.stderr
 
 
 def test_profile_train_step_lists_the_ops_against_the_dense_product(tmp_path):

@@ -215,15 +215,18 @@ class TrainConfig:
     """Seeds the SAE init and the data order."""
     device: str = _key("auto", identity=False, resumable=True)
     """auto (CUDA when present), cpu, cuda, cuda:1 ..."""
-    autocast: Literal["none", "bf16", "auto"] = _key("none", identity="when_set", aliases=AUTOCAST_ALIASES)
-    """Mixed precision of the SAE's matrix products: none (float32), bf16 (bfloat16 autocast;
-    weights, Adam state, the loss, the sparse gradients and JumpReLU's threshold stay float32) or
-    auto: chosen once when the run is created (train.precision): none on a device without bf16
-    matrix units (a CPU without AMX, a GPU without bf16), else whichever of none and bf16 a few
-    timed steps of this run's model found faster (bf16 only when under 0.95x float32's step).
-    config.json records the choice (none or bf16), so a resume computes the same; precision.json
-    the timings. Off by default: exact float32, and bf16 measured slower on CPUs without bf16
-    matrix units (pipelines/bench_train_step.py --compare-precision)."""
+    autocast: Literal["none", "tf32", "bf16", "auto"] = _key("none", identity="when_set", aliases=AUTOCAST_ALIASES)
+    """Precision of the SAE's matrix products in training (train.precision): none (exact float32),
+    tf32 (float32 tensors, matrix products on TF32 tensor cores: CUDA of compute capability >= 8.0
+    only, refused elsewhere), bf16 (bfloat16 autocast; weights, Adam state, the loss, the sparse
+    gradients and JumpReLU's threshold stay float32) or auto: chosen once when the run is created:
+    on CUDA whichever of none, tf32 and bf16 (those the GPU has) a few timed steps of this run's
+    model found fastest, tf32 or bf16 only when under 0.95x float32's step; on a CPU none without
+    bf16 matrix units (AMX), else the faster of none and bf16 by the same rule. config.json records
+    the choice, so a resume computes the same; precision.json the timings. Evaluation computes
+    without autocast or TF32 (torch's default precision) whatever the run trained in. Off by
+    default: exact float32, and bf16 measured slower on CPUs without bf16 matrix units
+    (pipelines/bench_train_step.py --compare-precision)."""
     sparse_kernels: bool = _key(True, identity=False)
     """TopK/BatchTopK: train through the sparse kernels (backward and decode over the B*k active
     latents; 4-6x SAELens' step on CPU). false uses the dense reference path (same function,

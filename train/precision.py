@@ -1,14 +1,34 @@
-"""autocast=auto: the run's precision chosen by measurement, once, when the run is created.
+"""The precision of a run's training steps: autocast none | tf32 | bf16, and auto, chosen by
+measurement, once, when the run is created.
 
-`resolve_autocast(cfg, store, device)` returns (cfg with autocast none or bf16, Measurement):
+    none  exact float32: float32 tensors, float32 matrix products (matmul precision "highest"
+          during the steps, whatever the process set)
+    tf32  float32 tensors whose matrix products run on TF32 tensor cores (matmul precision "high"
+          during the steps: torch.set_float32_matmul_precision); CUDA at compute capability >= 8.0
+          only (`tf32_matrix_units`); refused elsewhere (`check_available`, one-line UnavailablePrecision)
+    bf16  bfloat16 autocast of the matrix products
 
-* a device without bfloat16 matrix units (`bf16_matrix_units`: a CPU without AMX tiles, which
-  torch reports as torch.cpu._is_amx_tile_supported(); a GPU for which torch.cuda.is_bf16_supported()
-  is false) -> none, without timing: bf16 there only costs the casts;
-* otherwise a few training steps of the real model (this config's SAE, width, k, batch and
+`step_precision(cfg)` is the context Trainer.train_step runs each step in: it sets the matmul
+precision for the step and restores the process's own afterwards, so nothing leaks into other
+code (evaluation, other runs in the process). Evaluation (held-out figures, calibration, `train
+eval`) runs outside the steps, without autocast and at the process's float32 matmul precision
+(torch's default "highest": exact float32) whatever the run trained in, as it always has for bf16
+runs: a run's figures measure the SAE it trained, not its training arithmetic. What tf32 changes
+is bounded as bf16's is: the products' inputs are rounded to TF32's 10-bit mantissa (float32
+accumulation) while weights, gradients, Adam state and the loss stay float32.
+
+`resolve_autocast(cfg, store, device)` returns (cfg with autocast none, tf32 or bf16, Measurement):
+
+* CUDA: the candidates float32, tf32 (compute capability >= 8.0) and bf16
+  (torch.cuda.is_bf16_supported()) are each timed as below; the fastest candidate other than float32
+  is chosen when its median step took under BF16_MARGIN of float32's, else none;
+* a CPU (no TF32) without bfloat16 matrix units (`bf16_matrix_units`: no AMX tiles, as torch
+  reports torch.cpu._is_amx_tile_supported()) -> none, without timing: bf16 there only costs the
+  casts; a GPU without either (before sm_80) likewise;
+* each candidate is timed by a few training steps of the real model (this config's SAE, width, k, batch and
   kernels, built on a throwaway copy: `Trainer.train_step`, the trainer's own step) on the store's
-  first batch, in float32 and then in bf16 autocast -> bf16 when its median step took under
-  BF16_MARGIN of float32's, else none (exact float32 keeps ties and near-ties).
+  first batch; on a CPU with AMX float32 and then bf16 autocast -> bf16 when its median step took
+  under BF16_MARGIN of float32's, else none (exact float32 keeps ties and near-ties).
 
 What bf16 changes is numerically bounded: autocast runs the matrix products in bfloat16 while
 weights, Adam state, the loss, the sparse gradients and JumpReLU's threshold stay float32
@@ -29,9 +49,10 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -43,7 +64,8 @@ from train.layout import RunLayout
 
 WARMUP_STEPS = 2  # steps run before timing, per precision (kernel selection, allocator, caches)
 TIMED_STEPS = 3  # timed steps per precision; their median is compared
-BF16_MARGIN = 0.95  # bf16 is chosen when its step takes under this fraction of float32's
+BF16_MARGIN = 0.95  # tf32 or bf16 is chosen when its step takes under this fraction of float32's
+TF32_CAPABILITY = (8, 0)  # CUDA compute capability from which tensor cores take TF32 (Ampere)
 
 
 @dataclass(frozen=True)
@@ -56,11 +78,13 @@ class Measurement:
     units: str  # what reported them, e.g. "AMX tiles (torch.cpu._is_amx_tile_supported)"
     ms_fp32: float | None
     ms_bf16: float | None
-    chosen: str  # none | bf16
+    chosen: str  # none | tf32 | bf16
     warmup_steps: int = WARMUP_STEPS
     timed_steps: int = TIMED_STEPS
     batch_rows: int | None = None
     torch: str = torch.__version__
+    tf32_units: bool = False  # CUDA at compute capability >= 8.0 (then tf32 is timed)
+    ms_tf32: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"requested": "auto", **asdict(self), "margin": BF16_MARGIN}
@@ -69,20 +93,57 @@ class Measurement:
         """One line for the log, e.g. `autocast=auto -> bf16 on cpu (AMX tiles): fp32 812 ms/step, bf16 402 ms/step`."""
         if self.ms_fp32 is None:
             return f"autocast=auto -> {self.chosen} on {self.device}: no bf16 matrix units ({self.units}); not timed"
-        return (f"autocast=auto -> {self.chosen} on {self.device} ({self.units}): fp32 {self.ms_fp32:.1f} ms/step, "
-                f"bf16 {self.ms_bf16:.1f} ms/step (median of {self.timed_steps} after {self.warmup_steps} warm-up)")
+        timed = [("fp32", self.ms_fp32), ("tf32", self.ms_tf32), ("bf16", self.ms_bf16)]
+        figures = ", ".join(f"{name} {ms:.1f} ms/step" for name, ms in timed if ms is not None)
+        return (f"autocast=auto -> {self.chosen} on {self.device} ({self.units}): {figures} "
+                f"(median of {self.timed_steps} after {self.warmup_steps} warm-up)")
 
 
 class UnresolvedAutocast(TrainingError):
     """A trainer was given autocast=auto, which only run creation resolves."""
 
 
+class UnavailablePrecision(TrainingError):
+    """autocast=tf32 on a device without TF32 matrix units (a CPU; CUDA before compute capability 8.0)."""
+
+
 def check_resolved(cfg: TrainConfig) -> None:
-    """UnresolvedAutocast unless cfg.autocast is none or bf16."""
+    """UnresolvedAutocast unless cfg.autocast is none, tf32 or bf16."""
     if cfg.autocast == "auto":
         raise UnresolvedAutocast(
-            f"{cfg.run_name or cfg.arch}: autocast='auto' is resolved to none or bf16 when a run is created "
+            f"{cfg.run_name or cfg.arch}: autocast='auto' is resolved to none, tf32 or bf16 when a run is created "
             "(train.precision.resolve_autocast, from train_sae or a sweep); a trainer needs the resolved value")
+
+
+def tf32_matrix_units(device: torch.device) -> tuple[bool, str]:
+    """(whether `device` multiplies float32 matrices on TF32 tensor cores, what says so): CUDA at
+    compute capability >= TF32_CAPABILITY; never a CPU."""
+    if device.type != "cuda":
+        return False, f"{device.type}: TF32 is a CUDA tensor-core format"
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor) >= TF32_CAPABILITY, f"{torch.cuda.get_device_name(device)}, sm_{major}{minor}"
+
+
+def check_available(cfg: TrainConfig, device: torch.device) -> None:
+    """UnavailablePrecision when cfg.autocast is tf32 and `device` has no TF32 matrix units."""
+    if cfg.autocast == "tf32":
+        has, units = tf32_matrix_units(device)
+        if not has:
+            raise UnavailablePrecision(
+                f"autocast='tf32' needs a CUDA GPU of compute capability >= {TF32_CAPABILITY[0]}.{TF32_CAPABILITY[1]} "
+                f"(TF32 tensor cores); this run's device is {device} ({units}): use autocast none, bf16 or auto")
+
+
+@contextmanager
+def step_precision(cfg: TrainConfig) -> Iterator[None]:
+    """The float32 matmul precision of a training step: "high" (TF32) under autocast tf32, else
+    "highest" (exact float32, also outside bf16 autocast's casts); the process's own on exit."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if cfg.autocast == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def bf16_matrix_units(device: torch.device) -> tuple[bool, str]:
@@ -106,7 +167,7 @@ def _sync(device: torch.device) -> None:
 
 
 def step_ms(cfg: TrainConfig, store, device: torch.device, autocast: str) -> float:
-    """Median ms of Trainer.train_step for `cfg` with `autocast` (none | bf16) on the store's first
+    """Median ms of Trainer.train_step for `cfg` with `autocast` (none | tf32 | bf16) on the store's first
     batch (this rank's rows), after WARMUP_STEPS untimed steps; a throwaway SAE and optimiser,
     initialised from that batch as a new run's are (b_dec by the mean: the geometric median is slow)."""
     from train.training import Trainer, _init_from_data, build_from_cfg, make_optimizer
@@ -130,22 +191,28 @@ def step_ms(cfg: TrainConfig, store, device: torch.device, autocast: str) -> flo
     return statistics.median(times)
 
 
-def choose(ms_fp32: float, ms_bf16: float) -> str:
-    """bf16 when its step took under BF16_MARGIN of float32's, else none."""
-    return "bf16" if ms_bf16 < BF16_MARGIN * ms_fp32 else "none"
+def choose(ms_fp32: float, ms_bf16: float | None, ms_tf32: float | None = None) -> str:
+    """The fastest of bf16 and tf32 (those timed: not None) when its step took under BF16_MARGIN
+    of float32's, else none (exact float32 keeps ties and near-ties)."""
+    timed = {name: ms for name, ms in (("tf32", ms_tf32), ("bf16", ms_bf16)) if ms is not None}
+    best = min(timed, key=timed.get, default=None)
+    return best if best is not None and timed[best] < BF16_MARGIN * ms_fp32 else "none"
 
 
 def measure(cfg: TrainConfig, store, device: torch.device) -> Measurement:
     """The Measurement auto resolves by (module docstring); RNG states and the store as found."""
     has, units = bf16_matrix_units(device)
+    tf32, _ = tf32_matrix_units(device)
     rows = store.local_batch_size if hasattr(store, "local_batch_size") else None
-    if not has:
+    if not has and not tf32:
         return Measurement(str(device), False, units, None, None, "none", batch_rows=rows)
+    candidates = ("none", *(("tf32",) if tf32 else ()), *(("bf16",) if has else ()))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        ms = {a: step_ms(cfg, store, device, a) for a in ("none", "bf16")}
+        ms = {a: step_ms(cfg, store, device, a) for a in candidates}
     store.seek(0)
-    return Measurement(str(device), True, units, ms["none"], ms["bf16"], choose(ms["none"], ms["bf16"]),
-                       batch_rows=rows)
+    return Measurement(str(device), has, units, ms["none"], ms.get("bf16"),
+                       choose(ms["none"], ms.get("bf16"), ms.get("tf32")), batch_rows=rows, tf32_units=tf32,
+                       ms_tf32=ms.get("tf32"))
 
 
 SHAPE_KEYS = ("arch", "sparsity", "site", "in_site", "out_site", "d_in", "dict_size", "k", "aux_k", "batch_size",
@@ -174,7 +241,9 @@ def resolve_new_run(given: TrainConfig, cfg: TrainConfig, store, device: torch.d
     """A new run's config (post_init_cfg'd `cfg`, made from `given`) with autocast=auto resolved:
     measured on rank 0 (the others receive it), or taken from `measured` (shape_of -> Measurement,
     a sweep's: each shape is measured once); the run name is derived again from the resolved value
-    (autocast enters the run identity when it is bf16). (cfg, None) when autocast is not auto."""
+    (autocast enters the run identity when it is not none). (cfg, None) when autocast is not auto.
+    UnavailablePrecision for autocast tf32 on a device without it (before any run folder is made)."""
+    check_available(cfg, device)
     if cfg.autocast != "auto":
         return cfg, None
     key = shape_of(cfg)

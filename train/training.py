@@ -39,7 +39,7 @@ from train.errors import TrainingError
 from train.heldout import evaluate_heldout, threshold_loop_collect, threshold_loop_compute  # noqa: F401 (seed names)
 from train.layout import RunLayout
 from train.logs import FINAL, RunLogger, density_histogram, flatten
-from train.precision import check_resolved, resolve_new_run, write_measurement
+from train.precision import check_available, check_resolved, resolve_new_run, step_precision, write_measurement
 from train.row_mask import resolve_row_mask
 from train.runs import (check_training_memory, load_run_config, open_cache, open_store,  # noqa: F401 (as before)
                         resolve_device, warn_many_epochs)
@@ -94,6 +94,7 @@ class Trainer:
     def __post_init__(self) -> None:
         check_resolved(self.cfg)  # autocast=auto is resolved when the run is created (train.precision)
         dev = device_of(self.sae)
+        check_available(self.cfg, dev)  # autocast=tf32 on a device without TF32 (a resume elsewhere)
         if self.plan is None:
             self.plan = plan_of(self.cfg)
         use_deterministic_kernels(dev, self.cfg.deterministic)
@@ -116,7 +117,13 @@ class Trainer:
     def train_step(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimiser step on this rank's slice of the global batch: x [batch_size / world size,
         d_in], or the store's dict of sites, of which the model reads its input and target (an SAE's
-        target is its input; self.plan); returns detached loss parts of the step (this rank's)."""
+        target is its input; self.plan); returns detached loss parts of the step (this rank's).
+        Runs in the run's float32 matmul precision (train.precision.step_precision: TF32 under
+        autocast tf32, exact float32 otherwise), the process's own restored after the step."""
+        with step_precision(self.cfg):
+            return self._step(batch)
+
+    def _step(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg, sae = self.cfg, self.sae
         x, y = self.plan.pair(batch)
         x = x.to(self.device, non_blocking=True)
