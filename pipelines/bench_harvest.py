@@ -445,7 +445,7 @@ def main() -> None:
                 results[f"harvest / forward-only ({dev})"] = (ratio, HARVEST_TARGET, f"in-run ratio {in_run:.3f}")
         if not args.skip_write and not args.sites and not args.synthetic_model and not args.whole_process:
             results["cache write / raw write"] = (bench_writes(args, work), WRITE_TARGET, "")
-    print("\nsummary (ratio of best rounds):")
+    print("\nsummary (ratio of best rounds unless noted):")
     for k, (v, target, note) in results.items():
         verdict = "" if target is None else f"target >= {target}  {'ok' if v >= target else 'MISSED':6s}"
         print(f"  {k:36s} {v:6.3f}  {verdict}  {note}")

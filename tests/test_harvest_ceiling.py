@@ -57,3 +57,5 @@ def test_bench_harvest_synthetic_model_mode_prints_the_ratio_and_host_time(tmp_p
         assert (harvest - e) / ((before + after) / 2 + e) - e <= ratio <= (harvest + e) / max((before + after) / 2 - e, 1e-9) + e
     median = float(next(line for line in lines if line.startswith("median bracketed ratio")).split()[3])
     assert abs(median - (rows[0][5] + rows[1][5]) / 2) <= 1e-3
+    cpu = next(line for line in lines if line.startswith("CPU seconds per GB"))
+    assert float(cpu.split("harvest ")[1].split(",")[0]) > 0 and float(cpu.split("raw write ")[1].split()[0]) > 0
