@@ -267,33 +267,8 @@ def _check_corpus_fills_a_context(cfg: HarvestConfig, documents, tokenizer) -> N
         raise DatasetError(f"{cfg.dataset}: {e}") from None
 
 
-@contextmanager
-def sequential_tokenizer() -> Iterator[None]:
-    """Run the fast tokenizer on the calling thread only (TOKENIZERS_PARALLELISM=false) for the
-    duration, unless the user set TOKENIZERS_PARALLELISM. Harvest tokenises in a background thread
-    next to the forward and the writers: a rayon pool there only competes for their cores, and on
-    a loaded 2-core machine its workers' waiting doubled the CPU time of tokenising (0.68 s vs 0.31 s
-    per 262k tokens, pipelines/bench_harvest.py --synthetic-model). The token ids are the same."""
-    key = "TOKENIZERS_PARALLELISM"
-    if key in os.environ:
-        yield
-        return
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
-
-
 def _harvest_shards(cfg, spec, writer: ShardWriter, model, tokenizer, documents, sites, device, compute, progress) -> int:
     """Write this rank's pending shards; returns how many shards the data fills."""
-    with sequential_tokenizer():
-        return _harvest_pending(cfg, spec, writer, model, tokenizer, documents, sites, device, compute, progress)
-
-
-def _harvest_pending(cfg, spec, writer: ShardWriter, model, tokenizer, documents, sites, device, compute,
-                     progress) -> int:
-    """_harvest_shards' loop: tokens thread -> forward -> assembly -> writer thread."""
     ctx = spec.context_length
     per_shard = spec.rows_per_shard // ctx
     planned_contexts = spec.planned_rows // ctx

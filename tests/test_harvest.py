@@ -202,29 +202,3 @@ def test_default_batch_size_fills_a_gpu_with_8192_tokens():
 
     assert default_batch_size(torch.device("cpu"), 128) == 8
     assert [default_batch_size(torch.device("cuda"), t) for t in (128, 1024, 8192, 32768)] == [64, 8, 1, 1]
-
-
-@pytest.mark.parametrize("user_value", [None, "true"])
-def test_tokenizer_thread_pool_is_off_during_the_shard_loop_unless_the_user_set_it(
-        reference_cache, tmp_path, tiny_llama_dir, tiny_corpus, monkeypatch, user_value):
-    import harvest.runner as runner
-
-    if user_value is None:
-        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    else:
-        monkeypatch.setenv("TOKENIZERS_PARALLELISM", user_value)
-    seen = []
-    orig = runner.pack_contexts
-
-    def recording(*args, **kwargs):
-        for tokens in orig(*args, **kwargs):
-            seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
-            yield tokens
-
-    monkeypatch.setattr(runner, "pack_contexts", recording)
-    out = tmp_path / "c"
-    run_harvest(harvest_config(tiny_llama_dir, tiny_corpus["jsonl"], out), progress=False)
-    # the corpus check before the loop packs one context; every context of the loop sees the setting
-    assert len(seen) > 20 and set(seen[1:]) == {user_value or "false"}
-    assert os.environ.get("TOKENIZERS_PARALLELISM") == user_value  # restored afterwards
-    assert cache_bytes(out) == cache_bytes(reference_cache)  # the same token ids, the same cache
