@@ -23,8 +23,9 @@ which is never below their harmonic mean, so the comparison does not flatter the
 Printed: per round the two raw rates, the harvest rate and the bracketed ratio (harvest GB/s over
 the mean of the two); the median bracketed ratio (returned, the headline), and the ratio of the
 best rounds (best harvest over best raw) for comparison with earlier figures; and this process's
-CPU seconds per GB written, harvest window vs raw writes, which a loaded machine does not move
-the way it moves wall time (the harvest is CPU-bound on 2 cores, the raw write is not). Target >= 0.8.
+CPU seconds per GB written, harvest window vs raw writes: where the cores are shared it moves
+less than wall time does, though it moves too (other work's cache and memory-bandwidth use, lock
+waits that spin), so it says where the time goes rather than giving a ratio. Target >= 0.8.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def bench_ceiling(args, work: Path) -> float:
           f"{best:.3f}; launching thread {min(host) * 1e3:.2f} ms CPU per batch (best round), "
           f"{statistics.median(host) * 1e3:.2f} median")
     gb = total / 1e9
-    print(f"CPU seconds per GB (this process, all threads; load-independent where wall time is not): harvest "
+    print(f"CPU seconds per GB (this process, all threads; steadier than wall time under load, not immune): harvest "
           f"{statistics.median(cpu['harvest']) / gb:.2f}, raw write {statistics.median(cpu['raw']) / gb:.2f} "
           f"(medians; the kernel's own writeback threads are not counted in either)")
     return median
