@@ -48,7 +48,8 @@
 
 4. With --synthetic-model: the host-side ceiling, a harvest driven by a model whose forward
    costs nothing against the raw sequential write with fsync of the same bytes to the same disk
-   (target >= 0.8), and the launching thread's CPU time per batch (pipelines/harvest_ceiling.py).
+   (target >= 0.8), each harvest against the mean of the raw writes just before and after it (the
+   disk's speed drifts), and the launching thread's CPU time per batch (pipelines/harvest_ceiling.py).
 
 5. With --whole-process: `harvest run` against a plain-transformers harvest of the same model,
    layer and tokens (pipelines/plain_harvest.py), each a fresh process timed from spawn to exit
@@ -417,7 +418,8 @@ def main() -> None:
         if args.synthetic_model:
             from pipelines.harvest_ceiling import CEILING_TARGET, bench_ceiling
 
-            results["harvest (free forward) / raw write"] = (bench_ceiling(args, work), CEILING_TARGET, "")
+            results["harvest (free forward) / raw write"] = (bench_ceiling(args, work), CEILING_TARGET,
+                                                            "median bracketed ratio, not best rounds")
         elif args.whole_process:
             from pipelines.harvest_whole_process import WHOLE_PROCESS_TARGET, bench_whole_process
 
@@ -443,7 +445,7 @@ def main() -> None:
                 results[f"harvest / forward-only ({dev})"] = (ratio, HARVEST_TARGET, f"in-run ratio {in_run:.3f}")
         if not args.skip_write and not args.sites and not args.synthetic_model and not args.whole_process:
             results["cache write / raw write"] = (bench_writes(args, work), WRITE_TARGET, "")
-    print("\nsummary (ratio of best rounds):")
+    print("\nsummary (ratio of best rounds unless noted):")
     for k, (v, target, note) in results.items():
         verdict = "" if target is None else f"target >= {target}  {'ok' if v >= target else 'MISSED':6s}"
         print(f"  {k:36s} {v:6.3f}  {verdict}  {note}")

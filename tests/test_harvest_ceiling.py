@@ -46,3 +46,16 @@ def test_bench_harvest_synthetic_model_mode_prints_the_ratio_and_host_time(tmp_p
     assert "== harvest host ceiling: free forward, d_model 32 float16, 4096 tokens" in r.stdout
     assert "launch CPU ms/batch" in r.stdout and "harvest (free forward) / raw write" in r.stdout
     assert "target >= 0.8" in r.stdout and not list(tmp_path.glob("bench-harvest-*"))
+    # Bracketed rounds: each harvest over the mean of the raw writes just before and after it, the
+    # raw after round r being the raw before round r + 1; the headline is their median.
+    lines = r.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:3] == ["round", "raw", "before"])
+    rows = [[float(v) for v in line.split()] for line in lines[head + 1 : head + 3]]
+    assert [row[0] for row in rows] == [1, 2] and rows[0][3] == rows[1][1]
+    e = 5e-4  # the GB/s figures are printed to 3 decimals: each is within e of the value used
+    for _, before, harvest, after, _, ratio, *_ in rows:
+        assert (harvest - e) / ((before + after) / 2 + e) - e <= ratio <= (harvest + e) / max((before + after) / 2 - e, 1e-9) + e
+    median = float(next(line for line in lines if line.startswith("median bracketed ratio")).split()[3])
+    assert abs(median - (rows[0][5] + rows[1][5]) / 2) <= 1e-3
+    cpu = next(line for line in lines if line.startswith("CPU seconds per GB"))
+    assert float(cpu.split("harvest ")[1].split(",")[0]) > 0 and float(cpu.split("raw write ")[1].split()[0]) > 0
