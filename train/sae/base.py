@@ -278,18 +278,19 @@ class BaseAutoencoder(nn.Module):
     @torch.no_grad()
     def _batch_stats(self, f: Tensor | None, active: Active | None, n_rows: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(l0 [B] float, l1 scalar = mean_B sum_i |f_i|, fired [m] int64), from the sparse set when
-        there is one (then f may be None, with n_rows = B)."""
+        there is one (then f may be None, with n_rows = B). Counted and summed in float32 at least:
+        under bf16 autocast f is bfloat16, whose integers are exact only up to 256."""
         B = f.shape[0] if f is not None else n_rows
+        acc = torch.promote_types(f.dtype if f is not None else active.vals.dtype, torch.float32)  # bf16 counts stop at 256
         if active is None:  # float reductions only: bool masks and integer casts of [B, m] are slow on the CPU
             on = f.abs()
-            l1 = on.sum(-1).mean()
+            l1 = on.sum(-1, dtype=acc).mean()
             on.sign_()  # 1 where f != 0; exact float counts (B < 2^24)
-            return on.sum(-1), l1, on.sum(0).long()
+            return on.sum(-1, dtype=acc), l1, on.sum(0, dtype=acc).long()
         on = active.vals.detach() != 0
-        dtype = active.vals.dtype  # f's
-        l0 = torch.zeros(B, dtype=dtype, device=on.device).index_add_(0, active.rows, on.to(dtype))
+        l0 = torch.zeros(B, dtype=acc, device=on.device).index_add_(0, active.rows, on.to(acc))
         fired = torch.zeros(self.d_sae, dtype=torch.long, device=on.device).index_add_(0, active.cols, on.long())
-        return l0, active.vals.detach().abs().sum() / B, fired
+        return l0, active.vals.detach().abs().sum(dtype=acc) / B, fired
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimiser's parameter groups: one with every parameter, unless a variant gives some
