@@ -7,9 +7,10 @@ Builds our Trainer as pipelines/bench_train_step.py does (same activations, batc
 one torch thread, and run it with the bench's environment for large tensors, which this script
 sets for itself by re-executing: THP_MEM_ALLOC_ENABLE=1, MALLOC_MMAP_MAX_=0, a huge
 MALLOC_TRIM_THRESHOLD_), times --steps steps without the profiler, then profiles --profile-steps
-steps with torch.profiler and prints the ops with the most self time per step, each with its
+steps with torch.profiler (after one profiled warm-up step) and prints the ops with the most self time per step, each with its
 input shapes, ms per step and that time over one dense torch.mm([batch, d_in] x [d_in, width])
-timed in the same process ("x mm"). The profiled ms are slightly inflated by the profiler; the
+timed in the same process ("x mm"). The profiled ms can be inflated by the profiler (its own
+allocations make some steps pay fresh pages for large tensors: compare the totals); the
 unprofiled step / mm ratio printed first is bench_train_step.py's "step/fwd mm" (under
 --autocast bf16 the product is timed in bfloat16, its operands cast beforehand).
 """
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                   {**os.environ, **ENV})
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     from pipelines.bench_train_step import _make_trainer, make_activations, set_l0
 
@@ -88,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         mm = statistics.median(mms)
         print(f"{args.variant} {d} x {sae.d_sae}, batch {B}, autocast {args.autocast}: step {1e3 * statistics.median(times):.0f} ms, "
               f"dense product {1e3 * mm:.0f} ms, step / product {statistics.median(ratios):.2f} (median of {args.steps})")
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            for i in range(args.profile_steps):
+        # one profiled warm-up step first: the profiler's own allocations would otherwise make the
+        # first recorded step pay fresh pages for its large tensors
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True, acc_events=True,
+                     schedule=schedule(wait=0, warmup=1, active=args.profile_steps)) as prof:
+            for i in range(1 + args.profile_steps):
                 step(i)
-    events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+                prof.step()
+    events = sorted((e for e in prof.key_averages(group_by_input_shape=True) if not e.key.startswith("ProfilerStep")),
+                    key=lambda e: -e.self_cpu_time_total)
     n = args.profile_steps
     total = sum(e.self_cpu_time_total for e in events) / n / 1e3
     print(f"profiled: {total:.0f} ms of op self time per step ({total / 1e3 / mm:.2f} x mm)")
