@@ -140,17 +140,20 @@ def test_cuda_run_repeats_and_resumes_bit_for_bit(sparse_cache, tmp_path, arch):
     assert all(torch.equal(resumed[k], finals[0][k]) for k in resumed), "resumed CUDA run differs"
 
 
+TF32 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                          reason="TF32 needs compute capability >= 8.0")
+
+
+@pytest.mark.parametrize("autocast", ["bf16", pytest.param("tf32", marks=TF32)])
 @pytest.mark.parametrize("arch,extra", ARCHS)
-def test_bf16_autocast_on_cuda(sparse_cache, tmp_path, arch, extra):
-    sae, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path, arch=arch, device="cuda", autocast="bf16", **extra),
+def test_reduced_precision_training_on_cuda(sparse_cache, tmp_path, arch, extra, autocast):
+    """bf16 autocast and TF32 products: float32 master weights, a run that learns, the choice recorded."""
+    sae, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path, arch=arch, device="cuda", autocast=autocast, **extra),
                              progress=False)
     held = json.loads((run_dir / "done.json").read_text())["results"]["heldout"]
     assert all(p.dtype == torch.float32 for p in sae.parameters())
     assert held["explained_variance"] > 0.5, held
-
-
-TF32 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
-                          reason="TF32 needs compute capability >= 8.0")
+    assert json.loads((run_dir / "config.json").read_text())["autocast"] == autocast
 
 
 @TF32
@@ -171,17 +174,6 @@ def test_tf32_steps_multiply_on_tf32_tensor_cores():
     assert rel_err(tf32, exact) > 20 * rel_err(fp32, exact), (rel_err(tf32, exact), rel_err(fp32, exact))
     assert rel_err(fp32, exact) < 1e-5 and rel_err(tf32, exact) < 1e-2
     assert torch.get_float32_matmul_precision() == before
-
-
-@TF32
-@pytest.mark.parametrize("arch,extra", ARCHS)
-def test_tf32_autocast_on_cuda(sparse_cache, tmp_path, arch, extra):
-    sae, run_dir = train_sae(None, cfg_for(sparse_cache, tmp_path, arch=arch, device="cuda", autocast="tf32", **extra),
-                             progress=False)
-    held = json.loads((run_dir / "done.json").read_text())["results"]["heldout"]
-    assert all(p.dtype == torch.float32 for p in sae.parameters())
-    assert held["explained_variance"] > 0.5, held
-    assert json.loads((run_dir / "config.json").read_text())["autocast"] == "tf32"
 
 
 def test_auto_on_cuda_times_every_precision_the_gpu_has(sparse_cache, tmp_path):
