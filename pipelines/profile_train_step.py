@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from pipelines.bench_train_step import _make_trainer, make_activations, set_l0
+    from pipelines.bench_train_step import _make_trainer, _time_floor, make_activations, set_l0
 
     torch.set_num_threads(1)
     d, B = args.d_in, args.batch_size
@@ -68,14 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         def step(i: int) -> None:
             trainer.after_step(trainer.train_step(batches[i % len(batches)]))
 
-        def mm_seconds() -> float:  # in the step's precision (autocast casts both sides to bf16 first)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
-                x, W = batches[0], sae.W_enc.detach()
-                if args.autocast == "bf16":
-                    x, W = x.bfloat16(), W.bfloat16()
-                t0 = time.perf_counter()
-                torch.mm(x, W)
-                return time.perf_counter() - t0
+        def mm_seconds() -> float:  # in the step's precision: bf16 operands under --autocast bf16
+            x, W = batches[0], sae.W_enc.detach()
+            if args.autocast == "bf16":
+                x, W = x.bfloat16(), W.bfloat16()
+            return _time_floor(x, W, "cpu")
 
         for i in range(3):
             step(i)
